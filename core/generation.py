@@ -1,0 +1,88 @@
+"""What a generation is asked for and what it returns, shared by the model, the command line and the bot."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+MAX_PROMPT_CHARS = 2000
+
+
+class GenerationStopped(Exception):
+    """Raised when ``should_stop()`` asked a generation to end; nothing was produced."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A generated waveform: ``samples`` is float32 ``(n, channels)``, exactly the requested length."""
+
+    samples: np.ndarray
+    sampling_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return self.samples.shape[0] / self.sampling_rate
+
+    @property
+    def channels(self) -> int:
+        return self.samples.shape[1]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One row of a (batched) generation; every field may differ between rows."""
+
+    prompt: str
+    seconds: float
+    seed: int | None = None
+    top_k: int = 250
+    temperature: float = 1.0
+    guidance_scale: float = 3.0
+
+    @classmethod
+    def coerce(cls, request: GenerationRequest | Mapping) -> GenerationRequest:
+        """Accept a request or a plain dict with the same keys; unknown keys are a ValueError."""
+        if isinstance(request, GenerationRequest):
+            return request
+        if not isinstance(request, Mapping):
+            raise ValueError(f"a generation request must be a GenerationRequest or a dict, got {type(request).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(request) - known
+        if unknown:
+            raise ValueError(f"unknown generation option(s): {', '.join(sorted(map(str, unknown)))}")
+        if "prompt" not in request or "seconds" not in request:
+            raise ValueError("a generation request needs a prompt and seconds")
+        return cls(**request)
+
+    def validate(self, max_seconds: float) -> None:
+        """Raise ValueError with a message fit to show a user if any option is out of range."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("The prompt is empty: describe the music you want.")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"The prompt is too long ({len(self.prompt)} characters; at most {MAX_PROMPT_CHARS}).")
+        _check_number("seconds", self.seconds)
+        if not self.seconds > 0:
+            raise ValueError("The length must be more than 0 seconds.")
+        if self.seconds > max_seconds:
+            raise ValueError(f"The length must be at most {max_seconds:g} seconds (got {self.seconds:g}).")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or not 0 <= self.seed < 2**63):
+            raise ValueError("The seed must be a whole number from 0 to 2**63 - 1.")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1:
+            raise ValueError("top_k must be a whole number of at least 1.")
+        _check_number("temperature", self.temperature)
+        if not self.temperature > 0:
+            raise ValueError("The temperature must be more than 0.")
+        _check_number("guidance_scale", self.guidance_scale)
+        if self.guidance_scale < 0:
+            raise ValueError("The guidance scale must be 0 or more.")
+
+
+def _check_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
