@@ -17,10 +17,16 @@ class GenerationStopped(Exception):
 
 @dataclass(frozen=True)
 class Clip:
-    """A generated waveform: ``samples`` is float32 ``(n, channels)``, exactly the requested length."""
+    """A generated waveform: ``samples`` is float32 ``(n, channels)``, exactly the requested length.
+
+    ``seed`` is the seed the clip was sampled with (drawn at random when the request gave none), so a clip can
+    always be made again; ``tokens`` are its EnCodec codes ``(codebooks, frames)`` when the model kept them.
+    """
 
     samples: np.ndarray
     sampling_rate: int
+    seed: int | None = None
+    tokens: np.ndarray | None = None
 
     @property
     def seconds(self) -> float:
