@@ -1,0 +1,222 @@
+"""Getting clips and notices to members.
+
+A job remembers the interaction it came from. While that interaction's token lives (15 minutes) the clip is sent
+as a followup and the status message is edited through it; once the token is gone — by the clock, or because
+Discord answers 401 / "Invalid Webhook Token" — the clip goes to the channel as a normal message that mentions the
+requester. Only the requester can ever be pinged. Server errors and rate limits are retried with backoff; an
+upload that is too large is re-encoded smaller (Ogg Vorbis) once; a deleted channel or a missing permission makes
+the job undeliverable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+import discord
+import numpy as np
+import soundfile as sf
+
+from .jobs import TOKEN_SAFETY_MARGIN, Job
+
+log = logging.getLogger(__name__)
+
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+
+INVALID_WEBHOOK_TOKEN = 50027
+UNKNOWN_WEBHOOK = 10015
+UNKNOWN_MESSAGE = 10008
+PAYLOAD_TOO_LARGE = 40005
+
+T = TypeVar("T")
+
+
+class DeliveryError(Exception):
+    """The clip could not be delivered; the message is fit to record as the job's error."""
+
+
+class Undeliverable(DeliveryError):
+    """The destination is gone or closed to the bot (deleted channel or thread, missing permission)."""
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """Where a message landed."""
+
+    message_id: int
+    url: str
+    via: str  # "interaction" or "channel"
+
+
+def token_alive(job: Job, *, margin: float = TOKEN_SAFETY_MARGIN) -> bool:
+    """Whether the job's interaction can still carry a followup or an edit that starts now."""
+    return job.application_id is not None and job.token_alive(margin=margin)
+
+
+def only_mention(user_id: int) -> discord.AllowedMentions:
+    """Allowed mentions that can ping this one user and nobody else (no @everyone, roles or other users)."""
+    return discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(user_id)], replied_user=False)
+
+
+NO_MENTIONS = discord.AllowedMentions.none()
+
+
+def token_gone(error: BaseException) -> bool:
+    """Whether Discord refused a webhook call because the interaction token expired or is unknown."""
+    if not isinstance(error, discord.HTTPException):
+        return False
+    return error.status == 401 or error.code in (INVALID_WEBHOOK_TOKEN, UNKNOWN_WEBHOOK)
+
+
+def _retryable(error: BaseException) -> bool:
+    if isinstance(error, discord.HTTPException):
+        return error.status == 429 or error.status >= 500
+    return isinstance(error, (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError))
+
+
+def _too_large(error: BaseException) -> bool:
+    return isinstance(error, discord.HTTPException) and (error.status == 413 or error.code == PAYLOAD_TOO_LARGE)
+
+
+def to_ogg(wav: bytes) -> bytes:
+    """Re-encode WAV bytes as Ogg Vorbis (same length and rate, about 20x smaller)."""
+    samples, rate = sf.read(io.BytesIO(wav), dtype="float32", always_2d=True)
+    out = io.BytesIO()
+    sf.write(out, np.clip(samples, -1.0, 1.0), rate, format="OGG", subtype="VORBIS")
+    return out.getvalue()
+
+
+def _with_suffix(filename: str, suffix: str) -> str:
+    stem = filename.rsplit(".", 1)[0] if "." in filename else filename
+    return f"{stem}.{suffix}"
+
+
+class Deliverer:
+    """Sends a job's clip and notices through its interaction or its channel (see the module docstring)."""
+
+    def __init__(self, client: discord.Client, *, retries: int = 4, backoff: float = 1.0,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+        self.client = client
+        self.retries = retries
+        self.backoff = backoff
+        self._sleep = sleep
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+    def _webhook(self, job: Job) -> discord.Webhook:
+        assert job.application_id is not None and job.interaction_token is not None
+        return discord.Webhook.partial(job.application_id, job.interaction_token, client=self.client)
+
+    def _channel(self, job: Job) -> discord.abc.Messageable:
+        channel = self.client.get_channel(job.channel_id)
+        if isinstance(channel, discord.abc.Messageable):
+            return channel
+        return self.client.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+
+    def _url(self, job: Job, message_id: int) -> str:
+        guild = job.guild_id if job.guild_id else "@me"
+        return f"https://discord.com/channels/{guild}/{job.channel_id}/{message_id}"
+
+    def upload_limit(self, job: Job) -> int:
+        guild = self.client.get_guild(job.guild_id) if job.guild_id else None
+        return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
+
+    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return await call()
+            except Exception as error:  # noqa: BLE001 - sorted below
+                if not _retryable(error) or attempt == self.retries:
+                    raise
+                delay = self.backoff * 2**attempt
+                retry_after = getattr(getattr(error, "response", None), "headers", {}).get("Retry-After")
+                if retry_after:
+                    try:
+                        delay = max(delay, float(retry_after))
+                    except ValueError:
+                        pass
+                log.warning("%s failed (%s); retrying in %.1f s", what, error, delay)
+                await self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    # -- public API -------------------------------------------------------------------------------------------
+    async def send(self, job: Job, content: str, *, data: bytes | None = None,
+                   filename: str = "clip.wav") -> Delivered:
+        """Send ``content`` (and the file, if given) to the requester; raise DeliveryError when it cannot be done."""
+        if data is not None and len(data) > self.upload_limit(job) and filename.endswith(".wav"):
+            log.info("job %s: %d bytes is over the upload limit; sending Ogg Vorbis", job.id, len(data))
+            data, filename = to_ogg(data), _with_suffix(filename, "ogg")
+        try:
+            return await self._send_once(job, content, data, filename)
+        except discord.HTTPException as error:
+            if data is None or not _too_large(error) or not filename.endswith(".wav"):
+                raise self._as_delivery_error(job, error) from error
+            log.info("job %s: upload refused as too large; re-encoding as Ogg Vorbis", job.id)
+        try:
+            return await self._send_once(job, content, to_ogg(data), _with_suffix(filename, "ogg"))
+        except discord.HTTPException as error:
+            raise self._as_delivery_error(job, error) from error
+
+    def _as_delivery_error(self, job: Job, error: discord.HTTPException) -> DeliveryError:
+        if isinstance(error, (discord.Forbidden, discord.NotFound)):
+            return Undeliverable(f"the channel is gone or closed to the bot ({error.status}: {error.text or 'no detail'})")
+        if _too_large(error):
+            return DeliveryError("the clip is larger than this server's upload limit")
+        return DeliveryError(f"Discord refused the upload ({error.status}: {error.text or 'no detail'})")
+
+    async def _send_once(self, job: Job, content: str, data: bytes | None, filename: str) -> Delivered:
+        mentions = only_mention(job.user_id)
+
+        def files() -> list[discord.File]:
+            return [discord.File(io.BytesIO(data), filename=filename)] if data is not None else []
+
+        if token_alive(job):
+            webhook = self._webhook(job)
+            try:
+                message = await self._retry(
+                    f"job {job.id}: followup",
+                    lambda: webhook.send(content, files=files(), allowed_mentions=mentions, wait=True),
+                )
+                return Delivered(message.id, self._url(job, message.id), "interaction")
+            except discord.HTTPException as error:
+                if not token_gone(error):
+                    raise
+                log.info("job %s: interaction token no longer valid; sending to the channel instead", job.id)
+        channel = self._channel(job)
+        message = await self._retry(
+            f"job {job.id}: channel message",
+            lambda: channel.send(content, files=files(), allowed_mentions=mentions),
+        )
+        return Delivered(message.id, self._url(job, message.id), "channel")
+
+    async def edit_status(self, job: Job, content: str) -> bool:
+        """Best effort: edit the job's status message through its interaction. False when that is not possible."""
+        if not token_alive(job, margin=5):
+            return False
+        if job.status_message_id is None:
+            return False
+        try:
+            await self._webhook(job).edit_message(job.status_message_id, content=content, allowed_mentions=NO_MENTIONS)
+            return True
+        except (discord.HTTPException, aiohttp.ClientError, asyncio.TimeoutError) as error:
+            log.debug("job %s: status edit failed: %s", job.id, error)
+            return False
+
+    async def notify(self, job: Job, content: str) -> bool:
+        """Tell the requester something (removed, failed, cancelled): edit the status message while the token lives,
+        else post a channel message that mentions them. Never raises; returns whether it got through."""
+        if await self.edit_status(job, content):
+            return True
+        try:
+            await self._retry(
+                f"job {job.id}: notice",
+                lambda: self._channel(job).send(f"<@{job.user_id}> {content}", allowed_mentions=only_mention(job.user_id)),
+            )
+            return True
+        except Exception as error:  # noqa: BLE001 - a notice must never take the bot down
+            log.warning("job %s: could not notify the requester: %s", job.id, error)
+            return False
