@@ -1,0 +1,337 @@
+"""The fair job queue: round-robin between lanes, round-robin between the members of a session, FIFO per member.
+
+A *lane* is one open session (all its members share it) or one member's requests outside sessions. The next job
+comes from the lane that has waited longest since it was last served, which is plain round-robin: a lane that was
+just served goes to the back, behind every lane that was already waiting. Inside a session lane the members take
+turns the same way. The queue keeps no jobs in memory: the store is the single source of truth, so the order, the
+pause state and the limits survive a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from .jobs import Job, JobStatus
+from .store import JobStore
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # a job interrupted this many times (a crash or a kill mid-generation) is failed, not retried
+DEFAULT_RATE = 4.0  # seconds of compute per second of audio until the first job has been measured
+RATE_SMOOTHING = 0.3
+
+_PAUSED_KEY = "queue.paused"
+_LIMITS_KEY = "queue.limits"
+_RATE_KEY = "queue.rate"
+
+
+class QueueRefused(Exception):
+    """A request was not queued; ``reason`` is a short, polite sentence to show the member."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-member and global limits; admins can change them at run time (persisted in the store)."""
+
+    max_seconds: int = 30
+    max_pending_per_user: int = 2
+    max_queue_size: int = 50
+    cooldown_seconds: float = 10.0
+
+    @classmethod
+    def from_settings(cls, settings: Any, model_max_seconds: float | None = None) -> Limits:
+        """Limits from :class:`bot.settings.Settings`, with ``max_seconds`` never above the model's maximum."""
+        max_seconds = settings.max_seconds
+        if model_max_seconds is not None:
+            max_seconds = max(1, min(max_seconds, int(model_max_seconds)))
+        return cls(max_seconds=max_seconds, max_pending_per_user=settings.max_pending_per_user,
+                   max_queue_size=settings.max_queue_size, cooldown_seconds=settings.cooldown_seconds)
+
+    def check(self, ceiling: int | None = None) -> None:
+        """Raise ValueError (message fit for an admin) when a value is out of range."""
+        if self.max_seconds < 1 or (ceiling is not None and self.max_seconds > ceiling):
+            raise ValueError(f"The maximum length must be from 1 to {ceiling} seconds.")
+        if self.max_pending_per_user < 1:
+            raise ValueError("Each member must be allowed at least 1 pending request.")
+        if self.max_queue_size < 1:
+            raise ValueError("The queue must hold at least 1 request.")
+        if not 0 <= self.cooldown_seconds <= 86400:
+            raise ValueError("The cooldown must be from 0 to 86400 seconds.")
+
+
+class JobQueue:
+    """Fair scheduling, limits, pause and positions over a :class:`~bot.store.JobStore`.
+
+    Use it only from the event-loop thread. ``limits`` are the configured defaults: an admin's changes stored
+    earlier take precedence, and ``limits.max_seconds`` is the ceiling nobody can raise ``max_seconds`` above.
+    ``stop_running``, when set (e.g. to ``worker.cancel``), is called with the id of a running job that is
+    cancelled so its generation stops.
+    """
+
+    def __init__(self, store: JobStore, limits: Limits | None = None, *, batch_size: int = 1,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self.batch_size = batch_size
+        self.stop_running: Callable[[int], Any] | None = None
+        defaults = limits or Limits()
+        self.max_seconds_ceiling = defaults.max_seconds
+        saved = store.get_value(_LIMITS_KEY) or {}
+        known = {f.name for f in fields(Limits)}
+        merged = replace(defaults, **{k: v for k, v in saved.items() if k in known})
+        merged = replace(merged, max_seconds=min(merged.max_seconds, self.max_seconds_ceiling))
+        try:
+            merged.check(self.max_seconds_ceiling)
+        except ValueError:
+            log.warning("stored queue limits %s are invalid; using the configured ones", saved)
+            merged = defaults
+        self._limits = merged
+        # When each lane, and each member inside a session, was last served (fair-share state).
+        self._lane_served: dict[tuple[str, int], float] = {}
+        self._member_served: dict[tuple[int, int], float] = {}
+        for session_id, user_id, started in store.last_started():
+            lane = ("session", session_id) if session_id is not None else ("user", user_id)
+            self._lane_served[lane] = max(self._lane_served.get(lane, started), started)
+            if session_id is not None:
+                self._member_served[(session_id, user_id)] = started
+
+    # -- limits and pause ---------------------------------------------------------------------------------------
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, value: Limits) -> None:
+        value.check(self.max_seconds_ceiling)
+        self._limits = value
+        self.store.set_value(_LIMITS_KEY, asdict(value))
+        log.info("queue limits set to %s", value)
+
+    def set_limits(self, **changes: Any) -> Limits:
+        """Change some limits (ValueError with a readable message when out of range) and return them."""
+        self.limits = replace(self._limits, **changes)
+        return self._limits
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.store.get_value(_PAUSED_KEY, False))
+
+    def pause(self) -> None:
+        """Stop starting jobs and accepting requests (the running batch finishes)."""
+        self.store.set_value(_PAUSED_KEY, True)
+        log.info("queue paused")
+
+    def resume(self) -> None:
+        self.store.set_value(_PAUSED_KEY, False)
+        log.info("queue resumed")
+
+    # -- submitting ---------------------------------------------------------------------------------------------
+    def submit(self, job: Job, *, exempt: bool = False) -> Job:
+        """Check the limits, write the job as queued and return it with its id, or raise :class:`QueueRefused`.
+
+        ``exempt`` skips the per-member, cooldown and queue-size limits (but not pause or the length).
+        """
+        limits = self._limits
+        if self.paused:
+            raise QueueRefused("The queue is paused by an admin right now. Please try again a bit later.")
+        if isinstance(job.seconds, bool) or not isinstance(job.seconds, int) or not 1 <= job.seconds <= limits.max_seconds:
+            raise QueueRefused(f"The length must be a whole number of seconds from 1 to {limits.max_seconds}.")
+        now = self.clock()
+        if not exempt:
+            if self.store.count(JobStatus.QUEUED) >= limits.max_queue_size:
+                raise QueueRefused(f"The queue is full ({limits.max_queue_size} requests). "
+                                   "Please try again in a few minutes.")
+            pending = len(self.store.jobs_of(job.user_id, JobStatus.QUEUED, JobStatus.RUNNING))
+            if pending >= limits.max_pending_per_user:
+                noun = "request" if limits.max_pending_per_user == 1 else "requests"
+                raise QueueRefused(f"You already have {pending} pending {noun} (the limit is "
+                                   f"{limits.max_pending_per_user}). You can add another when one is done, "
+                                   "or /cancel one.")
+            last = self.store.last_created_at(job.user_id)
+            if last is not None and now - last < limits.cooldown_seconds:
+                wait = max(1, round(limits.cooldown_seconds - (now - last)))
+                raise QueueRefused(f"Please wait {wait} s before your next request.")
+        job.status = JobStatus.QUEUED
+        job.created_at = now
+        job.started_at = job.finished_at = None
+        self.store.add(job)
+        log.info("job %d queued: user=%s seconds=%d seed=%d session=%s", job.id, job.user_id, job.seconds,
+                 job.seed, job.session_id)
+        return job
+
+    # -- order and positions ------------------------------------------------------------------------------------
+    def ordered(self) -> list[Job]:
+        """Queued jobs in the order they will run (jobs interrupted by a restart first)."""
+        queued = self.store.by_status(JobStatus.QUEUED)
+        resumed = [j for j in queued if j.attempts > 0]
+        lanes: dict[tuple[str, int], list[Job]] = defaultdict(list)
+        for job in queued:
+            if job.attempts == 0:
+                lanes[job.lane].append(job)
+        streams = []
+        for lane, jobs in lanes.items():
+            if lane[0] == "session":
+                jobs = self._session_order(lane[1], jobs)
+            key = (max(self._lane_served.get(lane, float("-inf")), jobs[0].created_at), jobs[0].id)
+            streams.append((key, jobs))
+        streams.sort(key=lambda s: s[0])
+        return resumed + _interleave([jobs for _, jobs in streams])
+
+    def _session_order(self, session_id: int, jobs: list[Job]) -> list[Job]:
+        members: dict[int, list[Job]] = defaultdict(list)
+        for job in jobs:
+            members[job.user_id].append(job)
+        streams = sorted(members.items(), key=lambda m: (
+            max(self._member_served.get((session_id, m[0]), float("-inf")), m[1][0].created_at), m[1][0].id))
+        return _interleave([member_jobs for _, member_jobs in streams])
+
+    def position(self, job_id: int) -> int | None:
+        """1-based place of a queued job in :meth:`ordered`, or None when it is not queued."""
+        for i, job in enumerate(self.ordered(), 1):
+            if job.id == job_id:
+                return i
+        return None
+
+    def running(self) -> list[Job]:
+        return self.store.by_status(JobStatus.RUNNING)
+
+    def jobs_of(self, user_id: int) -> list[Job]:
+        """A member's running jobs, then their queued jobs in run order."""
+        running = [j for j in self.running() if j.user_id == user_id]
+        return running + [j for j in self.ordered() if j.user_id == user_id]
+
+    def __len__(self) -> int:
+        return self.store.count(JobStatus.QUEUED)
+
+    # -- taking work --------------------------------------------------------------------------------------------
+    def next_batch(self, n: int) -> list[Job]:
+        """Take the first ``n`` jobs in fair order and mark them running (none while paused)."""
+        if n < 1 or self.paused:
+            return []
+        batch = self.ordered()[:n]
+        now = self.clock()
+        for job in batch:
+            job.status, job.started_at, job.attempts = JobStatus.RUNNING, now, job.attempts + 1
+            self.store.update(job.id, status=job.status, started_at=now, attempts=job.attempts)
+            self._lane_served[job.lane] = now
+            if job.session_id is not None:
+                self._member_served[(job.session_id, job.user_id)] = now
+            log.info("job %d started: user=%s seconds=%d attempt=%d", job.id, job.user_id, job.seconds, job.attempts)
+        return batch
+
+    def finish(self, job_id: int, status: JobStatus, *, error: str | None = None, **changes: Any) -> Job:
+        """Record the end of a job (done, failed, cancelled or undeliverable) with any other fields to store."""
+        status = JobStatus(status)
+        if not status.final:
+            raise ValueError(f"{status.value} is not a final status")
+        job = self.store.update(job_id, status=status, error=error, finished_at=self.clock(), **changes)
+        took = f"{job.finished_at - job.started_at:.1f}s" if job.started_at else "-"
+        if status is JobStatus.FAILED:
+            log.warning("job %d failed after %s: %s", job_id, took, error)
+        else:
+            log.info("job %d %s after %s", job_id, status.value, took)
+        return job
+
+    def requeue(self, job_id: int) -> Job:
+        """Put a running job back at the front (e.g. shutdown interrupted it); it keeps its seed."""
+        return self.store.update(job_id, status=JobStatus.QUEUED, started_at=None)
+
+    # -- cancelling ---------------------------------------------------------------------------------------------
+    def cancel(self, job_id: int, *, reason: str = "Cancelled.") -> Job | None:
+        """Cancel a queued job (returned as cancelled) or ask a running one to stop (returned still running;
+        the worker reports it cancelled). Returns None for unknown or finished jobs."""
+        job = self.store.get(job_id)
+        if job is None or job.status.final:
+            return None
+        if job.status is JobStatus.QUEUED:
+            job = self.finish(job_id, JobStatus.CANCELLED, error=reason)
+        elif self.stop_running is not None:
+            self.stop_running(job_id)
+        return job
+
+    def remove(self, position: int) -> Job:
+        """Cancel the queued job at a 1-based position; IndexError when there is none."""
+        order = self.ordered()
+        if not 1 <= position <= len(order):
+            raise IndexError(f"There is no request at position {position} (the queue has {len(order)}).")
+        return self.finish(order[position - 1].id, JobStatus.CANCELLED, error="Removed from the queue by an admin.")
+
+    def clear(self) -> list[Job]:
+        """Cancel every queued job (running ones go on) and return them in the order they would have run."""
+        order = self.ordered()
+        now = self.clock()
+        reason = "The queue was cleared by an admin."
+        self.store.update_many([j.id for j in order], status=JobStatus.CANCELLED, error=reason, finished_at=now)
+        for job in order:
+            job.status, job.error, job.finished_at = JobStatus.CANCELLED, reason, now
+        log.info("queue cleared: %d job(s) cancelled", len(order))
+        return order
+
+    # -- restart recovery ---------------------------------------------------------------------------------------
+    def recover(self) -> list[Job]:
+        """On start: jobs left running by a crash or kill are queued again, in front and in their order.
+
+        A job already interrupted ``MAX_ATTEMPTS`` times is failed instead (it may be what kills the process).
+        Returns every job it touched; check ``status`` to tell re-queued from failed.
+        """
+        touched = []
+        for job in self.store.by_status(JobStatus.RUNNING):
+            if job.attempts >= MAX_ATTEMPTS:
+                touched.append(self.finish(job.id, JobStatus.FAILED,
+                                           error="Generation was interrupted too many times; giving up on it."))
+            else:
+                touched.append(self.requeue(job.id))
+                log.info("job %d recovered: queued again (attempt %d was interrupted)", job.id, job.attempts)
+        return touched
+
+    # -- estimates ----------------------------------------------------------------------------------------------
+    @property
+    def rate(self) -> float:
+        """Moving average of seconds of compute per second of audio (per batch: the longest clip counts)."""
+        return float(self.store.get_value(_RATE_KEY, DEFAULT_RATE))
+
+    def record_timing(self, audio_seconds: float, compute_seconds: float) -> None:
+        """Feed the estimate with one finished batch: its longest clip and the wall time it took."""
+        if audio_seconds <= 0 or compute_seconds <= 0:
+            return
+        sample = compute_seconds / audio_seconds
+        old = self.store.get_value(_RATE_KEY)
+        self.store.set_value(_RATE_KEY, sample if old is None else (1 - RATE_SMOOTHING) * old + RATE_SMOOTHING * sample)
+
+    def estimated_wait(self, job_id: int | None = None) -> float:
+        """Seconds until a queued job starts (or, without an id, until a new request would start)."""
+        rate, now = self.rate, self.clock()
+        running = self.running()
+        wait = 0.0
+        if running:
+            started = min(j.started_at or now for j in running)
+            wait = max(0.0, rate * max(j.seconds for j in running) - (now - started))
+        order = self.ordered()
+        if job_id is not None:
+            ids = [j.id for j in order]
+            if job_id not in ids:
+                return 0.0 if any(j.id == job_id for j in running) else wait
+            order = order[:ids.index(job_id) - ids.index(job_id) % self.batch_size]
+        else:
+            order = order[:len(order) - len(order) % self.batch_size]
+        for i in range(0, len(order), self.batch_size):
+            wait += rate * max(j.seconds for j in order[i:i + self.batch_size])
+        return wait
+
+
+def _interleave(streams: list[list[Job]]) -> list[Job]:
+    """Round-robin merge: first of each stream, then second of each, ..."""
+    out = []
+    depth = max((len(s) for s in streams), default=0)
+    for i in range(depth):
+        out.extend(s[i] for s in streams if i < len(s))
+    return out

@@ -1,0 +1,158 @@
+"""Settings read from the environment (and a ``.env`` file loaded by ``__main__``); see ``.env.example``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "float16", "bfloat16")
+SYNC_MODES = ("guilds", "global", "none")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or has a bad value; the message names the variable and never holds the token."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the bot reads from its environment. Field names are the variable names in lower case."""
+
+    discord_token: str = field(repr=False)
+    musicgen_model: str = "facebook/musicgen-small"
+    musicgen_dtype: str = "float32"
+    discord_guild_ids: tuple[int, ...] = ()
+    sync_commands: str = "none"
+    max_seconds: int = 30
+    max_pending_per_user: int = 2
+    max_queue_size: int = 50
+    cooldown_seconds: float = 10.0
+    admin_role_ids: frozenset[int] = frozenset()
+    admin_user_ids: frozenset[int] = frozenset()
+    database_path: Path = Path("./var/bot.sqlite3")
+    max_batch: int = 4
+    job_timeout_seconds: float = 600.0
+    shutdown_grace_seconds: float = 30.0
+    progress_interval_seconds: float = 2.0
+    log_level: str = "INFO"
+    discord_api_base: str | None = None
+    discord_gateway_url: str | None = None
+
+    def __str__(self) -> str:
+        return repr(self)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and check every variable; raise :class:`SettingsError` with a message fit for an operator."""
+        env = {k: v.strip() for k, v in (os.environ if environ is None else environ).items() if isinstance(v, str)}
+
+        def get(name: str) -> str | None:
+            value = env.get(name)
+            return value if value else None
+
+        token = get("DISCORD_TOKEN")
+        if token is None:
+            raise SettingsError("DISCORD_TOKEN is not set: put the bot token in the environment or in .env "
+                                "(see .env.example).")
+        if any(c.isspace() for c in token):
+            raise SettingsError("DISCORD_TOKEN contains spaces: paste only the token itself.")
+
+        guild_ids = tuple(_id_list(env, "DISCORD_GUILD_IDS"))
+        sync = (get("SYNC_COMMANDS") or ("guilds" if guild_ids else "none")).lower()
+        if sync not in SYNC_MODES:
+            raise SettingsError(f"SYNC_COMMANDS must be one of {', '.join(SYNC_MODES)} (got {sync!r}).")
+        if sync == "guilds" and not guild_ids:
+            raise SettingsError("SYNC_COMMANDS=guilds needs DISCORD_GUILD_IDS (comma-separated server ids).")
+
+        dtype = (get("MUSICGEN_DTYPE") or "float32").lower()
+        if dtype not in DTYPES:
+            raise SettingsError(f"MUSICGEN_DTYPE must be one of {', '.join(DTYPES)} (got {dtype!r}).")
+        level = (get("LOG_LEVEL") or "INFO").upper()
+        if level not in LOG_LEVELS:
+            raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {level!r}).")
+
+        api_base = get("DISCORD_API_BASE")
+        if api_base is not None and not api_base.startswith(("http://", "https://")):
+            raise SettingsError(f"DISCORD_API_BASE must be an http(s) URL (got {api_base!r}).")
+        gateway = get("DISCORD_GATEWAY_URL")
+        if gateway is not None and not gateway.startswith(("ws://", "wss://")):
+            raise SettingsError(f"DISCORD_GATEWAY_URL must be a ws(s) URL (got {gateway!r}).")
+
+        return cls(
+            discord_token=token,
+            musicgen_model=get("MUSICGEN_MODEL") or "facebook/musicgen-small",
+            musicgen_dtype=dtype,
+            discord_guild_ids=guild_ids,
+            sync_commands=sync,
+            max_seconds=_int(env, "MAX_SECONDS", 30, minimum=1, maximum=3600),
+            max_pending_per_user=_int(env, "MAX_PENDING_PER_USER", 2, minimum=1),
+            max_queue_size=_int(env, "MAX_QUEUE_SIZE", 50, minimum=1),
+            cooldown_seconds=_float(env, "COOLDOWN_SECONDS", 10.0, minimum=0.0),
+            admin_role_ids=frozenset(_id_list(env, "ADMIN_ROLE_IDS")),
+            admin_user_ids=frozenset(_id_list(env, "ADMIN_USER_IDS")),
+            database_path=Path(get("DATABASE_PATH") or "./var/bot.sqlite3").expanduser(),
+            max_batch=_int(env, "MAX_BATCH", 4, minimum=1, maximum=64),
+            job_timeout_seconds=_float(env, "JOB_TIMEOUT_SECONDS", 600.0, minimum=1.0),
+            shutdown_grace_seconds=_float(env, "SHUTDOWN_GRACE_SECONDS", 30.0, minimum=0.0),
+            progress_interval_seconds=_float(env, "PROGRESS_INTERVAL_SECONDS", 2.0, minimum=1.0),
+            log_level=level,
+            discord_api_base=api_base.rstrip("/") if api_base else None,
+            discord_gateway_url=gateway,
+        )
+
+    def apply_discord_endpoints(self) -> None:
+        """Point discord.py at ``DISCORD_API_BASE`` / ``DISCORD_GATEWAY_URL`` when they are set (tests, self-hosted)."""
+        if self.discord_api_base:
+            import discord.http
+
+            discord.http.Route.BASE = self.discord_api_base
+            log.info("Discord REST base: %s", self.discord_api_base)
+        if self.discord_gateway_url:
+            import discord.gateway
+
+            discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = self.discord_gateway_url
+            log.info("Discord gateway: %s", self.discord_gateway_url)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number (got {raw!r}).") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+        raise SettingsError(f"{name} must be {bounds} (got {value}).")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds (got {raw!r}).") from None
+    if not value >= minimum or value == float("inf"):
+        raise SettingsError(f"{name} must be a finite number of at least {minimum:g} (got {raw!r}).")
+    return value
+
+
+def _id_list(env: Mapping[str, str], name: str) -> list[int]:
+    raw = env.get(name) or ""
+    ids = []
+    for part in raw.replace(" ", ",").split(","):
+        if not part:
+            continue
+        if not part.isdigit() or int(part) <= 0:
+            raise SettingsError(f"{name} must be a comma-separated list of numeric Discord ids (bad entry {part!r}).")
+        ids.append(int(part))
+    return ids

@@ -1,0 +1,281 @@
+"""Durable jobs, sessions and bot state in SQLite (stdlib ``sqlite3``, WAL).
+
+:class:`JobStore` is the interface the queue and the cogs use; :class:`SQLiteJobStore` implements it with one
+connection that is used only from the event-loop thread (every call is a few small statements).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Protocol
+
+from .jobs import Job, JobStatus, Session, SessionStatus
+
+log = logging.getLogger(__name__)
+
+_JOB_FIELDS = [f.name for f in fields(Job) if f.name != "id"]
+_SESSION_FIELDS = [f.name for f in fields(Session) if f.name != "id"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    guild_id INTEGER,
+    channel_id INTEGER NOT NULL,
+    user_id INTEGER NOT NULL,
+    user_name TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    model_prompt TEXT NOT NULL,
+    seconds INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    session_id INTEGER REFERENCES sessions(id),
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    interaction_id INTEGER,
+    interaction_token TEXT,
+    application_id INTEGER,
+    interaction_created_at REAL,
+    status_message_id INTEGER,
+    delivered_message_id INTEGER,
+    delivered_url TEXT,
+    error TEXT,
+    format TEXT NOT NULL DEFAULT 'wav',
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, id);
+CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, id);
+CREATE INDEX IF NOT EXISTS jobs_by_session ON jobs (session_id, id);
+CREATE TABLE IF NOT EXISTS sessions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    guild_id INTEGER,
+    channel_id INTEGER NOT NULL,
+    thread_id INTEGER,
+    host_id INTEGER NOT NULL,
+    theme TEXT NOT NULL DEFAULT '',
+    default_seconds INTEGER,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    closed_at REAL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_thread ON sessions (thread_id);
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class JobStore(Protocol):
+    """What the queue and the cogs need from storage (SQLite now; another backend can implement the same)."""
+
+    def add(self, job: Job) -> Job: ...
+    def get(self, job_id: int) -> Job | None: ...
+    def update(self, job_id: int, **changes: Any) -> Job: ...
+    def by_status(self, *statuses: JobStatus) -> list[Job]: ...
+    def jobs_of(self, user_id: int, *statuses: JobStatus) -> list[Job]: ...
+    def session_jobs(self, session_id: int, *statuses: JobStatus) -> list[Job]: ...
+    def count(self, *statuses: JobStatus) -> int: ...
+    def last_created_at(self, user_id: int) -> float | None: ...
+    def last_started(self) -> list[tuple[int | None, int, float]]: ...
+    def add_session(self, session: Session) -> Session: ...
+    def get_session(self, session_id: int) -> Session | None: ...
+    def session_for_thread(self, thread_id: int) -> Session | None: ...
+    def open_sessions(self, guild_id: int | None = None) -> list[Session]: ...
+    def update_session(self, session_id: int, **changes: Any) -> Session: ...
+    def get_value(self, key: str, default: Any = None) -> Any: ...
+    def set_value(self, key: str, value: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+class SQLiteJobStore:
+    """A :class:`JobStore` in one SQLite file. Every write is committed before the call returns."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: autocommit; multi-statement changes use explicit transactions.
+        self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        log.debug("job store opened at %s", self.path)
+
+    # -- jobs ---------------------------------------------------------------------------------------------------
+    def add(self, job: Job) -> Job:
+        """Write a new job and set its ``id``; returns the same object."""
+        values = [_to_db(getattr(job, name)) for name in _JOB_FIELDS]
+        cur = self._db.execute(
+            f"INSERT INTO jobs ({', '.join(_JOB_FIELDS)}) VALUES ({', '.join('?' * len(_JOB_FIELDS))})", values)
+        job.id = int(cur.lastrowid)
+        return job
+
+    def get(self, job_id: int) -> Job | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def update(self, job_id: int, **changes: Any) -> Job:
+        """Change some fields of a job and return it as stored; unknown field names are a ValueError."""
+        unknown = set(changes) - set(_JOB_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown job field(s): {', '.join(sorted(unknown))}")
+        if changes:
+            sets = ", ".join(f"{name} = ?" for name in changes)
+            cur = self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?",
+                                   [*(_to_db(v) for v in changes.values()), job_id])
+            if cur.rowcount == 0:
+                raise KeyError(f"no job {job_id}")
+        job = self.get(job_id)
+        if job is None:
+            raise KeyError(f"no job {job_id}")
+        return job
+
+    def update_many(self, job_ids: Iterable[int], **changes: Any) -> None:
+        """Apply the same change to several jobs in one transaction."""
+        ids = list(job_ids)
+        if not ids or not changes:
+            return
+        unknown = set(changes) - set(_JOB_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown job field(s): {', '.join(sorted(unknown))}")
+        sets = ", ".join(f"{name} = ?" for name in changes)
+        with self._transaction():
+            self._db.executemany(f"UPDATE jobs SET {sets} WHERE id = ?",
+                                 [[*(_to_db(v) for v in changes.values()), i] for i in ids])
+
+    def by_status(self, *statuses: JobStatus) -> list[Job]:
+        """Jobs with any of these statuses (all jobs when none is given), in creation order."""
+        where, args = _status_clause(statuses)
+        rows = self._db.execute(f"SELECT * FROM jobs {('WHERE ' + where) if where else ''} ORDER BY id", args)
+        return [_job(r) for r in rows]
+
+    def jobs_of(self, user_id: int, *statuses: JobStatus) -> list[Job]:
+        where, args = _status_clause(statuses)
+        rows = self._db.execute(f"SELECT * FROM jobs WHERE user_id = ? {('AND ' + where) if where else ''} ORDER BY id",
+                                [user_id, *args])
+        return [_job(r) for r in rows]
+
+    def session_jobs(self, session_id: int, *statuses: JobStatus) -> list[Job]:
+        where, args = _status_clause(statuses)
+        rows = self._db.execute(
+            f"SELECT * FROM jobs WHERE session_id = ? {('AND ' + where) if where else ''} ORDER BY id",
+            [session_id, *args])
+        return [_job(r) for r in rows]
+
+    def count(self, *statuses: JobStatus) -> int:
+        where, args = _status_clause(statuses)
+        return self._db.execute(f"SELECT COUNT(*) FROM jobs {('WHERE ' + where) if where else ''}", args).fetchone()[0]
+
+    def last_created_at(self, user_id: int) -> float | None:
+        """When this member's latest accepted request was made (for the cooldown)."""
+        return self._db.execute("SELECT MAX(created_at) FROM jobs WHERE user_id = ?", (user_id,)).fetchone()[0]
+
+    def last_started(self) -> list[tuple[int | None, int, float]]:
+        """``(session_id, user_id, latest started_at)`` for every member that had a job started (fair-queue state)."""
+        rows = self._db.execute("SELECT session_id, user_id, MAX(started_at) FROM jobs "
+                                "WHERE started_at IS NOT NULL GROUP BY session_id, user_id")
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    # -- sessions -----------------------------------------------------------------------------------------------
+    def add_session(self, session: Session) -> Session:
+        values = [_to_db(getattr(session, name)) for name in _SESSION_FIELDS]
+        cur = self._db.execute(
+            f"INSERT INTO sessions ({', '.join(_SESSION_FIELDS)}) VALUES ({', '.join('?' * len(_SESSION_FIELDS))})",
+            values)
+        session.id = int(cur.lastrowid)
+        return session
+
+    def get_session(self, session_id: int) -> Session | None:
+        row = self._db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        return _session(row) if row else None
+
+    def session_for_thread(self, thread_id: int) -> Session | None:
+        """The open session that lives in this thread, if any."""
+        row = self._db.execute("SELECT * FROM sessions WHERE thread_id = ? AND status = ? ORDER BY id DESC LIMIT 1",
+                               (thread_id, SessionStatus.OPEN.value)).fetchone()
+        return _session(row) if row else None
+
+    def open_sessions(self, guild_id: int | None = None) -> list[Session]:
+        if guild_id is None:
+            rows = self._db.execute("SELECT * FROM sessions WHERE status = ? ORDER BY id", (SessionStatus.OPEN.value,))
+        else:
+            rows = self._db.execute("SELECT * FROM sessions WHERE status = ? AND guild_id = ? ORDER BY id",
+                                    (SessionStatus.OPEN.value, guild_id))
+        return [_session(r) for r in rows]
+
+    def update_session(self, session_id: int, **changes: Any) -> Session:
+        unknown = set(changes) - set(_SESSION_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown session field(s): {', '.join(sorted(unknown))}")
+        if changes:
+            sets = ", ".join(f"{name} = ?" for name in changes)
+            self._db.execute(f"UPDATE sessions SET {sets} WHERE id = ?",
+                             [*(_to_db(v) for v in changes.values()), session_id])
+        session = self.get_session(session_id)
+        if session is None:
+            raise KeyError(f"no session {session_id}")
+        return session
+
+    def close_session(self, session_id: int) -> Session:
+        return self.update_session(session_id, status=SessionStatus.CLOSED, closed_at=time.time())
+
+    # -- key/value state (pause, limits, timing averages) --------------------------------------------------------
+    def get_value(self, key: str, default: Any = None) -> Any:
+        row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_value(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                         (key, json.dumps(value)))
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file and close the connection."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self._db.close()
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _status_clause(statuses: tuple[JobStatus, ...]) -> tuple[str, list[str]]:
+    if not statuses:
+        return "", []
+    return f"status IN ({', '.join('?' * len(statuses))})", [JobStatus(s).value for s in statuses]
+
+
+def _to_db(value: Any) -> Any:
+    if isinstance(value, (JobStatus, SessionStatus)):
+        return value.value
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(**{k: row[k] for k in row.keys()})
+
+
+def _session(row: sqlite3.Row) -> Session:
+    return Session(**{k: row[k] for k in row.keys()})
