@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import mlx.core as mx
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 import transformers
 from transformers import AutoTokenizer
@@ -14,7 +17,7 @@ from transformers import AutoTokenizer
 from core.loading import CheckpointError, check_weights, load_safetensors
 from core.t5 import T5Config, T5EncoderModel, relative_position_bucket
 from core.tokenizer import PromptTokenizer
-from tests.tiny_models import T5_SHAPES, build_musicgen, build_tokenizer
+from tests.tiny_models import T5_SHAPES, TOKENIZER_CORPUS, build_musicgen, build_tokenizer
 
 PROMPTS = [
     "warm synthwave with a driving bassline",
@@ -149,9 +152,9 @@ def tiny_tokenizer_folder(tmp_path_factory):
 
 def assert_same_as_transformers(folder, prompts, **kwargs):
     reference = AutoTokenizer.from_pretrained(str(folder))
-    max_length = kwargs.get("max_length")
-    expected = reference(prompts, padding=True, return_tensors="np",
-                         **({"truncation": True, "max_length": max_length} if max_length else {}))
+    # transformers truncates only when asked to; PromptTokenizer always does (default 512)
+    truncation = {"truncation": True, "max_length": kwargs["max_length"]} if "max_length" in kwargs else {}
+    expected = reference(prompts, padding=True, return_tensors="np", **truncation)
     ids, mask = PromptTokenizer.from_file(folder / "tokenizer.json", **kwargs)(prompts)
     assert ids.dtype == np.int32 and mask.dtype == np.int32
     np.testing.assert_array_equal(ids, expected["input_ids"])
@@ -183,3 +186,92 @@ def test_tokenizer_errors(tmp_path):
     bad.write_text('{"version": "1.0", "model": {"type": "Unigram", "vocab": "nonsense"}}')
     with pytest.raises(CheckpointError, match="corrupt.json"):
         PromptTokenizer.from_file(bad)
+
+
+def _protobuf_fields(buf: bytes):
+    """(field number, payload) of each top-level field of a protobuf message; payload only for bytes fields."""
+
+    def varint(i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            value |= (buf[i] & 0x7F) << shift
+            shift += 7
+            i += 1
+            if buf[i - 1] < 0x80:
+                return value, i
+
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        wire = key & 7
+        if wire == 0:
+            _, i = varint(i)
+            yield key >> 3, None
+        elif wire == 2:
+            size, i = varint(i)
+            yield key >> 3, buf[i : i + size]
+            i += size
+        else:  # fixed 64 or 32 bits
+            i += {1: 8, 5: 4}[wire]
+            yield key >> 3, None
+
+
+@pytest.fixture(scope="module")
+def t5_base_format_folder(tmp_path_factory):
+    """A tokenizer folder laid out like t5-base / musicgen: a SentencePiece Unigram model with its Precompiled
+    normalizer, the legacy WhitespaceSplit + Metaspace(add_prefix_space) pre-tokenizer, 100 sentinel tokens, and
+    padding/truncation settings stored in the file. Returns (folder, SentencePiece processor)."""
+    folder = tmp_path_factory.mktemp("t5-base-format")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TOKENIZER_CORPUS * 3), model_writer=model, vocab_size=100,
+                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    proto = model.getvalue()
+    normalizer_spec = next(v for f, v in _protobuf_fields(proto) if f == 3)  # ModelProto.normalizer_spec
+    charsmap = next(v for f, v in _protobuf_fields(normalizer_spec) if f == 2)  # .precompiled_charsmap
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    vocab = [[sp.id_to_piece(i), sp.get_score(i)] for i in range(sp.get_piece_size())]
+    sentinels = [f"<extra_id_{i}>" for i in range(99, -1, -1)]  # t5 stores them last, in reverse
+    vocab += [[token, 0.0] for token in sentinels]
+    special = dict(single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+    metaspace = {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True}
+    spec = {
+        "version": "1.0",
+        "truncation": {"direction": "Right", "max_length": 512, "strategy": "LongestFirst", "stride": 0},
+        "padding": {"strategy": {"Fixed": 512}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                    "pad_type_id": 0, "pad_token": "<pad>"},
+        "added_tokens": [{"id": i, "content": token, **special} for i, (token, _) in enumerate(vocab)
+                         if i < 3 or token.startswith("<extra_id_")],
+        "normalizer": {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(charsmap).decode()},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, metaspace]},
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                                      {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+                           "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                                    {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                                    {"Sequence": {"id": "B", "type_id": 0}},
+                                    {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+                           "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}},
+        "decoder": metaspace,
+        "model": {"type": "Unigram", "unk_id": 2, "vocab": vocab},
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+        "extra_ids": 100, "additional_special_tokens": sentinels[::-1], "model_max_length": 512}))
+    return folder, sp
+
+
+def test_tokenizer_reads_t5_base_format(t5_base_format_folder):
+    folder, sp = t5_base_format_folder
+    prompts = PROMPTS + ["fill <extra_id_0> and <extra_id_99>"]
+    ids, _ = assert_same_as_transformers(folder, prompts)
+    assert ids.shape[1] < 100  # the padding stored in the file (fixed 512) is ignored
+    assert_same_as_transformers(folder, prompts, max_length=9)
+    ids, mask = assert_same_as_transformers(folder, prompts + ["x" * 40 + " y" * 600], max_length=512)
+    assert ids.shape == (len(prompts) + 1, 512) and ids[-1, -1] == 1 and mask[-1].all()
+    long_ids, _ = PromptTokenizer.from_file(folder / "tokenizer.json")(["x" * 40 + " y" * 600])
+    np.testing.assert_array_equal(long_ids[0], ids[-1])  # 512 is the default
+    # SentencePiece itself agrees on ordinary text (the normalizer really is applied: NFKC, whitespace folding)
+    for prompt in [PROMPTS[0], PROMPTS[4], PROMPTS[5], PROMPTS[6]]:
+        ids, _ = PromptTokenizer.from_file(folder / "tokenizer.json")([prompt])
+        assert ids[0].tolist() == sp.encode(prompt) + [1]
