@@ -1,9 +1,9 @@
 """The fair job queue: round-robin between lanes, round-robin between the members of a session, FIFO per member.
 
 A *lane* is one open session (all its members share it) or one member's requests outside sessions. The next job
-comes from the lane that has waited longest since it was last served, which is plain round-robin: a lane that was
-just served goes to the back, behind every lane that was already waiting. Inside a session lane the members take
-turns the same way. The queue keeps no jobs in memory: the store is the single source of truth, so the order, the
+comes from the lane served least recently (a lane never served comes first, lanes that tie in arrival order), so a
+lane that was just served goes to the back: round-robin in which a newcomer does not wait behind a member whose
+clip is already being made. Inside a session lane the members take turns the same way. The queue keeps no jobs in memory: the store is the single source of truth, so the order, the
 pause state and the limits survive a restart.
 """
 
@@ -181,7 +181,7 @@ class JobQueue:
         for lane, jobs in lanes.items():
             if lane[0] == "session":
                 jobs = self._session_order(lane[1], jobs)
-            key = (max(self._lane_served.get(lane, float("-inf")), jobs[0].created_at), jobs[0].id)
+            key = (self._lane_served.get(lane, float("-inf")), jobs[0].created_at, jobs[0].id)
             streams.append((key, jobs))
         streams.sort(key=lambda s: s[0])
         return resumed + _interleave([jobs for _, jobs in streams])
@@ -191,7 +191,7 @@ class JobQueue:
         for job in jobs:
             members[job.user_id].append(job)
         streams = sorted(members.items(), key=lambda m: (
-            max(self._member_served.get((session_id, m[0]), float("-inf")), m[1][0].created_at), m[1][0].id))
+            self._member_served.get((session_id, m[0]), float("-inf")), m[1][0].created_at, m[1][0].id))
         return _interleave([member_jobs for _, member_jobs in streams])
 
     def position(self, job_id: int) -> int | None:

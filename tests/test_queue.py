@@ -1,0 +1,335 @@
+"""The fair queue: order, limits, positions, cancel/remove/clear, pause, persistence and restart recovery."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.jobs import Job, JobStatus, Session
+from bot.queue import MAX_ATTEMPTS, JobQueue, Limits, QueueRefused
+from bot.store import SQLiteJobStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, dt: float = 1.0) -> float:
+        self.now += dt
+        return self.now
+
+
+OPEN = Limits(max_seconds=30, max_pending_per_user=100, max_queue_size=1000, cooldown_seconds=0)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SQLiteJobStore(tmp_path / "var" / "bot.sqlite3")
+    yield s
+    s.close()
+
+
+def make_job(user: int, prompt: str = "", *, session: int | None = None, seconds: int = 5, seed: int = 1) -> Job:
+    prompt = prompt or f"u{user}"
+    return Job(guild_id=1, channel_id=10, user_id=user, user_name=f"user{user}", prompt=prompt, model_prompt=prompt,
+               seconds=seconds, seed=seed, session_id=session)
+
+
+def submit(queue: JobQueue, clock: Clock, user: int, prompt: str = "", **kw) -> Job:
+    clock.tick()
+    return queue.submit(make_job(user, prompt, **kw))
+
+
+def prompts(jobs) -> list[str]:
+    return [j.prompt for j in jobs]
+
+
+def test_one_member_flooding_is_interleaved_with_another(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    for i in range(4):
+        submit(q, clock, 1, f"a{i}")
+    submit(q, clock, 2, "b0")
+    submit(q, clock, 2, "b1")
+    assert prompts(q.ordered()) == ["a0", "b0", "a1", "b1", "a2", "a3"]
+    # FIFO for each member, whatever happens to the others
+    assert [j.prompt for j in q.ordered() if j.user_id == 1] == ["a0", "a1", "a2", "a3"]
+
+
+def test_round_robin_follows_service_a_served_member_goes_to_the_back(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    submit(q, clock, 1, "a0")
+    submit(q, clock, 1, "a1")
+    clock.tick()
+    assert prompts(q.next_batch(1)) == ["a0"]
+    submit(q, clock, 2, "b0")  # arrives after a0 started: member 1 was served, so member 2 goes first
+    assert prompts(q.ordered()) == ["b0", "a1"]
+    submit(q, clock, 3, "c0")  # not served yet either: ahead of member 1's second request
+    assert prompts(q.ordered()) == ["b0", "c0", "a1"]
+    assert prompts(q.next_batch(2)) == ["b0", "c0"]
+    submit(q, clock, 2, "b1")  # member 1 was served longest ago, so a1 is next, then b1
+    assert prompts(q.ordered()) == ["a1", "b1"]
+
+
+def test_sessions_are_lanes_and_members_take_turns_inside(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    s1 = store.add_session(Session(guild_id=1, channel_id=10, thread_id=11, host_id=1, theme="jazz")).id
+    # A busy session of three members and two members outside any session.
+    submit(q, clock, 1, "s-a0", session=s1)
+    submit(q, clock, 1, "s-a1", session=s1)
+    submit(q, clock, 1, "s-a2", session=s1)
+    submit(q, clock, 2, "s-b0", session=s1)
+    submit(q, clock, 3, "s-c0", session=s1)
+    submit(q, clock, 3, "s-c1", session=s1)
+    submit(q, clock, 4, "d0")
+    submit(q, clock, 5, "e0")
+    submit(q, clock, 5, "e1")
+    order = prompts(q.ordered())
+    # Lanes alternate: session, d, e, session, e, session, ... ; inside the session a, b, c, a, c, a.
+    assert order == ["s-a0", "d0", "e0", "s-b0", "e1", "s-c0", "s-a1", "s-c1", "s-a2"]
+    session_order = [p for p in order if p.startswith("s-")]
+    assert session_order == ["s-a0", "s-b0", "s-c0", "s-a1", "s-c1", "s-a2"]
+
+
+def test_two_sessions_share_the_worker_fairly(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    s1 = store.add_session(Session(guild_id=1, channel_id=10, thread_id=11, host_id=1)).id
+    s2 = store.add_session(Session(guild_id=1, channel_id=10, thread_id=12, host_id=2)).id
+    for i in range(3):
+        submit(q, clock, 10 + i, f"x{i}", session=s1)
+    for i in range(3):
+        submit(q, clock, 20 + i, f"y{i}", session=s2)
+    assert prompts(q.ordered()) == ["x0", "y0", "x1", "y1", "x2", "y2"]
+
+
+def test_member_served_in_a_session_waits_behind_session_members_not_yet_served(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    s1 = store.add_session(Session(guild_id=1, channel_id=10, thread_id=11, host_id=1)).id
+    submit(q, clock, 1, "a0", session=s1)
+    submit(q, clock, 1, "a1", session=s1)
+    q.next_batch(1)
+    submit(q, clock, 2, "b0", session=s1)
+    assert prompts(q.ordered()) == ["b0", "a1"]
+
+
+def test_positions_are_one_based_and_follow_the_fair_order(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    a0, a1 = submit(q, clock, 1), submit(q, clock, 1)
+    b0 = submit(q, clock, 2)
+    assert [q.position(j.id) for j in (a0, b0, a1)] == [1, 2, 3]
+    q.next_batch(1)
+    assert q.position(a0.id) is None  # running, not queued
+    assert q.position(b0.id) == 1
+    assert q.position(12345) is None
+    assert len(q) == 2
+
+
+@pytest.mark.parametrize("seconds", [0, -1, 31, 10**9])
+def test_length_outside_the_limit_is_refused(store, clock, seconds):
+    q = JobQueue(store, OPEN, clock=clock)
+    with pytest.raises(QueueRefused, match="from 1 to 30"):
+        q.submit(make_job(1, seconds=seconds))
+    assert store.count() == 0
+
+
+def test_non_integer_length_is_refused(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    with pytest.raises(QueueRefused):
+        q.submit(make_job(1, seconds=2.5))  # type: ignore[arg-type]
+    with pytest.raises(QueueRefused):
+        q.submit(make_job(1, seconds=True))  # type: ignore[arg-type]
+
+
+def test_pending_per_member_limit_counts_running_jobs(store, clock):
+    q = JobQueue(store, Limits(max_pending_per_user=2, cooldown_seconds=0), clock=clock)
+    submit(q, clock, 1)
+    submit(q, clock, 1)
+    with pytest.raises(QueueRefused, match="You already have 2 pending requests") as err:
+        submit(q, clock, 1)
+    assert "/cancel" in err.value.reason
+    submit(q, clock, 2)  # another member is not affected
+    q.next_batch(1)  # member 1's first job runs: still pending
+    with pytest.raises(QueueRefused):
+        submit(q, clock, 1)
+    q.finish(q.running()[0].id, JobStatus.DONE)
+    submit(q, clock, 1)
+
+
+def test_queue_size_limit(store, clock):
+    q = JobQueue(store, Limits(max_queue_size=3, cooldown_seconds=0, max_pending_per_user=10), clock=clock)
+    for user in range(3):
+        submit(q, clock, user)
+    with pytest.raises(QueueRefused, match=r"queue is full \(3 requests\)"):
+        submit(q, clock, 99)
+    assert q.submit(make_job(99), exempt=True).id  # an exempt submit (e.g. an admin) still goes in
+
+
+def test_cooldown(store, clock):
+    q = JobQueue(store, Limits(cooldown_seconds=10, max_pending_per_user=10), clock=clock)
+    q.submit(make_job(1))
+    clock.tick(4)
+    with pytest.raises(QueueRefused, match="wait 6 s"):
+        q.submit(make_job(1))
+    q.submit(make_job(2))  # the cooldown is per member
+    clock.tick(6)
+    q.submit(make_job(1))
+
+
+def test_refused_requests_are_not_stored(store, clock):
+    q = JobQueue(store, Limits(max_pending_per_user=1, cooldown_seconds=0), clock=clock)
+    submit(q, clock, 1)
+    with pytest.raises(QueueRefused):
+        submit(q, clock, 1)
+    assert store.count() == 1
+
+
+def test_pause_refuses_requests_and_stops_batches(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    submit(q, clock, 1)
+    q.pause()
+    assert q.paused
+    with pytest.raises(QueueRefused, match="paused"):
+        submit(q, clock, 2)
+    assert q.next_batch(4) == []
+    q.resume()
+    assert not q.paused
+    assert len(q.next_batch(4)) == 1
+
+
+def test_cancel_queued_and_running(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    stopped = []
+    q.stop_running = stopped.append
+    a0, a1 = submit(q, clock, 1), submit(q, clock, 1)
+    cancelled = q.cancel(a1.id)
+    assert cancelled.status is JobStatus.CANCELLED and store.get(a1.id).finished_at is not None
+    assert q.cancel(a1.id) is None  # already final
+    q.next_batch(1)
+    running = q.cancel(a0.id)
+    assert running.status is JobStatus.RUNNING and stopped == [a0.id]
+    assert q.cancel(999) is None
+
+
+def test_jobs_of_lists_running_then_queued(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    a0, a1, a2 = (submit(q, clock, 1) for _ in range(3))
+    submit(q, clock, 2)
+    q.next_batch(1)
+    assert [j.id for j in q.jobs_of(1)] == [a0.id, a1.id, a2.id]
+    assert [j.status for j in q.jobs_of(1)] == [JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.QUEUED]
+
+
+def test_remove_by_position_and_clear(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    a0, a1 = submit(q, clock, 1), submit(q, clock, 1)
+    b0 = submit(q, clock, 2)
+    removed = q.remove(2)
+    assert removed.id == b0.id and removed.status is JobStatus.CANCELLED and "admin" in removed.error
+    with pytest.raises(IndexError, match="position 3"):
+        q.remove(3)
+    with pytest.raises(IndexError):
+        q.remove(0)
+    q.next_batch(1)
+    cleared = q.clear()
+    assert [j.id for j in cleared] == [a1.id]
+    assert store.get(a1.id).status is JobStatus.CANCELLED
+    assert q.ordered() == [] and q.running()[0].id == a0.id  # the running job goes on
+
+
+def test_limits_are_validated_and_capped(store, clock):
+    q = JobQueue(store, Limits(max_seconds=20), clock=clock)
+    assert q.set_limits(max_seconds=10).max_seconds == 10
+    with pytest.raises(ValueError, match="from 1 to 20"):
+        q.set_limits(max_seconds=25)
+    with pytest.raises(ValueError):
+        q.set_limits(max_pending_per_user=0)
+    assert q.limits.max_seconds == 10
+
+
+def test_state_survives_a_reopened_store(tmp_path, clock):
+    path = tmp_path / "bot.sqlite3"
+    store = SQLiteJobStore(path)
+    q = JobQueue(store, OPEN, clock=clock)
+    session = store.add_session(Session(guild_id=1, channel_id=10, thread_id=11, host_id=7, theme="lofi",
+                                        default_seconds=8))
+    for i in range(3):
+        submit(q, clock, 1, f"a{i}")
+    submit(q, clock, 2, "b0")
+    submit(q, clock, 3, "s0", session=session.id)
+    q.next_batch(1)  # a0 runs: member 1 was served
+    submit(q, clock, 4, "d0")
+    q.set_limits(max_pending_per_user=5, cooldown_seconds=3)
+    q.pause()
+    order = prompts(q.ordered())
+    store.close()
+
+    store2 = SQLiteJobStore(path)
+    q2 = JobQueue(store2, OPEN, clock=clock)
+    assert prompts(q2.ordered()) == order == ["b0", "s0", "d0", "a1", "a2"]
+    assert q2.paused
+    assert q2.limits == Limits(max_seconds=30, max_pending_per_user=5, max_queue_size=1000, cooldown_seconds=3)
+    s = store2.session_for_thread(11)
+    assert (s.id, s.theme, s.default_seconds, s.host_id, s.open) == (session.id, "lofi", 8, 7, True)
+    store2.close()
+
+
+def test_stored_max_seconds_is_capped_by_a_lower_configured_maximum(tmp_path, clock):
+    store = SQLiteJobStore(tmp_path / "db")
+    JobQueue(store, Limits(max_seconds=30), clock=clock).set_limits(max_seconds=25)
+    assert JobQueue(store, Limits(max_seconds=10), clock=clock).limits.max_seconds == 10
+    store.close()
+
+
+def test_recover_requeues_running_jobs_first_in_their_order(tmp_path, clock):
+    path = tmp_path / "bot.sqlite3"
+    store = SQLiteJobStore(path)
+    q = JobQueue(store, OPEN, clock=clock)
+    jobs = {p: submit(q, clock, user, p) for user, p in [(1, "a0"), (2, "b0"), (3, "c0"), (1, "a1"), (4, "d0")]}
+    taken = q.next_batch(2)
+    assert prompts(taken) == ["a0", "b0"]
+    store.close()  # the process dies mid-generation
+
+    store2 = SQLiteJobStore(path)
+    q2 = JobQueue(store2, OPEN, clock=clock)
+    recovered = q2.recover()
+    assert [j.id for j in recovered] == [jobs["a0"].id, jobs["b0"].id]
+    assert all(j.status is JobStatus.QUEUED and j.started_at is None for j in recovered)
+    assert prompts(q2.ordered()) == ["a0", "b0", "c0", "d0", "a1"]
+    again = q2.next_batch(2)
+    assert [(j.prompt, j.seed, j.attempts) for j in again] == [("a0", 1, 2), ("b0", 1, 2)]
+    store2.close()
+
+
+def test_recover_gives_up_on_a_job_that_keeps_killing_the_process(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    job = submit(q, clock, 1)
+    for _ in range(MAX_ATTEMPTS - 1):
+        q.next_batch(1)
+        assert q.recover()[0].status is JobStatus.QUEUED
+    q.next_batch(1)
+    (failed,) = q.recover()
+    assert failed.id == job.id and failed.status is JobStatus.FAILED and "interrupted" in failed.error
+    assert q.ordered() == []
+
+
+def test_estimated_wait_uses_the_measured_rate_and_batches(store, clock):
+    q = JobQueue(store, OPEN, batch_size=2, clock=clock)
+    q.record_timing(10.0, 20.0)  # 2 s of compute per second of audio
+    assert q.rate == pytest.approx(2.0)
+    a = submit(q, clock, 1, seconds=10)
+    b = submit(q, clock, 2, seconds=4)
+    c = submit(q, clock, 3, seconds=5)
+    assert q.estimated_wait(a.id) == 0
+    assert q.estimated_wait(b.id) == 0  # same batch as a
+    assert q.estimated_wait(c.id) == pytest.approx(20.0)  # after the batch (a, b): longest 10 s
+    q.next_batch(2)
+    clock.tick(5)
+    assert q.estimated_wait(c.id) == pytest.approx(15.0)
+    q.record_timing(10.0, 40.0)
+    assert q.rate == pytest.approx(0.7 * 2.0 + 0.3 * 4.0)
