@@ -1,0 +1,207 @@
+"""The generation worker with a fake generator: one dedicated thread, batches, cancel, faults and timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from bot.jobs import Job, JobStatus
+from bot.queue import JobQueue, Limits
+from bot.store import SQLiteJobStore
+from bot.worker import GenerationWorker, WorkerError
+from tests.fakes import FakeGenerator
+
+
+def make_job(job_id: int, user: int = 1, seconds: int = 1, seed: int = 7) -> Job:
+    return Job(guild_id=1, channel_id=10, user_id=user, user_name=f"u{user}", prompt=f"p{job_id}",
+               model_prompt=f"theme, p{job_id}", seconds=seconds, seed=seed, id=job_id)
+
+
+@pytest.fixture
+def fake() -> FakeGenerator:
+    return FakeGenerator(sampling_rate=8000, step_delay=0.001)
+
+
+@pytest.fixture
+def make_worker(fake):
+    workers = []
+
+    def make(factory=None, **kw) -> GenerationWorker:
+        worker = GenerationWorker(factory or (lambda: fake), **kw)
+        worker.start()
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        assert worker.stop(timeout=5, cancel_running=True)
+
+
+async def test_load_and_every_generation_run_on_one_dedicated_thread(make_worker):
+    made: list[FakeGenerator] = []
+
+    def factory() -> FakeGenerator:
+        gen = FakeGenerator(sampling_rate=8000)
+        made.append(gen)
+        return gen
+
+    worker = make_worker(factory, max_batch=2)
+    await worker.wait_ready()
+    loop_thread = threading.get_ident()
+    for i in range(3):
+        results = await worker.run_batch([make_job(2 * i + 1), make_job(2 * i + 2)])
+        assert [r.status for r in results] == [JobStatus.DONE, JobStatus.DONE]
+    (gen,) = made
+    assert len(gen.thread_ids) == 4  # construction + three batches
+    assert set(gen.thread_ids) == {worker.thread_ident}
+    assert worker.thread_ident != loop_thread
+
+
+async def test_clips_have_exactly_the_requested_length_and_the_job_seed(make_worker, fake):
+    worker = make_worker()
+    results = await worker.run_batch([make_job(1, seconds=3, seed=11), make_job(2, user=2, seconds=1, seed=12)])
+    assert [r.clip.samples.shape for r in results] == [(24000, 1), (8000, 1)]
+    assert [r.clip.seed for r in results] == [11, 12]
+    assert [(r.prompt, r.seconds, r.seed) for r in fake.calls[0]] == [("theme, p1", 3, 11), ("theme, p2", 1, 12)]
+    assert worker.completed == 2 and worker.batches == 1
+    assert (worker.sampling_rate, worker.max_seconds, worker.channels) == (8000, 30.0, 1)
+
+
+async def test_batches_are_taken_in_fair_order_up_to_max_batch(tmp_path, make_worker, fake):
+    store = SQLiteJobStore(tmp_path / "db")
+    queue = JobQueue(store, Limits(max_pending_per_user=10, cooldown_seconds=0))
+    for _ in range(4):
+        queue.submit(make_job(0, user=1))
+    queue.submit(make_job(0, user=2))
+    queue.submit(make_job(0, user=3))
+    worker = make_worker(max_batch=4)
+    expected = [j.id for j in queue.ordered()]
+    first = queue.next_batch(worker.max_batch)
+    results = await worker.run_batch(first)
+    second = queue.next_batch(worker.max_batch)
+    results += await worker.run_batch(second)
+    assert [len(c) for c in fake.calls] == [4, 2]
+    assert [r.job.id for r in results] == expected
+    assert [r.job.user_id for r in results] == [1, 2, 3, 1, 1, 1]
+    with pytest.raises(ValueError, match="at most 4"):
+        await worker.run_batch([make_job(i) for i in range(5)])
+    store.close()
+
+
+async def test_cancelling_one_row_leaves_the_others(make_worker, fake):
+    fake.step_delay = 0.01
+    worker = make_worker()
+    steps: dict[int, int] = {}
+    started = asyncio.Event()
+
+    def progress(job: Job, step: int, total: int) -> None:
+        assert threading.get_ident() == loop_thread  # progress comes back on the event loop
+        steps[job.id] = step
+        started.set()
+
+    loop_thread = threading.get_ident()
+    jobs = [make_job(i, user=i, seconds=2) for i in (1, 2, 3)]
+    task = asyncio.create_task(worker.run_batch(jobs, on_progress=progress))
+    await started.wait()
+    assert worker.busy
+    assert worker.cancel(2)
+    results = await task
+    assert [r.status for r in results] == [JobStatus.DONE, JobStatus.CANCELLED, JobStatus.DONE]
+    assert results[1].clip is None
+    assert [r.clip.samples.shape[0] for r in (results[0], results[2])] == [16000, 16000]
+    assert steps[1] == steps[3] == 100 and steps[2] < 100  # the others ran to the last step
+    assert (worker.completed, worker.cancelled, worker.failed) == (2, 1, 0)
+    assert not worker.busy and not worker.cancel(2)
+
+
+async def test_a_job_cancelled_before_its_batch_starts_is_not_generated(make_worker, fake):
+    block = threading.Event()
+    fake.block = block
+    worker = make_worker()
+    first = asyncio.create_task(worker.run_batch([make_job(1)]))
+    while not fake.calls:
+        await asyncio.sleep(0.01)
+    fake.block = None
+    second = asyncio.create_task(worker.run_batch([make_job(2), make_job(3)]))
+    await asyncio.sleep(0.05)
+    assert worker.cancel(2)
+    block.set()
+    assert (await first)[0].status is JobStatus.DONE
+    results = await second
+    assert [r.status for r in results] == [JobStatus.CANCELLED, JobStatus.DONE]
+
+
+@pytest.mark.parametrize("exc, message", [(MemoryError(), "ran out of memory"),
+                                          (RuntimeError("boom"), "RuntimeError: boom")])
+async def test_an_exception_fails_the_batch_and_the_worker_goes_on(make_worker, fake, exc, message):
+    worker = make_worker()
+    fake.fail_with = exc
+    results = await worker.run_batch([make_job(1), make_job(2)])
+    assert [r.status for r in results] == [JobStatus.FAILED, JobStatus.FAILED]
+    assert all(message in r.error for r in results)
+    results = await worker.run_batch([make_job(3)])
+    assert results[0].status is JobStatus.DONE
+    assert (worker.failed, worker.completed, worker.batches) == (2, 1, 2)
+
+
+async def test_a_hung_generation_is_stopped_by_the_job_timeout(make_worker, fake):
+    worker = make_worker(job_timeout=0.3)
+    fake.hang = True
+    results = await worker.run_batch([make_job(1), make_job(2)])
+    assert [r.status for r in results] == [JobStatus.FAILED, JobStatus.FAILED]
+    assert "longer than 0.3 s" in results[0].error
+    assert results[0].elapsed >= 0.3
+    fake.hang = False
+    assert (await worker.run_batch([make_job(3)]))[0].status is JobStatus.DONE
+
+
+async def test_a_generator_that_never_answers_is_given_up(make_worker, fake):
+    block = threading.Event()
+    fake.block = block
+    worker = make_worker(job_timeout=0.1, hard_timeout_grace=0.2)
+    results = await worker.run_batch([make_job(1)])
+    assert results[0].status is JobStatus.FAILED and "stopped responding" in results[0].error
+    assert worker.stalled
+    block.set()  # let the thread go so the fixture can stop it
+
+
+async def test_a_model_that_fails_to_load_is_reported_once_clearly(make_worker):
+    def factory():
+        raise FileNotFoundError("no such model folder: /nope")
+
+    worker = make_worker(factory)
+    with pytest.raises(WorkerError, match="could not load the model: no such model folder: /nope"):
+        await worker.wait_ready(timeout=5)
+    assert not worker.ready
+    with pytest.raises(WorkerError):
+        await worker.run_batch([make_job(1)])
+
+
+async def test_wait_ready_before_start_is_an_error():
+    worker = GenerationWorker(FakeGenerator)
+    with pytest.raises(WorkerError, match="not started"):
+        await worker.wait_ready()
+
+
+async def test_memory_is_released_between_batches(make_worker):
+    cleared = []
+    worker = make_worker(clear_cache=lambda: cleared.append(threading.get_ident()))
+    await worker.run_batch([make_job(1)])
+    await worker.run_batch([make_job(2)])
+    assert cleared == [worker.thread_ident] * 2
+
+
+async def test_cancelling_the_awaiting_task_stops_the_rows(make_worker, fake):
+    fake.step_delay = 0.01
+    worker = make_worker()
+    task = asyncio.create_task(worker.run_batch([make_job(1, seconds=30)]))
+    while not fake.calls:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The row saw should_stop and the worker is free for the next batch long before the 15 s its 1500 steps would take.
+    result = await asyncio.wait_for(worker.run_batch([make_job(2)]), 5)
+    assert result[0].status is JobStatus.DONE
