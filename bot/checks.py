@@ -18,6 +18,10 @@ from .settings import Settings
 T = TypeVar("T")
 
 
+class UserError(Exception):
+    """An expected failure (bad option, wrong place, not allowed); the message is shown to the member as is."""
+
+
 class NotAdmin(app_commands.CheckFailure):
     """The member may not use an admin action."""
 

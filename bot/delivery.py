@@ -22,6 +22,9 @@ import discord
 import numpy as np
 import soundfile as sf
 
+from core.generation import Clip
+
+from .formatting import display, fit_message, format_seconds
 from .jobs import TOKEN_SAFETY_MARGIN, Job
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,16 @@ def to_ogg(wav: bytes) -> bytes:
 def _with_suffix(filename: str, suffix: str) -> str:
     stem = filename.rsplit(".", 1)[0] if "." in filename else filename
     return f"{stem}.{suffix}"
+
+
+def clip_message(job: Job, clip: Clip, *, generated_in: float | None = None) -> str:
+    """The text that goes with a delivered clip: the requester mentioned, the prompt (escaped), seed and duration."""
+    made = f" · made in {format_seconds(generated_in)}" if generated_in else ""
+    lines = [f"<@{job.user_id}> your clip is ready 🎶", f"**Prompt:** {display(job.prompt, 600)}"]
+    if job.model_prompt != job.prompt:
+        lines.append(f"**As generated:** {display(job.model_prompt, 800)}")
+    lines.append(f"**Seed:** `{job.seed}` · **Duration:** {clip.seconds:g} s{made}")
+    return fit_message("\n".join(lines))
 
 
 class Deliverer:

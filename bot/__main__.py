@@ -1,0 +1,115 @@
+"""``python -m bot`` (or ``musicgen-bot``): read settings, set up logging, load the model, run the bot.
+
+A missing token, a bad setting or a model that cannot be loaded gives one clear message and exit status 2.
+SIGINT/SIGTERM shut down gracefully (the running clip may finish within ``SHUTDOWN_GRACE_SECONDS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import discord
+from dotenv import load_dotenv
+
+import core  # first: preloads OpenBLAS before mlx on Linux
+
+from .client import MusicBot
+from .queue import JobQueue, Limits
+from .settings import Settings, SettingsError
+from .store import SQLiteJobStore
+from .worker import GenerationWorker, WorkerError
+
+log = logging.getLogger("bot")
+
+
+class StartupError(Exception):
+    """The bot cannot start; the message says why and what to do."""
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # discord.py is chatty at INFO about the gateway; keep its warnings.
+    logging.getLogger("discord").setLevel(max(getattr(logging, level), logging.WARNING))
+
+
+def model_factory(settings: Settings):
+    """What the worker thread calls to load the model (on that thread: MLX streams are per thread)."""
+
+    def load():
+        return core.MusicGen.from_pretrained(settings.musicgen_model, dtype=settings.musicgen_dtype)
+
+    return load
+
+
+async def run(settings: Settings) -> None:
+    """Build everything and run until the bot closes or a signal asks it to stop."""
+    store = SQLiteJobStore(settings.database_path)
+    worker = GenerationWorker(model_factory(settings), max_batch=settings.max_batch,
+                              job_timeout=settings.job_timeout_seconds)
+    queue = JobQueue(store, Limits.from_settings(settings), batch_size=settings.max_batch)
+    worker.start()
+    log.info("loading model %s (%s)", settings.musicgen_model, settings.musicgen_dtype)
+    try:
+        await worker.wait_ready()
+    except WorkerError as exc:
+        store.close()
+        raise StartupError(f"{exc}. Check MUSICGEN_MODEL ({settings.musicgen_model!r}): a Hugging Face id such "
+                           "as facebook/musicgen-small or a folder with config.json and model.safetensors.") from None
+    bot = MusicBot(settings, store, queue, worker)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except NotImplementedError:  # Windows
+            pass
+    async with bot:
+        runner = asyncio.create_task(bot.start(settings.discord_token), name="discord")
+        stopper = asyncio.create_task(stop.wait(), name="signals")
+        done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if stopper in done:
+            log.info("signal received")
+            await bot.shutdown()
+        else:
+            stopper.cancel()
+        try:
+            await runner
+        except discord.LoginFailure:
+            raise StartupError("Discord refused the token: check DISCORD_TOKEN (Developer Portal → your app → "
+                               "Bot → Reset Token).") from None
+        except discord.PrivilegedIntentsRequired:
+            raise StartupError("Discord refused the gateway intents for this bot.") from None
+        finally:
+            if not bot.shutting_down:
+                await bot.shutdown(grace=0)
+
+
+def main() -> int:
+    """Console entry point; returns the exit status."""
+    load_dotenv()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"musicgen-bot: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    settings.apply_discord_endpoints()
+    try:
+        asyncio.run(run(settings))
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
