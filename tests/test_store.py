@@ -1,0 +1,106 @@
+"""The SQLite job store: round trips, durability across reopening, sessions and key/value state."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from bot.jobs import Job, JobStatus, Session, SessionStatus
+from bot.store import SQLiteJobStore
+
+
+def make_job(user: int = 1, **kw) -> Job:
+    fields = dict(guild_id=5, channel_id=10, user_id=user, user_name="Ada", prompt="lofi beats",
+                  model_prompt="rain, lofi beats", seconds=8, seed=2**63 - 1)
+    fields.update(kw)
+    return Job(**fields)
+
+
+def test_a_job_round_trips_with_every_field(tmp_path):
+    store = SQLiteJobStore(tmp_path / "nested" / "dir" / "bot.sqlite3")  # the parent folder is created
+    job = make_job(interaction_id=123, interaction_token="tok", application_id=9, interaction_created_at=50.5,
+                   status_message_id=77, session_id=None, format="wav")
+    store.add(job)
+    assert job.id == 1
+    assert store.get(job.id) == job
+    updated = store.update(job.id, status=JobStatus.DONE, delivered_message_id=88, delivered_url="https://x/y.wav",
+                           finished_at=99.0)
+    assert updated.status is JobStatus.DONE and updated.delivered_message_id == 88
+    assert store.get(999) is None
+    with pytest.raises(ValueError, match="unknown job field"):
+        store.update(job.id, colour="red")
+    with pytest.raises(KeyError):
+        store.update(999, status=JobStatus.DONE)
+    store.close()
+
+
+def test_every_write_is_on_disk_before_the_call_returns(tmp_path):
+    path = tmp_path / "bot.sqlite3"
+    store = SQLiteJobStore(path)
+    job = store.add(make_job())
+    store.update(job.id, status=JobStatus.RUNNING)
+    # A second connection (another process after a kill) sees the committed rows without any close or flush.
+    other = sqlite3.connect(path)
+    assert other.execute("SELECT status FROM jobs WHERE id = ?", (job.id,)).fetchone() == ("running",)
+    assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    other.close()
+    store.close()
+
+
+def test_queries_by_status_user_and_session_keep_creation_order(tmp_path):
+    store = SQLiteJobStore(tmp_path / "db")
+    session = store.add_session(Session(guild_id=5, channel_id=10, thread_id=20, host_id=1, theme="rain"))
+    a = store.add(make_job(1))
+    b = store.add(make_job(2, session_id=session.id))
+    c = store.add(make_job(1, session_id=session.id))
+    store.update(b.id, status=JobStatus.RUNNING, started_at=10.0)
+    assert [j.id for j in store.by_status(JobStatus.QUEUED)] == [a.id, c.id]
+    assert [j.id for j in store.by_status()] == [a.id, b.id, c.id]
+    assert [j.id for j in store.jobs_of(1)] == [a.id, c.id]
+    assert [j.id for j in store.jobs_of(1, JobStatus.RUNNING)] == []
+    assert [j.id for j in store.session_jobs(session.id)] == [b.id, c.id]
+    assert store.count(JobStatus.QUEUED, JobStatus.RUNNING) == 3
+    assert store.last_started() == [(session.id, 2, 10.0)]
+    assert store.last_created_at(1) == c.created_at
+    assert store.last_created_at(42) is None
+    store.update_many([a.id, c.id], status=JobStatus.CANCELLED)
+    assert store.count(JobStatus.CANCELLED) == 2
+    store.close()
+
+
+def test_sessions_open_close_and_survive_reopening(tmp_path):
+    path = tmp_path / "db"
+    store = SQLiteJobStore(path)
+    s1 = store.add_session(Session(guild_id=5, channel_id=10, thread_id=20, host_id=1, theme="synthwave",
+                                   default_seconds=12))
+    s2 = store.add_session(Session(guild_id=6, channel_id=11, thread_id=21, host_id=2))
+    store.close()
+    store = SQLiteJobStore(path)
+    assert [s.id for s in store.open_sessions()] == [s1.id, s2.id]
+    assert [s.id for s in store.open_sessions(guild_id=6)] == [s2.id]
+    assert store.session_for_thread(20) == s1
+    closed = store.close_session(s1.id)
+    assert closed.status is SessionStatus.CLOSED and closed.closed_at is not None
+    assert store.session_for_thread(20) is None
+    assert store.get_session(s1.id).theme == "synthwave"
+    store.close()
+
+
+def test_key_value_state_survives_reopening(tmp_path):
+    path = tmp_path / "db"
+    store = SQLiteJobStore(path)
+    store.set_value("paused", True)
+    store.set_value("limits", {"max_seconds": 12})
+    store.set_value("paused", False)
+    store.close()
+    store = SQLiteJobStore(path)
+    assert store.get_value("paused") is False
+    assert store.get_value("limits") == {"max_seconds": 12}
+    assert store.get_value("missing", 3) == 3
+    store.close()
+
+
+def test_the_interaction_token_is_not_in_a_jobs_repr():
+    job = make_job(interaction_token="secret-token-value")
+    assert "secret-token-value" not in repr(job)
