@@ -1,0 +1,102 @@
+"""Settings from the environment: defaults, clear errors, the token never shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import discord.gateway
+import discord.http
+import pytest
+
+from bot.settings import Settings, SettingsError
+
+TOKEN = "MTIz.secret-token.value"
+
+
+def test_defaults():
+    s = Settings.from_env({"DISCORD_TOKEN": TOKEN})
+    assert s.discord_token == TOKEN
+    assert (s.musicgen_model, s.musicgen_dtype) == ("facebook/musicgen-small", "float32")
+    assert (s.discord_guild_ids, s.sync_commands) == ((), "none")
+    assert (s.max_seconds, s.max_pending_per_user, s.max_queue_size, s.cooldown_seconds) == (30, 2, 50, 10.0)
+    assert (s.admin_role_ids, s.admin_user_ids) == (frozenset(), frozenset())
+    assert s.database_path == Path("./var/bot.sqlite3")
+    assert (s.max_batch, s.job_timeout_seconds, s.shutdown_grace_seconds) == (4, 600.0, 30.0)
+    assert (s.progress_interval_seconds, s.log_level) == (2.0, "INFO")
+    assert (s.discord_api_base, s.discord_gateway_url) == (None, None)
+
+
+def test_values_are_parsed():
+    s = Settings.from_env({
+        "DISCORD_TOKEN": f"  {TOKEN}\n", "MUSICGEN_MODEL": "/models/small", "MUSICGEN_DTYPE": "BFloat16",
+        "DISCORD_GUILD_IDS": "111, 222", "MAX_SECONDS": "12", "MAX_PENDING_PER_USER": "3", "MAX_QUEUE_SIZE": "9",
+        "COOLDOWN_SECONDS": "0", "ADMIN_ROLE_IDS": "5,6", "ADMIN_USER_IDS": "7", "DATABASE_PATH": "/tmp/x.db",
+        "MAX_BATCH": "8", "JOB_TIMEOUT_SECONDS": "60", "SHUTDOWN_GRACE_SECONDS": "5",
+        "PROGRESS_INTERVAL_SECONDS": "1.5", "LOG_LEVEL": "debug", "DISCORD_API_BASE": "http://127.0.0.1:9/api/v10/",
+        "DISCORD_GATEWAY_URL": "ws://127.0.0.1:9/",
+    })
+    assert s.discord_token == TOKEN
+    assert (s.musicgen_model, s.musicgen_dtype) == ("/models/small", "bfloat16")
+    assert (s.discord_guild_ids, s.sync_commands) == ((111, 222), "guilds")
+    assert (s.max_seconds, s.max_pending_per_user, s.max_queue_size, s.cooldown_seconds) == (12, 3, 9, 0.0)
+    assert (s.admin_role_ids, s.admin_user_ids) == (frozenset({5, 6}), frozenset({7}))
+    assert s.database_path == Path("/tmp/x.db")
+    assert (s.max_batch, s.job_timeout_seconds, s.shutdown_grace_seconds, s.progress_interval_seconds) == (8, 60, 5, 1.5)
+    assert s.log_level == "DEBUG"
+    assert s.discord_api_base == "http://127.0.0.1:9/api/v10"
+    assert s.discord_gateway_url == "ws://127.0.0.1:9/"
+    assert Settings.from_env({"DISCORD_TOKEN": TOKEN, "DISCORD_GUILD_IDS": "1", "SYNC_COMMANDS": "global"}
+                             ).sync_commands == "global"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DISCORD_TOKEN": ""}, "DISCORD_TOKEN is not set"),
+    ({"DISCORD_TOKEN": "   "}, "DISCORD_TOKEN is not set"),
+    ({"DISCORD_TOKEN": "two words"}, "DISCORD_TOKEN contains spaces"),
+    ({"MAX_SECONDS": "ten"}, "MAX_SECONDS must be a whole number"),
+    ({"MAX_SECONDS": "0"}, "MAX_SECONDS must be from 1 to 3600"),
+    ({"MAX_PENDING_PER_USER": "-1"}, "MAX_PENDING_PER_USER must be at least 1"),
+    ({"MAX_QUEUE_SIZE": "1.5"}, "MAX_QUEUE_SIZE must be a whole number"),
+    ({"MAX_BATCH": "0"}, "MAX_BATCH must be from 1 to 64"),
+    ({"COOLDOWN_SECONDS": "-3"}, "COOLDOWN_SECONDS must be a finite number of at least 0"),
+    ({"COOLDOWN_SECONDS": "nan"}, "COOLDOWN_SECONDS must be a finite number"),
+    ({"JOB_TIMEOUT_SECONDS": "inf"}, "JOB_TIMEOUT_SECONDS must be a finite number"),
+    ({"PROGRESS_INTERVAL_SECONDS": "0.5"}, "PROGRESS_INTERVAL_SECONDS must be a finite number of at least 1"),
+    ({"DISCORD_GUILD_IDS": "123,abc"}, "DISCORD_GUILD_IDS must be a comma-separated list"),
+    ({"ADMIN_ROLE_IDS": "-5"}, "ADMIN_ROLE_IDS must be a comma-separated list"),
+    ({"SYNC_COMMANDS": "always"}, "SYNC_COMMANDS must be one of guilds, global, none"),
+    ({"SYNC_COMMANDS": "guilds"}, "SYNC_COMMANDS=guilds needs DISCORD_GUILD_IDS"),
+    ({"MUSICGEN_DTYPE": "int8"}, "MUSICGEN_DTYPE must be one of"),
+    ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be one of"),
+    ({"DISCORD_API_BASE": "127.0.0.1:9"}, "DISCORD_API_BASE must be an http"),
+    ({"DISCORD_GATEWAY_URL": "http://x/"}, "DISCORD_GATEWAY_URL must be a ws"),
+])
+def test_bad_values_give_a_clear_error_without_the_token(env, message):
+    environ = {"DISCORD_TOKEN": TOKEN, **env}
+    with pytest.raises(SettingsError, match=message) as err:
+        Settings.from_env(environ)
+    assert TOKEN not in str(err.value)
+
+
+def test_a_missing_token_is_a_clear_error():
+    with pytest.raises(SettingsError, match="DISCORD_TOKEN is not set.*see .env.example"):
+        Settings.from_env({"MAX_SECONDS": "5"})
+
+
+def test_the_token_is_hidden_in_repr_and_str():
+    s = Settings.from_env({"DISCORD_TOKEN": TOKEN})
+    assert TOKEN not in repr(s) and TOKEN not in str(s) and TOKEN not in f"{s}"
+    assert "max_seconds=30" in repr(s)
+
+
+def test_discord_endpoints_are_replaced_only_when_set(monkeypatch):
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+    original = discord.http.Route.BASE
+    Settings.from_env({"DISCORD_TOKEN": TOKEN}).apply_discord_endpoints()
+    assert discord.http.Route.BASE == original
+    Settings.from_env({"DISCORD_TOKEN": TOKEN, "DISCORD_API_BASE": "http://127.0.0.1:1/api/v10",
+                       "DISCORD_GATEWAY_URL": "ws://127.0.0.1:1/"}).apply_discord_endpoints()
+    assert discord.http.Route.BASE == "http://127.0.0.1:1/api/v10"
+    assert discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY == "ws://127.0.0.1:1/"
