@@ -70,7 +70,7 @@ def parse_seconds(value: object, max_seconds: int) -> int:
         raise bad
     if isinstance(value, str):
         value = value.strip()
-        if not value.isascii() or not value.lstrip("+").isdigit() or len(value) > 12:
+        if not value.isascii() or not value.isdigit() or len(value) > 12:
             raise bad
         value = int(value)
     if isinstance(value, float):
