@@ -18,6 +18,9 @@ import mlx.nn as nn
 
 log = logging.getLogger(__name__)
 
+# fp16 activations of T5 can overflow; like transformers, clamp the residual stream just below the fp16 maximum
+FP16_CLAMP = 65504.0 - 1000.0
+
 # transformers' ACT2FN names as they appear in T5 configs; "gated-gelu" means the tanh approximation ("gelu_new").
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_new": nn.gelu_approx, "silu": nn.silu}
 
@@ -43,7 +46,7 @@ class T5Config:
         return cls(**{k: v for k, v in d.items() if k in inspect.signature(cls).parameters})
 
     def __post_init__(self) -> None:
-        self.activation  # noqa: B018 -- validate feed_forward_proj early, with a readable message
+        _ = self.activation  # reject an unsupported feed_forward_proj now, with a readable message
 
     @property
     def is_gated(self) -> bool:
@@ -164,7 +167,12 @@ class T5Block(nn.Module):
         self.layer = [T5LayerSelfAttention(config, has_relative_attention_bias), T5LayerFF(config)]
 
     def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
-        return self.layer[1](self.layer[0](x, bias))
+        x = _clamp_fp16(self.layer[0](x, bias))
+        return _clamp_fp16(self.layer[1](x))
+
+
+def _clamp_fp16(x: mx.array) -> mx.array:
+    return mx.clip(x, -FP16_CLAMP, FP16_CLAMP) if x.dtype == mx.float16 else x
 
 
 class T5Stack(nn.Module):

@@ -12,6 +12,7 @@ import pytest
 import sentencepiece as spm
 import torch
 import transformers
+from mlx.utils import tree_map
 from transformers import AutoTokenizer
 
 from core.loading import CheckpointError, check_weights, load_safetensors
@@ -108,6 +109,20 @@ def test_fully_masked_row_stays_finite():
         expected = hf(input_ids=torch.from_numpy(ids).long(),
                       attention_mask=torch.from_numpy(mask).long()).last_hidden_state.numpy()
     np.testing.assert_allclose(np.array(got), expected, atol=1e-4, rtol=0)
+
+
+def test_half_precision_stays_close():
+    hf = hf_encoder("gated-gelu", 16, 24)
+    model = mlx_encoder(hf)
+    model.update(tree_map(lambda p: p.astype(mx.float16), model.parameters()))
+    ids, mask = random_batch([12, 5], hf.config.vocab_size)
+    with torch.no_grad():
+        expected = hf(input_ids=torch.from_numpy(ids).long(),
+                      attention_mask=torch.from_numpy(mask).long()).last_hidden_state.numpy()
+    got = model(mx.array(ids), mx.array(mask))
+    assert got.dtype == mx.float32
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(np.array(got)[keep], expected[keep], atol=5e-2, rtol=0)
 
 
 def test_config_from_dict_and_bad_activation():
