@@ -256,3 +256,28 @@ async def test_resume_after_a_dropped_gateway(fake: FakeDiscord, bot: TinyBot) -
     await fake.wait_for(lambda e: e.kind == "resume", timeout=15)
     interaction = await fake.invoke(alice, "music", {"prompt": "back"})
     await interaction.wait_files()
+
+
+# ---------------------------------------------------------------- the subprocess helper (conftest's run_bot)
+
+
+async def test_run_bot_reports_a_failed_start_with_its_log(fake_discord: FakeDiscord, run_bot, tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="exited with 2") as info:
+        await run_bot(MUSICGEN_MODEL=str(tmp_path / "no-such-model"), timeout=60)
+    assert "MUSICGEN_MODEL" in str(info.value)
+    assert fake_discord.events_of("identify") == []
+
+
+@pytest.mark.e2e
+async def test_run_bot_starts_stops_and_kills(fake_discord: FakeDiscord, run_bot, tmp_path) -> None:
+    from tests.tiny_models import build_musicgen
+
+    build_musicgen(tmp_path / "model")
+    bot = await run_bot(MUSICGEN_MODEL=str(tmp_path / "model"), timeout=120)
+    assert fake_discord.intents is not None and "music" in {c["name"] for c in fake_discord.commands(fake_discord.guild)}
+    assert await bot.stop() == 0
+    mark = len(fake_discord.events)
+    again = await run_bot(MUSICGEN_MODEL=str(tmp_path / "model"), timeout=120)
+    assert fake_discord.is_ready(after=mark)
+    again.kill()
+    assert await again.wait_exit() == -9

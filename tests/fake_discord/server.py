@@ -170,7 +170,6 @@ class FakeDiscord:
         self._session_id: str | None = None
         self._seq = 0
         self._sent: list[dict[str, Any]] = []  # dispatches of the current session, for RESUME
-        self._synced = False
         self._runner: web.AppRunner | None = None
         self.port = 0
         self._routes: list[tuple[str, re.Pattern[str], Handler, str]] = []
@@ -323,9 +322,18 @@ class FakeDiscord:
 
         return await self.wait_until(first, timeout)
 
-    async def wait_ready(self, timeout: float = 60.0, *, commands: bool = True) -> None:
-        """Wait until the bot has identified on the gateway and (if ``commands``) synced its commands."""
-        await self.wait_until(lambda: self._identified and (self._synced or not commands), timeout)
+    def is_ready(self, *, commands: bool = True, after: int = 0) -> bool:
+        """Whether a bot identified (and, if ``commands``, synced commands) in ``events[after:]``."""
+        kinds = {e.kind for e in self.events[after:]}
+        return "identify" in kinds and ("commands" in kinds or not commands)
+
+    async def wait_ready(self, timeout: float = 60.0, *, commands: bool = True, after: int = 0) -> None:
+        """Wait until the bot has identified on the gateway and (if ``commands``) synced its commands.
+
+        ``after`` is an index into ``events``: pass ``len(fake.events)`` taken before a restart to wait for the
+        new process rather than the old one.
+        """
+        await self.wait_until(lambda: self.is_ready(commands=commands, after=after), timeout)
 
     # ------------------------------------------------------------------ fault injection and tokens
 
@@ -785,7 +793,6 @@ class FakeDiscord:
             self.global_commands = stored
         else:
             self.guild_commands[int(guild)] = stored
-        self._synced = True
         self.record("commands", {"guild_id": int(guild) if guild else None, "commands": stored})
         return stored
 

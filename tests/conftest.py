@@ -1,0 +1,41 @@
+"""Shared fixtures: a fake Discord per test, and the bot run as a subprocess against it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.fake_discord import FakeDiscord
+from tests.fake_discord.process import BotProcess, bot_env
+
+
+@pytest.fixture
+async def fake_discord() -> AsyncIterator[FakeDiscord]:
+    """A started fake Discord with one guild (``.guild``, channel ``.channel``); stopped after the test."""
+    async with FakeDiscord() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def run_bot(fake_discord: FakeDiscord, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[BotProcess]]]:
+    """``bot = await run_bot(MUSICGEN_MODEL=str(folder), MAX_SECONDS="5")``: start ``python -m bot`` against
+    ``fake_discord`` and wait until it is connected with its commands synced. Extra keyword arguments become
+    environment variables. Every bot still running is stopped (SIGTERM) after the test; its log is in ``bot.log``.
+    """
+    started: list[BotProcess] = []
+
+    async def start(*, wait: bool = True, timeout: float = 120.0, **env: str) -> BotProcess:
+        log_path = tmp_path / f"bot-{len(started)}.log"
+        bot = BotProcess(fake_discord, bot_env(fake_discord, tmp_path, **env), log_path)
+        started.append(bot)
+        await bot.start()
+        if wait:
+            await bot.wait_ready(timeout)
+        return bot
+
+    yield start
+    for bot in started:
+        if bot.returncode is None:
+            await bot.stop()
