@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 
+import numpy as np
 import pytest
+import soundfile
 
+from bot.audio import fit_wav, wav_bytes
 from bot.jobs import Job, JobStatus
 from bot.queue import JobQueue, Limits
 from bot.store import SQLiteJobStore
@@ -205,3 +209,20 @@ async def test_cancelling_the_awaiting_task_stops_the_rows(make_worker, fake):
     # The row saw should_stop and the worker is free for the next batch long before the 15 s its 1500 steps would take.
     result = await asyncio.wait_for(worker.run_batch([make_job(2)]), 5)
     assert result[0].status is JobStatus.DONE
+
+
+async def test_a_finished_clip_becomes_a_wav_of_exactly_its_length(make_worker, fake):
+    fake.channels = 2
+    worker = make_worker()
+    (result,) = await worker.run_batch([make_job(1, seconds=3)])
+    data = wav_bytes(result.clip)
+    samples, rate = soundfile.read(io.BytesIO(data), dtype="float32")
+    assert rate == 8000 and samples.shape == (24000, 2)
+    np.testing.assert_allclose(samples, result.clip.samples, atol=1 / 32767)
+    # Too big for the limit: folded to mono, then split into parts that hold every sample once.
+    (mono,) = fit_wav(result.clip, len(data) - 1)
+    assert soundfile.info(io.BytesIO(mono)).channels == 1
+    parts = fit_wav(result.clip, 20000)
+    assert all(len(p) <= 20000 for p in parts) and len(parts) > 1
+    frames = sum(soundfile.info(io.BytesIO(p)).frames for p in parts)
+    assert frames == 24000
