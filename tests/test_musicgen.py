@@ -21,13 +21,20 @@ tiny_models.DECODER_SHAPES.setdefault("tiny48", dict(hidden_size=48, num_hidden_
 
 
 def build(folder, *, seed: int = 0, **kwargs):
-    """``tiny_models.build_musicgen`` with random EnCodec codebooks (transformers initialises them to zeros, so every
-    code would decode to the same audio and an audio comparison could not catch a wrong code)."""
+    """``tiny_models.build_musicgen`` made sensitive to what the tests check.
+
+    transformers initialises EnCodec codebooks to zeros, so every code would decode to the same audio: they get random
+    values. With its 0.02-scaled random weights the text barely moves the decoder's logits, so a wrong prompt or mask
+    would go unnoticed: the cross-attention value and output projections are scaled up.
+    """
     reference = tiny_models.build_musicgen(folder, seed=seed, **kwargs)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in reference.audio_encoder.quantizer.layers:
             layer.codebook.embed.copy_(torch.randn(layer.codebook.embed.shape, generator=generator))
+        for layer in reference.decoder.model.decoder.layers:
+            layer.encoder_attn.v_proj.weight.mul_(10)
+            layer.encoder_attn.out_proj.weight.mul_(10)
     reference.save_pretrained(str(folder))
     return reference
 
