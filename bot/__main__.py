@@ -12,6 +12,7 @@ import signal
 import sys
 
 import discord
+import yarl
 from dotenv import load_dotenv
 
 import core  # first: preloads OpenBLAS before mlx on Linux
@@ -91,6 +92,14 @@ async def run(settings: Settings) -> None:
                 await bot.shutdown(grace=0)
 
 
+def _gateway_as_url() -> None:
+    """discord.py calls ``.with_query`` on its gateway URL, so it must be a ``yarl.URL``, not a string."""
+    from discord.gateway import DiscordWebSocket
+
+    if isinstance(DiscordWebSocket.DEFAULT_GATEWAY, str):
+        DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(DiscordWebSocket.DEFAULT_GATEWAY)
+
+
 def main() -> int:
     """Console entry point; returns the exit status."""
     load_dotenv()
@@ -101,6 +110,7 @@ def main() -> int:
         return 2
     setup_logging(settings.log_level)
     settings.apply_discord_endpoints()
+    _gateway_as_url()
     try:
         asyncio.run(run(settings))
     except StartupError as exc:

@@ -165,8 +165,14 @@ class MusicBot(commands.Bot):
                 return "Generating now…"
             return "Queued."
         wait = self.queue.estimated_wait(job.id)
+        start = "starting now" if wait < 1 else f"estimated start in {formatting.format_seconds(wait)}"
         paused = " The queue is paused by an admin for now." if self.queue.paused else ""
-        return f"Queued at position **{position}** — estimated start in {formatting.format_seconds(wait)}.{paused}"
+        return f"Queued at position **{position}** — {start}.{paused}"
+
+    def status_text(self, job: Job, state: str) -> str:
+        """The status message: what was asked for, then ``state`` (position, progress, done)."""
+        return formatting.fit_message(f"**{formatting.display(job.prompt, 300)}** · {job.seconds} s · "
+                                      f"seed `{job.seed}`\n{state}")
 
     def cancel_job(self, job: Job, reason: str) -> Job | None:
         """Cancel a queued job (recorded now) or stop a running one (recorded, with ``reason``, when the worker
@@ -201,8 +207,10 @@ class MusicBot(commands.Bot):
                     self._batch_task = None
 
     async def _run_batch(self, batch: list[Job]) -> None:
+        now = time.monotonic()
         for job in batch:
-            self.spawn(self.deliverer.edit_status(self._fresh(job), f"Generating… {_bar(0)} 0%"))
+            self._last_edit[job.id] = now  # progress edits start one interval after this one
+            self.spawn(self.deliverer.edit_status(self._fresh(job), self.status_text(job, f"Generating… {_bar(0)} 0%")))
         started = time.monotonic()
         results = await self.worker.run_batch(batch, on_progress=self._on_progress)
         elapsed = time.monotonic() - started
@@ -222,7 +230,7 @@ class MusicBot(commands.Bot):
             return
         self._last_edit[job.id] = now
         percent = int(100 * step / max(total, 1))
-        self.spawn(self.deliverer.edit_status(self._fresh(job), f"Generating… {_bar(percent)} {percent}%"))
+        self.spawn(self.deliverer.edit_status(self._fresh(job), self.status_text(job, f"Generating… {_bar(percent)} {percent}%")))
 
     async def _finish(self, result: JobResult) -> None:
         job = self._fresh(result.job)
@@ -252,7 +260,7 @@ class MusicBot(commands.Bot):
                                 delivered_url=delivered.url)
         log.info("job %d delivered via %s in %.1f s of generation: %s", job.id, delivered.via, result.elapsed,
                  delivered.url)
-        await self.deliverer.edit_status(job, f"Done — your clip is here: {delivered.url}")
+        await self.deliverer.edit_status(job, self.status_text(job, f"Done — your clip is here: {delivered.url}"))
 
     # -- shutdown ---------------------------------------------------------------------------------------------
     async def shutdown(self, grace: float | None = None) -> None:

@@ -101,7 +101,8 @@ def _with_suffix(filename: str, suffix: str) -> str:
 
 def clip_message(job: Job, clip: Clip, *, generated_in: float | None = None) -> str:
     """The text that goes with a delivered clip: the requester mentioned, the prompt (escaped), seed and duration."""
-    made = f" · made in {format_seconds(generated_in)}" if generated_in else ""
+    took = "" if generated_in is None else (f"{generated_in:.1f} s" if generated_in < 10 else format_seconds(generated_in))
+    made = f" · made in {took}" if took else ""
     lines = [f"<@{job.user_id}> your clip is ready 🎶", f"**Prompt:** {display(job.prompt, 600)}"]
     if job.model_prompt != job.prompt:
         lines.append(f"**As generated:** {display(job.model_prompt, 800)}")

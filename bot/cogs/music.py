@@ -73,10 +73,9 @@ class Music(commands.Cog):
         bot.queue.submit(job)  # written to the store before the member hears anything; QueueRefused → ephemeral
         await interaction.response.defer(thinking=True)
         bot.wake()
-        header = f"**{formatting.display(text, 300)}** · {seconds} s · seed `{job.seed}`"
         try:
             message = await interaction.edit_original_response(
-                content=f"{header}\n{bot.position_text(job)}", allowed_mentions=discord.AllowedMentions.none())
+                content=bot.status_text(job, bot.position_text(job)), allowed_mentions=discord.AllowedMentions.none())
         except discord.HTTPException as exc:
             log.warning("job %d: could not show the position: %s", job.id, exc)
             return
