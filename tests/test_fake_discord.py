@@ -162,20 +162,33 @@ async def test_subcommand_and_permissions(fake: FakeDiscord, bot: TinyBot) -> No
 
 async def test_expired_token_answers_401_50027(fake: FakeDiscord, bot: TinyBot) -> None:
     alice = fake.guild.add_member("alice")
-    # expire the token as soon as the bot defers, so its followup finds it dead
-    original_callback = fake._callback
-
-    async def callback_then_expire(*args, **kwargs):
-        result = await original_callback(*args, **kwargs)
-        fake.expire(fake.interactions[int(kwargs["iid"])])
-        return result
-
-    fake._routes = [(m, r, callback_then_expire if h == original_callback else h, a) for m, r, h, a in fake._routes]
+    fake.token_lifetime = 0.0  # the defer still makes it (callbacks have their own 3 s deadline); the followup not
     interaction = await fake.invoke(alice, "music", {"prompt": "late"})
     await fake.wait_until(lambda: bot.errors, 10)
     error = bot.errors[0]
     assert isinstance(error, discord.HTTPException) and error.status == 401 and error.code == 50027
-    assert interaction.files == [] and interaction.deferred
+    assert interaction.files == [] and interaction.deferred and interaction.original.loading
+    # expire() kills a token on demand: edits of a delivered response fail too
+    fake.token_lifetime = None
+    done = await fake.invoke(alice, "music", {"prompt": "on time"})
+    await done.wait_files()
+    fake.expire(done)
+    with pytest.raises(discord.HTTPException) as info:
+        await bot.seen[-1].edit_original_response(content="too late")
+    assert (info.value.status, info.value.code) == (401, 50027)
+    assert done.edits == []
+
+
+async def test_callback_after_the_deadline_is_refused(fake: FakeDiscord, bot: TinyBot) -> None:
+    fake.callback_deadline = 0.0
+    late = await fake.invoke(fake.guild.add_member("alice"), "admin remove", {"position": 1})
+    await fake.wait_for(lambda e: e.kind == "late_callback" and e.data is late)
+    assert late.callbacks == [] and late.original is None
+
+
+async def test_invoke_needs_a_connected_bot(fake: FakeDiscord) -> None:
+    with pytest.raises(RuntimeError, match="no bot"):
+        await fake.invoke(fake.guild.add_member("alice"), "music", {"prompt": "x"})
 
 
 async def test_injected_500_is_retried(fake: FakeDiscord, bot: TinyBot) -> None:

@@ -137,12 +137,12 @@ class FakeDiscord:
         guild_name: str = "Test Guild",
         attachment_size_limit: int = 10 * 1024 * 1024,
         callback_deadline: float | None = 3.0,
-        token_lifetime: float | None = None,
+        token_lifetime: float | None = 15 * 60,
         heartbeat_interval: float = 41.25,
     ) -> None:
         self.token = token or f"fake.{secrets.token_hex(12)}"
         self.callback_deadline = callback_deadline
-        self.token_lifetime = token_lifetime  # seconds; None = tokens expire only with expire()
+        self.token_lifetime = token_lifetime  # seconds of webhook (followup/edit) life; None = forever
         self.heartbeat_interval = heartbeat_interval
         self.application_id = snowflake()
         self.bot = User(self.application_id, bot_name, bot=True)
@@ -265,6 +265,11 @@ class FakeDiscord:
         return sorted((m for c in self._channels.values() for m in c.messages), key=lambda m: m.id)
 
     @property
+    def channel_messages(self) -> list[Message]:
+        """Messages the bot posted with ``POST /channels/{id}/messages`` (not interaction responses)."""
+        return [m for m in self.messages if m.interaction is None and m.webhook_id is None]
+
+    @property
     def files(self) -> list[Attachment]:
         """Every attachment of every message."""
         return [a for m in self.messages for a in m.attachments]
@@ -348,7 +353,8 @@ class FakeDiscord:
         return fault
 
     def expire(self, interaction: Interaction) -> None:
-        """Expire the interaction's token: webhook calls now answer 401 50027, callbacks 404 10062."""
+        """Expire the interaction's token now: webhook calls answer 401 50027, callbacks 404 10062.
+        (Set ``token_lifetime`` to expire every token that many seconds after dispatch, callbacks excepted.)"""
         interaction.expired = True
 
     def _token_expired(self, interaction: Interaction) -> bool:
@@ -374,6 +380,7 @@ class FakeDiscord:
         Option types come from the registered schema; with ``validate`` the options are checked as the Discord
         client would (required, choices, ranges, lengths); ``validate=False`` sends them as given.
         """
+        self._require_bot()
         path = tuple(command.split()) if isinstance(command, str) else tuple(command)
         channel = channel or self.channel
         guild = self._guild_of(channel)
@@ -403,6 +410,7 @@ class FakeDiscord:
                     ) -> Interaction:
         """Send a component interaction: ``user`` clicks the button (or picks ``values`` in the select)
         ``custom_id`` on ``message``."""
+        self._require_bot()
         component = self._find_component(message.components, custom_id)
         if component is None:
             raise KeyError(f"no component {custom_id!r} on message {message.id} (have {message.custom_ids})")
@@ -416,6 +424,10 @@ class FakeDiscord:
         payload["message"] = message.payload()
         await self.dispatch("INTERACTION_CREATE", payload)
         return interaction
+
+    def _require_bot(self) -> None:
+        if self._ws is None or self._ws.closed:
+            raise RuntimeError("no bot is connected to the fake gateway (wait_ready() first?)")
 
     def _walk(self, schema: dict[str, Any], path: tuple[str, ...]) -> list[dict[str, Any]]:
         found, node = [], schema
@@ -813,6 +825,8 @@ class FakeDiscord:
     def _new_attachments(self, channel: Channel, body: Body, wanted: list[dict[str, Any]] | None
                          ) -> list[Attachment]:
         limit = channel.guild.attachment_size_limit if channel.guild else self.guild.attachment_size_limit
+        if len(body.files) > 10:
+            raise DiscordError(400, 50035, "Invalid Form Body: at most 10 files per message")
         out = []
         for index, (filename, content_type, data) in sorted(body.files.items()):
             if len(data) > limit:
@@ -873,6 +887,10 @@ class FakeDiscord:
         channel = self._channel(cid)
         limit = int(request.query.get("limit", 50))
         visible = [m for m in channel.messages if not m.deleted and not m.ephemeral]
+        if "before" in request.query:
+            visible = [m for m in visible if m.id < int(request.query["before"])]
+        if "after" in request.query:
+            visible = [m for m in visible if m.id > int(request.query["after"])]
         return [m.payload() for m in reversed(visible)][:limit]
 
     async def _post_message(self, request: web.Request, body: Body, cid: str) -> dict[str, Any]:
@@ -973,7 +991,7 @@ class FakeDiscord:
             raise DiscordError(404, 10062, "Unknown interaction")
         late = (self.callback_deadline is not None
                 and time.monotonic() - interaction.dispatched_at > self.callback_deadline)
-        if self._token_expired(interaction) or late:
+        if interaction.expired or late:
             self.record("late_callback", interaction)
             raise DiscordError(404, 10062, "Unknown interaction")
         if interaction.callbacks:
