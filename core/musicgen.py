@@ -63,6 +63,19 @@ class DecoderConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in params.items() if k in known})
 
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_position_embeddings", "num_codebooks", "hidden_size", "num_hidden_layers",
+                     "num_attention_heads", "ffn_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"decoder {name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"decoder hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.audio_channels not in (1, 2) or self.num_codebooks % self.audio_channels:
+            raise ValueError(f"decoder audio_channels must be 1 or 2 and divide num_codebooks, got "
+                             f"{self.audio_channels} for {self.num_codebooks} codebooks")
+
     @property
     def channel_codebooks(self) -> int:
         """Codebooks per audio channel: the delay pattern applies within each channel."""
