@@ -63,6 +63,10 @@ class TinyBot(discord.Client):
             thread = await self._make_thread(interaction) if isinstance(channel, discord.TextChannel) else None
             await interaction.response.send_message(f"{type(channel).__name__} {thread.id if thread else ''}")
 
+        @self.tree.command(name="whois", description="Who is that")
+        async def whois(interaction: discord.Interaction, who: discord.Member) -> None:
+            await interaction.response.send_message(f"{who.name} manage_guild={who.guild_permissions.manage_guild}")
+
         self.tree.add_command(admin)
 
     async def _make_thread(self, interaction: discord.Interaction) -> discord.Thread:
@@ -294,3 +298,31 @@ async def test_run_bot_starts_stops_and_kills(fake_discord: FakeDiscord, run_bot
     assert fake_discord.is_ready(after=mark)
     again.kill()
     assert await again.wait_exit() == -9
+
+
+async def test_member_option_is_resolved(fake: FakeDiscord, bot: TinyBot) -> None:
+    alice, root = fake.guild.add_member("alice"), fake.guild.add_member("root", admin=True)
+    interaction = await fake.invoke(alice, "whois", {"who": root})
+    await interaction.wait(lambda i: i.original is not None)
+    assert interaction.original.content == "root manage_guild=True"
+
+
+async def test_editing_the_original_replaces_attachments_and_keeps_history(fake: FakeDiscord, bot: TinyBot) -> None:
+    interaction = await fake.invoke(fake.guild.add_member("alice"), "music", {"prompt": "v1"})
+    [first] = await interaction.wait_files()
+    await bot.seen[-1].edit_original_response(content="v2", attachments=[discord.File(io.BytesIO(b"new"), "b.wav")])
+    original = interaction.original
+    assert original.content == "v2" and [(a.filename, a.data) for a in original.attachments] == [("b.wav", b"new")]
+    assert original.history[-1]["attachments"][0]["filename"] == "clip.wav" and interaction.edits
+    await bot.seen[-1].edit_original_response(content="v3")  # no attachments field: files stay
+    assert original.content == "v3" and [a.filename for a in original.attachments] == ["b.wav"]
+    assert first.data == WAV and fake.files == original.attachments
+
+
+async def test_world_changes_reach_a_connected_bot(fake: FakeDiscord, bot: TinyBot) -> None:
+    other = fake.add_guild("Other")
+    lounge = fake.guild.add_channel("lounge")
+    dj = fake.guild.add_role("DJ", 1 << 5)
+    await fake.wait_until(lambda: bot.get_guild(other.id) and bot.get_channel(lounge.id)
+                          and bot.get_guild(fake.guild.id).get_role(dj.id), 5)
+    assert [c.name for c in bot.get_guild(other.id).text_channels] == ["general"]

@@ -320,12 +320,14 @@ class Guild:
     def add_role(self, name: str, permissions: int = 0) -> Role:
         role = Role(snowflake(), name, permissions, position=len(self.roles))
         self.roles[role.id] = role
+        self.fake.dispatch_soon("GUILD_ROLE_CREATE", {"guild_id": str(self.id), "role": role.payload()})
         return role
 
     def add_channel(self, name: str) -> Channel:
         channel = Channel(snowflake(), name, GUILD_TEXT, guild=self, position=len(self.channels))
         self.channels[channel.id] = channel
         self.fake._channels[channel.id] = channel
+        self.fake.dispatch_soon("CHANNEL_CREATE", channel.payload())
         return channel
 
     def add_member(
@@ -341,7 +343,14 @@ class Guild:
             role_list.append(admin_role or self.add_role("Admin", MANAGE_GUILD))
         member = Member(user, self, role_list)
         self.members[user.id] = member
+        if self.fake.intents is not None and self.fake.intents & (1 << 1):  # GUILD_MEMBERS
+            self.fake.dispatch_soon("GUILD_MEMBER_ADD", {**member.payload(), "guild_id": str(self.id)})
         return member
+
+    def set_roles(self, member: Member, roles: list[Role]) -> None:
+        """Change a member's roles (the bot is told with GUILD_MEMBER_UPDATE)."""
+        member.roles = list(roles)
+        self.fake.dispatch_soon("GUILD_MEMBER_UPDATE", {**member.payload(), "guild_id": str(self.id)})
 
     def payload(self) -> dict[str, Any]:
         """The full GUILD_CREATE payload."""

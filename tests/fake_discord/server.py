@@ -151,11 +151,6 @@ class FakeDiscord:
         self._channels: dict[int, Channel] = {}
         self.guilds: dict[int, Guild] = {}
         self._identified = False
-        self.guild = self.add_guild(guild_name, attachment_size_limit=attachment_size_limit)
-        self.channel = self.guild.add_channel("general")
-        bot_role = self.guild.add_role(bot_name, BOT_PERMISSIONS)
-        self.guild.add_member(user=self.bot, roles=[bot_role])
-
         self.global_commands: list[dict[str, Any]] = []
         self.guild_commands: dict[int, list[dict[str, Any]]] = {}
         self.interactions: dict[int, Interaction] = {}
@@ -170,10 +165,16 @@ class FakeDiscord:
         self._session_id: str | None = None
         self._seq = 0
         self._sent: list[dict[str, Any]] = []  # dispatches of the current session, for RESUME
+        self._pending: list[tuple[str, dict[str, Any]]] = []  # from dispatch_soon
+        self._send_lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
         self.port = 0
         self._routes: list[tuple[str, re.Pattern[str], Handler, str]] = []
         self._build_routes()
+
+        self.guild = self.add_guild(guild_name, attachment_size_limit=attachment_size_limit)
+        self.channel = self.guild.add_channel("general")
+        self.guild.add_member(user=self.bot, roles=[self.guild.add_role(bot_name, BOT_PERMISSIONS)])
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -237,9 +238,11 @@ class FakeDiscord:
         """Add a guild (before the bot connects, or it is sent as GUILD_CREATE at once)."""
         guild = Guild(self, name, attachment_size_limit=attachment_size_limit)
         self.guilds[guild.id] = guild
-        if self._identified and hasattr(self, "guild"):
+        if hasattr(self, "guild"):  # not the default guild: it gets the bot now, the defaults' way
             guild.add_member(user=self.bot, roles=[guild.add_role(self.bot.name, BOT_PERMISSIONS)])
-            asyncio.ensure_future(self.dispatch("GUILD_CREATE", guild.payload()))
+            guild.add_channel("general")
+            self._pending = [p for p in self._pending if p[1].get("guild_id") != str(guild.id)]
+            self.dispatch_soon("GUILD_CREATE", guild.payload())
         return guild
 
     def dm_channel(self, user: User | Member) -> Channel:
@@ -547,8 +550,28 @@ class FakeDiscord:
 
     # ------------------------------------------------------------------ gateway
 
+    def dispatch_soon(self, event: str, data: dict[str, Any]) -> None:
+        """Queue a DISPATCH (from synchronous code); it goes out before any later ``dispatch``."""
+        if not self._identified:
+            return  # the bot will get the whole state in READY / GUILD_CREATE
+        self._pending.append((event, data))
+        try:
+            asyncio.get_running_loop().create_task(self._flush())
+        except RuntimeError:
+            pass  # no loop: flushed by the next dispatch
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            while self._pending:
+                await self._send_dispatch(*self._pending.pop(0))
+
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
         """Send a DISPATCH to the connected bot (kept for RESUME if the socket is down)."""
+        await self._flush()
+        async with self._send_lock:
+            await self._send_dispatch(event, data)
+
+    async def _send_dispatch(self, event: str, data: dict[str, Any]) -> None:
         self._seq += 1
         frame = {"op": DISPATCH, "t": event, "s": self._seq, "d": data}
         self._sent.append(frame)
@@ -595,7 +618,7 @@ class FakeDiscord:
             self.intents = d.get("intents")
             self._ws = ws
             self._session_id = secrets.token_hex(16)
-            self._seq, self._sent = 0, []
+            self._seq, self._sent, self._pending = 0, [], []
             self.record("identify", {"intents": self.intents})
             await self.dispatch("READY", {
                 "v": 10, "user": {**self.bot.payload(), "verified": True, "mfa_enabled": False},
