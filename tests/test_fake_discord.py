@@ -326,3 +326,17 @@ async def test_world_changes_reach_a_connected_bot(fake: FakeDiscord, bot: TinyB
     await fake.wait_until(lambda: bot.get_guild(other.id) and bot.get_channel(lounge.id)
                           and bot.get_guild(fake.guild.id).get_role(dj.id), 5)
     assert [c.name for c in bot.get_guild(other.id).text_channels] == ["general"]
+
+
+async def test_heartbeats_are_acknowledged() -> None:
+    async with FakeDiscord(heartbeat_interval=0.05) as fake:
+        with use_fake(fake):
+            client = TinyBot(fake.guild.id)
+            task = asyncio.create_task(client.start(fake.token))
+            try:
+                await fake.wait_for(lambda e: len(fake.events_of("heartbeat")) >= 4, timeout=10)
+                assert len(fake.events_of("identify")) == 1 and fake.events_of("resume") == []
+                assert client.latency < 1
+            finally:
+                await client.close()
+                await asyncio.wait_for(task, 10)

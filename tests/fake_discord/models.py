@@ -454,6 +454,7 @@ class Interaction:
 class Event:
     """One thing that happened, in order: ``kind`` is e.g. ``"callback"``, ``"followup"``, ``"message"``,
     ``"edit"``, ``"delete"``, ``"thread"``, ``"channel_edit"``, ``"commands"``, ``"identify"``, ``"resume"``,
+    ``"heartbeat"``,
     ``"dispatch"``, ``"request"`` (every HTTP request: data = (method, path, status)), ``"unhandled"``."""
 
     kind: str

@@ -610,6 +610,7 @@ class FakeDiscord:
     async def _on_frame(self, ws: web.WebSocketResponse, frame: dict[str, Any]) -> None:
         op, d = frame.get("op"), frame.get("d")
         if op == HEARTBEAT:
+            self.record("heartbeat", d)
             await ws.send_str(json.dumps({"op": HEARTBEAT_ACK}))
         elif op == IDENTIFY:
             if d.get("token") != self.token:
