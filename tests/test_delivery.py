@@ -198,8 +198,8 @@ def test_only_the_requester_can_be_pinged() -> None:
 
 
 def test_clip_message_escapes_the_prompt() -> None:
-    job = Job(guild_id=1, channel_id=2, user_id=3, user_name="x", prompt="@everyone **loud** <@&9>",
-              model_prompt="@everyone **loud** <@&9>", seconds=2, seed=99)
+    job = Job(guild_id=1, channel_id=2, user_id=3, user_name="x", prompt="@everyone **loud** <@&123456789012345678>",
+              model_prompt="@everyone **loud** <@&123456789012345678>", seconds=2, seed=99)
     text = clip_message(job, clip(), generated_in=1.25)
     assert text.startswith("<@3> ") and "`99`" in text and "2 s" in text and "1.2 s" in text
-    assert "@everyone" not in text and "<@&9>" not in text and "\\*\\*loud\\*\\*" in text
+    assert "@everyone" not in text and "<@&123456789012345678>" not in text and "\\*\\*loud\\*\\*" in text
