@@ -56,6 +56,11 @@ class MusicTree(app_commands.CommandTree):
             message = str(error) or "You can't use this command here."
         elif isinstance(error, app_commands.TransformerError):
             message = "One of the options has a value I can't use; please check it and try again."
+        elif isinstance(error, app_commands.CommandSignatureMismatch):
+            log.warning("/%s sent with options that do not match the command (client out of date?)",
+                        error.command.qualified_name)
+            message = ("A required option (such as the prompt) is missing, or your Discord app has an old version "
+                       "of this command; please fill in every option, or try again in a minute.")
         else:
             command = interaction.command.qualified_name if interaction.command else "?"
             log.error("command /%s failed", command, exc_info=original)
