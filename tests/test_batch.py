@@ -21,7 +21,7 @@ LONG = "epic orchestral trailer music with a calm piano melody in the rain and h
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> MusicGen:
     folder = tmp_path_factory.mktemp("mono")
-    build(folder, decoder="tiny48", seed=3)
+    build(folder, seed=3)
     return MusicGen.from_pretrained(folder)
 
 

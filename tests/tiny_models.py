@@ -14,7 +14,10 @@ from pathlib import Path
 
 # Sizes of the real checkpoints (FACTS.md); "tiny" keeps every structural choice and shrinks widths and depths.
 DECODER_SHAPES = {
-    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64),
+    # wider than the tiny T5 (48 vs 32) so `enc_to_dec_proj` exists, as in every real checkpoint (768 → 1024…)
+    "tiny": dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96),
+    # as wide as the tiny T5: transformers then has no `enc_to_dec_proj`
+    "tiny-same-width": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64),
     "small": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096),
     "medium": dict(hidden_size=1536, num_hidden_layers=48, num_attention_heads=24, ffn_dim=6144),
 }
@@ -56,6 +59,26 @@ def encodec_config(kind: str = "32khz", shape: str = "tiny"):
                              pad_mode="reflect", codebook_size=1024, target_bandwidths=[3.0, 6.0, 12.0, 24.0],
                              use_conv_shortcut=True, **sizes)
     raise ValueError(f"unknown EnCodec kind {kind!r}")
+
+
+def make_sensitive(model, seed: int) -> None:
+    """Make a random model's outputs depend on what the tests check, in place.
+
+    transformers initialises EnCodec codebooks to zeros, so every code would decode to the same audio: they get
+    random values. With 0.02-scaled random weights the text barely moves the decoder's logits, so a wrong prompt or
+    mask would go unnoticed: the decoder's cross-attention value and output projections are scaled up.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    codec = getattr(model, "audio_encoder", model)
+    with torch.no_grad():
+        for layer in codec.quantizer.layers:
+            layer.codebook.embed.copy_(torch.randn(layer.codebook.embed.shape, generator=generator))
+        if hasattr(model, "decoder") and hasattr(model.decoder, "model"):
+            for layer in model.decoder.model.decoder.layers:
+                layer.encoder_attn.v_proj.weight.mul_(10)
+                layer.encoder_attn.out_proj.weight.mul_(10)
 
 
 def build_tokenizer(folder: Path, vocab_size: int = 120) -> int:
@@ -102,6 +125,7 @@ def build_musicgen(folder: str | Path, *, stereo: bool = False, decoder: str = "
     config = MusicgenConfig(text_encoder=t5.to_dict(), audio_encoder=audio.to_dict(),
                             decoder=dict(model_type="musicgen_decoder", **decoder_config))
     model = MusicgenForConditionalGeneration(config).eval()
+    make_sensitive(model, seed)
     if dtype is not None:
         model = model.to(dtype)
     model.generation_config = GenerationConfig(decoder_start_token_id=2048, pad_token_id=2048, bos_token_id=2048,
@@ -119,6 +143,7 @@ def build_encodec(folder: str | Path, kind: str = "32khz", *, shape: str = "tiny
     torch.manual_seed(seed)
     config = encodec_config(kind, shape)
     model = EncodecModel(config).eval()
+    make_sensitive(model, seed)
     model.save_pretrained(str(folder))
     EncodecFeatureExtractor(feature_size=config.audio_channels, sampling_rate=config.sampling_rate,
                             chunk_length_s=config.chunk_length_s, overlap=config.overlap).save_pretrained(str(folder))
