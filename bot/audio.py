@@ -1,12 +1,15 @@
-"""Audio files from generated clips: 16-bit PCM WAV, and smaller encodings when an upload limit is tight."""
+"""Audio files from generated clips (WAV, FLAC, Ogg Vorbis, MP3; a smaller format when an upload limit is tight),
+finishing touches (peak normalisation, a short fade-out) and decoding of members' uploads."""
 
 from __future__ import annotations
 
 import io
 import logging
 import wave
+from dataclasses import dataclass
 
 import numpy as np
+import soundfile as sf
 
 from core.generation import Clip
 
@@ -65,3 +68,140 @@ def _wav(samples: np.ndarray, sampling_rate: int) -> bytes:
         w.setframerate(int(sampling_rate))
         w.writeframes(pcm16(samples).tobytes())
     return buf.getvalue()
+
+
+# -- finishing and encoding ------------------------------------------------------------------------------------
+FADE_SECONDS = 0.05
+PEAK = 10 ** (-1 / 20)  # normalise to -1 dBFS: loud, and lossy encoders' overshoot stays below full scale
+MAX_UPLOAD_AUDIO_BYTES = 10 * 1024 * 1024
+MAX_UPLOAD_AUDIO_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """A file format members can ask for."""
+
+    name: str
+    suffix: str
+    content_type: str
+    label: str
+
+
+FORMATS: dict[str, AudioFormat] = {
+    "wav": AudioFormat("wav", "wav", "audio/wav", "WAV (16-bit PCM)"),
+    "flac": AudioFormat("flac", "flac", "audio/flac", "FLAC (lossless)"),
+    "ogg": AudioFormat("ogg", "ogg", "audio/ogg", "Ogg Vorbis"),
+    "mp3": AudioFormat("mp3", "mp3", "audio/mpeg", "MP3"),
+}
+# When a file is too large for the upload limit, try these in turn (lossless first, then the smallest lossy one).
+FALLBACK_ORDER = ("wav", "flac", "mp3", "ogg")
+
+
+class AudioError(ValueError):
+    """A member's file could not be read as audio; the message is fit to show them."""
+
+
+def finish(samples: np.ndarray, sampling_rate: int, *, normalize: bool = True,
+           fade_seconds: float = FADE_SECONDS) -> np.ndarray:
+    """Peak-normalise ``samples`` ``(n, channels)`` to -1 dBFS (never clipping) and fade the last ``fade_seconds``
+    out so a clip cut at its exact length ends without a click. ``normalize=False`` returns the samples as they are.
+    """
+    x = np.nan_to_num(np.asarray(samples, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if x.ndim == 1:
+        x = x[:, None]
+    if not normalize:
+        return x
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak > 1e-6:
+        x = x * (PEAK / peak)
+    n = min(x.shape[0], int(round(fade_seconds * sampling_rate)))
+    if n > 1:
+        ramp = np.cos(np.linspace(0.0, np.pi / 2, n, dtype=np.float32)) ** 2  # 1 → 0, smooth at both ends
+        x = x.copy()
+        x[-n:] *= ramp[:, None]
+    return x.astype(np.float32, copy=False)
+
+
+def encode(samples: np.ndarray, sampling_rate: int, fmt: str) -> bytes:
+    """``samples`` ``(n, channels)`` in [-1, 1] as a ``fmt`` file (wav, flac, ogg or mp3), exactly ``n`` frames
+    long for the lossless formats."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown audio format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim == 1:
+        samples = samples[:, None]
+    if fmt == "wav":
+        return _wav(samples, sampling_rate)
+    clipped = np.clip(samples, -1.0, 1.0)
+    out = io.BytesIO()
+    if fmt == "flac":
+        sf.write(out, clipped, sampling_rate, format="FLAC", subtype="PCM_16")
+    elif fmt == "ogg":
+        sf.write(out, clipped, sampling_rate, format="OGG", subtype="VORBIS")
+    elif "MP3" in sf.available_formats():
+        sf.write(out, clipped, sampling_rate, format="MP3", subtype="MPEG_LAYER_III")
+    else:  # an older libsndfile: ffmpeg through pydub
+        from pydub import AudioSegment
+
+        segment = AudioSegment(pcm16(clipped).tobytes(), frame_rate=int(sampling_rate), sample_width=2,
+                               channels=clipped.shape[1])
+        segment.export(out, format="mp3", bitrate="128k")
+    return out.getvalue()
+
+
+def encode_to_fit(samples: np.ndarray, sampling_rate: int, fmt: str, max_bytes: int) -> tuple[str, bytes]:
+    """Encode in ``fmt``; when that is larger than ``max_bytes``, the first smaller format of
+    :data:`FALLBACK_ORDER` after it that fits. Returns ``(format used, bytes)``; ValueError when none fits."""
+    data = encode(samples, sampling_rate, fmt)
+    if len(data) <= max_bytes:
+        return fmt, data
+    tried = [fmt]
+    for other in FALLBACK_ORDER:
+        if other in tried:
+            continue
+        tried.append(other)
+        smaller = encode(samples, sampling_rate, other)
+        if len(smaller) < len(data) and len(smaller) <= max_bytes:
+            log.info("%s is %d bytes, over the %d-byte limit: sent as %s (%d bytes)", fmt, len(data), max_bytes,
+                     other, len(smaller))
+            return other, smaller
+    raise ValueError(f"the clip does not fit in {max_bytes} bytes in any format")
+
+
+def decode(data: bytes, *, max_bytes: int = MAX_UPLOAD_AUDIO_BYTES,
+           max_seconds: float = MAX_UPLOAD_AUDIO_SECONDS) -> tuple[np.ndarray, int]:
+    """A member's audio file (wav, flac, ogg, mp3, m4a, … by content, not by name) as float32 ``(n, channels)`` and
+    its sampling rate. Raises :class:`AudioError` with a polite reason for empty, oversized, too long or unreadable
+    files."""
+    if not data:
+        raise AudioError("That file is empty.")
+    if len(data) > max_bytes:
+        raise AudioError(f"That file is too large ({len(data) / 1e6:.1f} MB; at most {max_bytes / 1e6:.0f} MB).")
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception:  # noqa: BLE001 - libsndfile cannot read it: let ffmpeg try (m4a, aac, webm, …)
+        samples, rate = _decode_ffmpeg(data)
+    if samples.shape[0] == 0 or rate <= 0:
+        raise AudioError("That file holds no audio.")
+    seconds = samples.shape[0] / rate
+    if seconds > max_seconds:
+        raise AudioError(f"That clip is too long ({seconds:.1f} s; at most {max_seconds:g} s).")
+    if not np.all(np.isfinite(samples)):
+        raise AudioError("That file holds invalid audio samples.")
+    return samples, int(rate)
+
+
+def _decode_ffmpeg(data: bytes) -> tuple[np.ndarray, int]:
+    from pydub import AudioSegment
+    from pydub.exceptions import CouldntDecodeError
+
+    try:
+        segment = AudioSegment.from_file(io.BytesIO(data))
+    except (CouldntDecodeError, OSError, IndexError, ValueError) as exc:
+        log.info("could not decode an uploaded file: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        raise AudioError("I couldn't read that file as audio; please send a WAV, FLAC, Ogg, MP3 or M4A file.") from exc
+    width = segment.sample_width
+    raw = np.frombuffer(segment.raw_data, dtype={1: np.int8, 2: "<i2", 4: "<i4"}.get(width, "<i2"))
+    scale = float(2 ** (8 * width - 1))
+    samples = (raw.astype(np.float32) / scale).reshape(-1, segment.channels)
+    return samples, int(segment.frame_rate)
