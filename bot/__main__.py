@@ -12,7 +12,6 @@ import signal
 import sys
 
 import discord
-import yarl
 from dotenv import load_dotenv
 
 import core  # first: preloads OpenBLAS before mlx on Linux
@@ -52,11 +51,13 @@ def model_factory(settings: Settings):
 async def run(settings: Settings) -> None:
     """Build everything and run until the bot closes or a signal asks it to stop."""
     store = SQLiteJobStore(settings.database_path)
+    memory_limit = settings.memory_limit_mb * 2**20 if settings.memory_limit_mb else None
     worker = GenerationWorker(model_factory(settings), max_batch=settings.max_batch,
-                              job_timeout=settings.job_timeout_seconds)
+                              job_timeout=settings.job_timeout_seconds, memory_limit=memory_limit,
+                              extend_stride=settings.extend_stride_seconds)
     queue = JobQueue(store, Limits.from_settings(settings), batch_size=settings.max_batch)
-    worker.start()
     log.info("loading model %s (%s)", settings.musicgen_model, settings.musicgen_dtype)
+    worker.start()
     try:
         await worker.wait_ready()
     except WorkerError as exc:
@@ -92,14 +93,6 @@ async def run(settings: Settings) -> None:
                 await bot.shutdown(grace=0)
 
 
-def _gateway_as_url() -> None:
-    """discord.py calls ``.with_query`` on its gateway URL, so it must be a ``yarl.URL``, not a string."""
-    from discord.gateway import DiscordWebSocket
-
-    if isinstance(DiscordWebSocket.DEFAULT_GATEWAY, str):
-        DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(DiscordWebSocket.DEFAULT_GATEWAY)
-
-
 def main() -> int:
     """Console entry point; returns the exit status."""
     load_dotenv()
@@ -110,7 +103,6 @@ def main() -> int:
         return 2
     setup_logging(settings.log_level)
     settings.apply_discord_endpoints()
-    _gateway_as_url()
     try:
         asyncio.run(run(settings))
     except StartupError as exc:

@@ -198,7 +198,10 @@ class MusicBot(commands.Bot):
             while not self.shutting_down and not self.queue.paused and len(self.queue):
                 if self.batch_window and len(self.queue) < self.worker.max_batch:
                     await asyncio.sleep(self.batch_window)  # let requests sent together share one batch
-                batch = self.queue.next_batch(self.worker.max_batch)
+                    if self.shutting_down or self.queue.paused:
+                        break
+                size = self.worker.fit_batch(self.queue.ordered()[:self.worker.max_batch])
+                batch = self.queue.next_batch(size)
                 if not batch:
                     break
                 self._batch_task = asyncio.create_task(self._run_batch(batch))
@@ -287,7 +290,12 @@ class MusicBot(commands.Bot):
                 batch.cancel()
                 await asyncio.gather(batch, return_exceptions=True)
                 for job_id in interrupted:
-                    self.queue.requeue(job_id)
+                    self.queue.requeue(job_id, count_attempt=False)
+                    log.info("job %d interrupted by shutdown: queued again for the next start", job_id)
+                    job = self.store.get(job_id)
+                    if job is not None:
+                        self.spawn(self.deliverer.edit_status(job, self.status_text(
+                            job, "Interrupted by a restart: your clip will be made as soon as I'm back.")))
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)

@@ -241,9 +241,18 @@ class JobQueue:
             log.info("job %d %s after %s", job_id, status.value, took)
         return job
 
-    def requeue(self, job_id: int) -> Job:
-        """Put a running job back at the front (e.g. shutdown interrupted it); it keeps its seed."""
-        return self.store.update(job_id, status=JobStatus.QUEUED, started_at=None)
+    def requeue(self, job_id: int, *, count_attempt: bool = True) -> Job:
+        """Put a running job back at the front (e.g. shutdown interrupted it); it keeps its seed.
+
+        ``count_attempt=False`` (a deliberate stop, such as a graceful shutdown) does not count the interrupted
+        run towards ``MAX_ATTEMPTS``; it still goes first on the next start.
+        """
+        changes: dict[str, Any] = {"status": JobStatus.QUEUED, "started_at": None}
+        if not count_attempt:
+            job = self.store.get(job_id)
+            if job is not None and job.attempts > 1:
+                changes["attempts"] = job.attempts - 1
+        return self.store.update(job_id, **changes)
 
     # -- cancelling ---------------------------------------------------------------------------------------------
     def cancel(self, job_id: int, *, reason: str = "Cancelled.") -> Job | None:

@@ -28,7 +28,7 @@ class Settings:
     musicgen_dtype: str = "float32"
     discord_guild_ids: tuple[int, ...] = ()
     sync_commands: str = "none"
-    max_seconds: int = 30
+    max_seconds: int = 60
     max_pending_per_user: int = 2
     max_queue_size: int = 50
     cooldown_seconds: float = 10.0
@@ -39,6 +39,8 @@ class Settings:
     job_timeout_seconds: float = 600.0
     shutdown_grace_seconds: float = 30.0
     progress_interval_seconds: float = 2.0
+    extend_stride_seconds: float = 18.0
+    memory_limit_mb: int | None = None
     log_level: str = "INFO"
     discord_api_base: str | None = None
     discord_gateway_url: str | None = None
@@ -89,7 +91,7 @@ class Settings:
             musicgen_dtype=dtype,
             discord_guild_ids=guild_ids,
             sync_commands=sync,
-            max_seconds=_int(env, "MAX_SECONDS", 30, minimum=1, maximum=3600),
+            max_seconds=_int(env, "MAX_SECONDS", 60, minimum=1, maximum=3600),
             max_pending_per_user=_int(env, "MAX_PENDING_PER_USER", 2, minimum=1),
             max_queue_size=_int(env, "MAX_QUEUE_SIZE", 50, minimum=1),
             cooldown_seconds=_float(env, "COOLDOWN_SECONDS", 10.0, minimum=0.0),
@@ -100,6 +102,8 @@ class Settings:
             job_timeout_seconds=_float(env, "JOB_TIMEOUT_SECONDS", 600.0, minimum=1.0),
             shutdown_grace_seconds=_float(env, "SHUTDOWN_GRACE_SECONDS", 30.0, minimum=0.0),
             progress_interval_seconds=_float(env, "PROGRESS_INTERVAL_SECONDS", 2.0, minimum=1.0),
+            extend_stride_seconds=_float(env, "EXTEND_STRIDE_SECONDS", 18.0, minimum=1.0),
+            memory_limit_mb=_int(env, "MEMORY_LIMIT_MB", 0, minimum=1) or None,
             log_level=level,
             discord_api_base=api_base.rstrip("/") if api_base else None,
             discord_gateway_url=gateway,
@@ -114,8 +118,10 @@ class Settings:
             log.info("Discord REST base: %s", self.discord_api_base)
         if self.discord_gateway_url:
             import discord.gateway
+            import yarl
 
-            discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = self.discord_gateway_url
+            # discord.py calls ``.with_query`` on it: it must be a URL object, not a string.
+            discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(self.discord_gateway_url)
             log.info("Discord gateway: %s", self.discord_gateway_url)
 
 

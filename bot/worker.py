@@ -9,6 +9,8 @@ Cancelling a job sets its :class:`threading.Event`, which the generator polls th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import logging
 import queue
 import sys
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[Job, int, int], Any]
 PROGRESS_MIN_INTERVAL = 0.25  # seconds between progress hand-offs per row (the bot throttles edits further)
+MEMORY_HEADROOM = 0.9  # use at most this share of the memory that is free (the estimate is rough)
 
 
 class Generator(Protocol):
@@ -72,17 +75,28 @@ class GenerationWorker:
     ``job_timeout`` stops a job that runs longer (through ``should_stop``); a generator that does not even poll
     ``should_stop`` is given up on ``hard_timeout_grace`` seconds later (its jobs fail, the thread is stalled).
     Counters ``completed``, ``failed``, ``cancelled`` and ``batches`` count finished jobs and batches.
+
+    Memory: :meth:`fit_batch` shrinks a batch whose ``generator.estimate_batch_bytes(requests)`` exceeds
+    ``memory_limit`` bytes, or (without a limit) what ``available_memory()`` reports: by default Linux's
+    ``MemAvailable`` plus what MLX already holds (the weights, its cache).
+    ``extend_stride`` (seconds) is passed to generators that take it (clips longer than the model's window).
     """
 
     def __init__(self, model_factory: Callable[[], Generator], *, max_batch: int = 4, job_timeout: float = 600.0,
                  hard_timeout_grace: float = 30.0, clear_cache: Callable[[], Any] | None = None,
-                 name: str = "musicgen-worker") -> None:
+                 memory_limit: int | None = None, available_memory: Callable[[], int | None] | None = None,
+                 extend_stride: float | None = None, name: str = "musicgen-worker") -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.model_factory = model_factory
         self.max_batch = max_batch
         self.job_timeout = job_timeout
         self.hard_timeout_grace = hard_timeout_grace
+        self.memory_limit = memory_limit
+        self.available_memory = available_memory or system_memory_available
+        self.extend_stride = extend_stride
+        self._request_extras: dict[str, Any] = {}
+        self._batch_options: dict[str, Any] = {}
         self._clear_cache = clear_cache
         self._inbox: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -154,6 +168,40 @@ class GenerationWorker:
         return not self._thread.is_alive()
 
     # -- the asyncio side ---------------------------------------------------------------------------------------
+    def requests_for(self, jobs: Sequence[Job]) -> list[GenerationRequest]:
+        """The generation requests for these jobs (each with its own prompt, length and seed)."""
+        return [GenerationRequest(prompt=j.model_prompt, seconds=j.seconds, seed=j.seed, **self._request_extras)
+                for j in jobs]
+
+    def memory_budget(self) -> int | None:
+        """Bytes a batch may need: ``memory_limit``, else a share of the free memory; None when unknown."""
+        if self.memory_limit is not None:
+            return self.memory_limit
+        available = self.available_memory()
+        return None if available is None else int(available * MEMORY_HEADROOM)
+
+    def fit_batch(self, jobs: Sequence[Job]) -> int:
+        """How many of the first ``jobs`` (at most ``max_batch``) can be generated together without running out of
+        memory, by the generator's ``estimate_batch_bytes``; at least 1 (a single job that does not fit is tried
+        anyway and fails with a clear message if memory really runs out)."""
+        n = min(len(jobs), self.max_batch)
+        estimate = getattr(self._generator, "estimate_batch_bytes", None)
+        if n <= 1 or estimate is None:
+            return n
+        budget = self.memory_budget()
+        if budget is None:
+            return n
+        requests = self.requests_for(jobs[:n])
+        try:
+            while n > 1 and estimate(requests[:n]) > budget:
+                n -= 1
+        except Exception:  # noqa: BLE001 - an estimate must never stop the queue
+            log.exception("could not estimate the memory of a batch; generating one job at a time")
+            return 1
+        if n < min(len(jobs), self.max_batch):
+            log.info("batch shrunk to %d job(s) to fit in %.0f MiB", n, budget / 2**20)
+        return n
+
     def cancel(self, job_id: int) -> bool:
         """Ask a job handed to the worker to stop at its next step; False if the worker does not have it."""
         event = self._events.get(job_id)
@@ -177,7 +225,7 @@ class GenerationWorker:
         if not self._thread.is_alive():
             raise WorkerError("the generation worker has stopped")
         loop = asyncio.get_running_loop()
-        requests = [GenerationRequest(prompt=j.model_prompt, seconds=j.seconds, seed=j.seed) for j in jobs]
+        requests = self.requests_for(jobs)
         events = [threading.Event() for _ in jobs]
         for job, event in zip(jobs, events, strict=True):
             self._events[job.id] = event
@@ -212,10 +260,12 @@ class GenerationWorker:
         try:
             started = time.monotonic()
             self._generator = self.model_factory()
+            self._request_extras = self._extras(self._generator)
             log.info("model loaded in %.1f s on thread %s", time.monotonic() - started, threading.current_thread().name)
         except BaseException as exc:  # noqa: BLE001 - any failure to load is reported to wait_ready
             self._load_error = exc
-            log.error("could not load the model: %s", exc)
+            # wait_ready raises it with a clear message; the caller reports it once.
+            log.debug("could not load the model", exc_info=exc)
         finally:
             with self._lock:
                 self._ready.set()
@@ -234,6 +284,20 @@ class GenerationWorker:
             _post(batch.loop, _resolve, batch.future, results)
             self._release_memory()
         log.info("generation worker stopped")
+
+    def _extras(self, generator: Generator) -> dict[str, Any]:
+        """Request options this generator understands beyond the basic ones (``extend_stride`` for long clips)."""
+        if self.extend_stride is None:
+            return {}
+        if "extend_stride" in {f.name for f in dataclasses.fields(GenerationRequest)}:
+            return {"extend_stride": self.extend_stride}
+        try:
+            takes = "extend_stride" in inspect.signature(generator.generate_batch).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if takes:
+            self._batch_options = {"extend_stride": self.extend_stride}
+        return {}
 
     def _generate(self, batch: _Batch) -> list[JobResult]:
         jobs, events = batch.jobs, batch.events
@@ -264,7 +328,7 @@ class GenerationWorker:
         error: str | None = None
         try:
             clips = list(self.generator.generate_batch(batch.requests, on_progress=on_progress,
-                                                       should_stop=should_stop))
+                                                       should_stop=should_stop, **self._batch_options))
             if len(clips) != len(jobs):
                 raise RuntimeError(f"the generator returned {len(clips)} clips for {len(jobs)} requests")
         except GenerationStopped:
@@ -311,6 +375,24 @@ class GenerationWorker:
                 clear()
             except Exception:  # noqa: BLE001 - freeing a cache must never stop the worker
                 log.exception("could not clear the MLX cache")
+
+
+def system_memory_available() -> int | None:
+    """Bytes this process could use for a batch: Linux's ``MemAvailable`` plus what MLX already holds (active
+    arrays such as the weights, and its buffer cache, both reused). None where ``/proc/meminfo`` does not exist."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f if ":" in line)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    mx = sys.modules.get("mlx.core")
+    for name in ("get_active_memory", "get_cache_memory"):
+        try:
+            available += int(getattr(mx, name)())
+        except Exception:  # noqa: BLE001 - not MLX, or an MLX without this query
+            pass
+    return available
 
 
 def _post(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import discord.gateway
 import discord.http
 import pytest
+import yarl
 
 from bot.settings import Settings, SettingsError
 
@@ -18,11 +19,12 @@ def test_defaults():
     assert s.discord_token == TOKEN
     assert (s.musicgen_model, s.musicgen_dtype) == ("facebook/musicgen-small", "float32")
     assert (s.discord_guild_ids, s.sync_commands) == ((), "none")
-    assert (s.max_seconds, s.max_pending_per_user, s.max_queue_size, s.cooldown_seconds) == (30, 2, 50, 10.0)
+    assert (s.max_seconds, s.max_pending_per_user, s.max_queue_size, s.cooldown_seconds) == (60, 2, 50, 10.0)
     assert (s.admin_role_ids, s.admin_user_ids) == (frozenset(), frozenset())
     assert s.database_path == Path("./var/bot.sqlite3")
     assert (s.max_batch, s.job_timeout_seconds, s.shutdown_grace_seconds) == (4, 600.0, 30.0)
     assert (s.progress_interval_seconds, s.log_level) == (2.0, "INFO")
+    assert (s.extend_stride_seconds, s.memory_limit_mb) == (18.0, None)
     assert (s.discord_api_base, s.discord_gateway_url) == (None, None)
 
 
@@ -33,7 +35,7 @@ def test_values_are_parsed():
         "COOLDOWN_SECONDS": "0", "ADMIN_ROLE_IDS": "5,6", "ADMIN_USER_IDS": "7", "DATABASE_PATH": "/tmp/x.db",
         "MAX_BATCH": "8", "JOB_TIMEOUT_SECONDS": "60", "SHUTDOWN_GRACE_SECONDS": "5",
         "PROGRESS_INTERVAL_SECONDS": "1.5", "LOG_LEVEL": "debug", "DISCORD_API_BASE": "http://127.0.0.1:9/api/v10/",
-        "DISCORD_GATEWAY_URL": "ws://127.0.0.1:9/",
+        "DISCORD_GATEWAY_URL": "ws://127.0.0.1:9/", "EXTEND_STRIDE_SECONDS": "12.5", "MEMORY_LIMIT_MB": "2048",
     })
     assert s.discord_token == TOKEN
     assert (s.musicgen_model, s.musicgen_dtype) == ("/models/small", "bfloat16")
@@ -43,6 +45,7 @@ def test_values_are_parsed():
     assert s.database_path == Path("/tmp/x.db")
     assert (s.max_batch, s.job_timeout_seconds, s.shutdown_grace_seconds, s.progress_interval_seconds) == (8, 60, 5, 1.5)
     assert s.log_level == "DEBUG"
+    assert (s.extend_stride_seconds, s.memory_limit_mb) == (12.5, 2048)
     assert s.discord_api_base == "http://127.0.0.1:9/api/v10"
     assert s.discord_gateway_url == "ws://127.0.0.1:9/"
     assert Settings.from_env({"DISCORD_TOKEN": TOKEN, "DISCORD_GUILD_IDS": "1", "SYNC_COMMANDS": "global"}
@@ -68,6 +71,9 @@ def test_values_are_parsed():
     ({"SYNC_COMMANDS": "guilds"}, "SYNC_COMMANDS=guilds needs DISCORD_GUILD_IDS"),
     ({"MUSICGEN_DTYPE": "int8"}, "MUSICGEN_DTYPE must be one of"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be one of"),
+    ({"MEMORY_LIMIT_MB": "0"}, "MEMORY_LIMIT_MB must be at least 1"),
+    ({"MEMORY_LIMIT_MB": "lots"}, "MEMORY_LIMIT_MB must be a whole number"),
+    ({"EXTEND_STRIDE_SECONDS": "0.5"}, "EXTEND_STRIDE_SECONDS must be a finite number of at least 1"),
     ({"DISCORD_API_BASE": "127.0.0.1:9"}, "DISCORD_API_BASE must be an http"),
     ({"DISCORD_GATEWAY_URL": "http://x/"}, "DISCORD_GATEWAY_URL must be a ws"),
 ])
@@ -86,7 +92,7 @@ def test_a_missing_token_is_a_clear_error():
 def test_the_token_is_hidden_in_repr_and_str():
     s = Settings.from_env({"DISCORD_TOKEN": TOKEN})
     assert TOKEN not in repr(s) and TOKEN not in str(s) and TOKEN not in f"{s}"
-    assert "max_seconds=30" in repr(s)
+    assert "max_seconds=60" in repr(s)
 
 
 def test_discord_endpoints_are_replaced_only_when_set(monkeypatch):
@@ -99,4 +105,7 @@ def test_discord_endpoints_are_replaced_only_when_set(monkeypatch):
     Settings.from_env({"DISCORD_TOKEN": TOKEN, "DISCORD_API_BASE": "http://127.0.0.1:1/api/v10",
                        "DISCORD_GATEWAY_URL": "ws://127.0.0.1:1/"}).apply_discord_endpoints()
     assert discord.http.Route.BASE == "http://127.0.0.1:1/api/v10"
-    assert discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY == "ws://127.0.0.1:1/"
+    gateway = discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    # discord.py calls .with_query on it, so it must be a URL, not a string
+    assert isinstance(gateway, yarl.URL) and str(gateway) == "ws://127.0.0.1:1/"
+    assert str(gateway.with_query(v=10, encoding="json")) == "ws://127.0.0.1:1/?v=10&encoding=json"
