@@ -226,3 +226,89 @@ async def test_a_finished_clip_becomes_a_wav_of_exactly_its_length(make_worker, 
     assert all(len(p) <= 20000 for p in parts) and len(parts) > 1
     frames = sum(soundfile.info(io.BytesIO(p)).frames for p in parts)
     assert frames == 24000
+
+
+class HungryGenerator(FakeGenerator):
+    """A fake whose memory estimate is large: ``base`` bytes plus ``per_row`` bytes per request."""
+
+    def __init__(self, *, base: int, per_row: int, **kw) -> None:
+        super().__init__(**kw)
+        self.base, self.per_row = base, per_row
+        self.estimated: list[int] = []
+
+    def estimate_batch_bytes(self, requests) -> int:
+        self.estimated.append(len(requests))
+        return self.base + self.per_row * len(requests)
+
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize("limit, fits", [(10 * GiB, 4), (3.5 * GiB, 2), (2.5 * GiB, 1), (0.5 * GiB, 1)])
+async def test_a_batch_is_shrunk_to_fit_the_memory_limit(make_worker, limit, fits):
+    gen = HungryGenerator(base=GiB, per_row=GiB, sampling_rate=8000)
+    worker = make_worker(lambda: gen, max_batch=4, memory_limit=int(limit))
+    await worker.wait_ready()
+    jobs = [make_job(i, user=i) for i in range(1, 7)]
+    assert worker.fit_batch(jobs) == fits
+    assert worker.fit_batch(jobs[:1]) == 1 and worker.fit_batch([]) == 0
+    results = await worker.run_batch(jobs[:fits])
+    assert [r.status for r in results] == [JobStatus.DONE] * fits
+
+
+async def test_without_a_limit_the_free_memory_decides(make_worker):
+    gen = HungryGenerator(base=GiB, per_row=GiB, sampling_rate=8000)
+    free = {"bytes": 100 * GiB}
+    worker = make_worker(lambda: gen, max_batch=4, available_memory=lambda: free["bytes"])
+    await worker.wait_ready()
+    jobs = [make_job(i) for i in range(1, 5)]
+    assert worker.fit_batch(jobs) == 4
+    free["bytes"] = 4 * GiB  # 90 % of it is 3.6 GiB: base + 2 rows
+    assert worker.fit_batch(jobs) == 2
+    free["bytes"] = None  # unknown (not Linux): no shrinking
+    assert worker.fit_batch(jobs) == 4
+
+
+async def test_a_failing_estimate_means_one_job_at_a_time(make_worker):
+    gen = HungryGenerator(base=0, per_row=0, sampling_rate=8000)
+    gen.estimate_batch_bytes = lambda requests: 1 / 0
+    worker = make_worker(lambda: gen, max_batch=4, memory_limit=GiB)
+    await worker.wait_ready()
+    assert worker.fit_batch([make_job(i) for i in range(1, 5)]) == 1
+
+
+async def test_a_generator_without_an_estimate_is_not_shrunk(make_worker):
+    worker = make_worker(max_batch=3, memory_limit=1)
+    await worker.wait_ready()
+    assert worker.fit_batch([make_job(i) for i in range(1, 6)]) == 3
+
+
+def test_system_memory_available_reads_meminfo():
+    from bot.worker import system_memory_available
+
+    free = system_memory_available()
+    with open("/proc/meminfo") as f:
+        total = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
+    assert free is not None and 0 < free < 2 * total
+
+
+class StridingGenerator(FakeGenerator):
+    """A fake that takes ``extend_stride`` like a model that makes clips longer than its window."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.strides: list[float | None] = []
+
+    def generate_batch(self, requests, *, on_progress=None, should_stop=None, extend_stride=None):
+        self.strides.append(extend_stride)
+        return super().generate_batch(requests, on_progress=on_progress, should_stop=should_stop)
+
+
+async def test_extend_stride_reaches_a_generator_that_takes_it(make_worker, fake):
+    striding = StridingGenerator(sampling_rate=8000)
+    worker = make_worker(lambda: striding, extend_stride=18.0)
+    [result] = await worker.run_batch([make_job(1)])
+    assert result.status is JobStatus.DONE and striding.strides == [18.0]
+    plain = make_worker(extend_stride=18.0)  # the plain fake has no such option: it is not passed
+    [result] = await plain.run_batch([make_job(2)])
+    assert result.status is JobStatus.DONE
