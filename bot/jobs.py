@@ -19,6 +19,22 @@ def new_seed() -> int:
     return secrets.randbelow(SEED_LIMIT)
 
 
+class JobKind(str, Enum):
+    """What a job makes: a clip from a prompt, or one made from an earlier clip (buttons, /continue)."""
+
+    MUSIC = "music"  # /music
+    REGENERATE = "regenerate"  # same prompt as the parent, a new seed
+    VARIATION = "variation"  # same prompt and seed as the parent, temperature x VARIATION_TEMPERATURE
+    EXTEND = "extend"  # the parent's tokens continued by ``seconds``
+    CONTINUE = "continue"  # a member's uploaded audio continued by ``seconds``
+
+
+# A variation keeps the parent's prompt *and seed* (so the same random draws) and samples 10% hotter: it stays close
+# to the parent in character and drifts from it as the clip goes on.
+VARIATION_TEMPERATURE = 1.1
+MAX_TEMPERATURE = 2.0
+
+
 class JobStatus(str, Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -64,10 +80,17 @@ class Job:
     error: str | None = None
     format: str = "wav"
     attempts: int = 0  # how many times generation started (a restart mid-generation makes it > 1)
+    kind: JobKind = JobKind.MUSIC
+    parent_id: int | None = None  # the job whose clip a button was clicked on
+    temperature: float = 1.0
+    prompt_tokens_path: str | None = None  # EXTEND: the parent's tokens (codebooks, frames), an .npy file
+    prompt_audio_path: str | None = None  # CONTINUE: the decoded upload, an .npz file (samples, sampling_rate)
+    upload_limit: int | None = None  # bytes a file may have where the clip is delivered (interaction.filesize_limit)
     id: int = 0
 
     def __post_init__(self) -> None:
         self.status = JobStatus(self.status)
+        self.kind = JobKind(self.kind)
 
     def token_alive(self, now: float | None = None, *, margin: float = TOKEN_SAFETY_MARGIN) -> bool:
         """Whether the interaction token can still be used for a followup or an edit."""

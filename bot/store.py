@@ -15,11 +15,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from .jobs import Job, JobStatus, Session, SessionStatus
+from .jobs import Job, JobKind, JobStatus, Session, SessionStatus
 
 log = logging.getLogger(__name__)
 
 _JOB_FIELDS = [f.name for f in fields(Job) if f.name != "id"]
+_JOB_COLUMNS = {*_JOB_FIELDS, "id"}
 _SESSION_FIELDS = [f.name for f in fields(Session) if f.name != "id"]
 
 SCHEMA = """
@@ -47,7 +48,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     delivered_url TEXT,
     error TEXT,
     format TEXT NOT NULL DEFAULT 'wav',
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'music',
+    parent_id INTEGER,
+    temperature REAL NOT NULL DEFAULT 1.0,
+    prompt_tokens_path TEXT,
+    prompt_audio_path TEXT,
+    upload_limit INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, id);
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, id);
@@ -72,6 +79,19 @@ CREATE TABLE IF NOT EXISTS kv (
 """
 
 
+# Columns added after the first release: a database made before gets them on open (ALTER TABLE ADD COLUMN keeps
+# every row and gives old jobs the default).
+ADDED_JOB_COLUMNS = {
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "kind": "TEXT NOT NULL DEFAULT 'music'",
+    "parent_id": "INTEGER",
+    "temperature": "REAL NOT NULL DEFAULT 1.0",
+    "prompt_tokens_path": "TEXT",
+    "prompt_audio_path": "TEXT",
+    "upload_limit": "INTEGER",
+}
+
+
 class JobStore(Protocol):
     """What the queue and the cogs need from storage (SQLite now; another backend can implement the same)."""
 
@@ -93,7 +113,13 @@ class JobStore(Protocol):
     def close_session(self, session_id: int) -> Session: ...
     def get_value(self, key: str, default: Any = None) -> Any: ...
     def set_value(self, key: str, value: Any) -> None: ...
+    def recent_done(self, user_id: int, limit: int = 10) -> list[Job]: ...
     def close(self) -> None: ...
+
+    @property
+    def files_dir(self) -> Path | None:
+        """Folder for the files that belong to jobs (tokens, uploads); None when there is nowhere to keep them."""
+        ...
 
 
 class SQLiteJobStore:
@@ -110,7 +136,21 @@ class SQLiteJobStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._migrate()
+        self._files_dir = None if str(path) == ":memory:" else self.path.parent / "clips"
         log.debug("job store opened at %s", self.path)
+
+    def _migrate(self) -> None:
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, declaration in ADDED_JOB_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+                log.info("job store: added column %s", name)
+
+    @property
+    def files_dir(self) -> Path | None:
+        """``clips/`` next to the database file (created on first use by the caller); None for ``:memory:``."""
+        return self._files_dir
 
     # -- jobs ---------------------------------------------------------------------------------------------------
     def add(self, job: Job) -> Job:
@@ -180,6 +220,12 @@ class SQLiteJobStore:
     def last_created_at(self, user_id: int) -> float | None:
         """When this member's latest accepted request was made (for the cooldown)."""
         return self._db.execute("SELECT MAX(created_at) FROM jobs WHERE user_id = ?", (user_id,)).fetchone()[0]
+
+    def recent_done(self, user_id: int, limit: int = 10) -> list[Job]:
+        """This member's latest delivered clips, newest first."""
+        rows = self._db.execute("SELECT * FROM jobs WHERE user_id = ? AND status = ? ORDER BY id DESC LIMIT ?",
+                                (user_id, JobStatus.DONE.value, limit))
+        return [_job(r) for r in rows]
 
     def last_started(self) -> list[tuple[int | None, int, float]]:
         """``(session_id, user_id, latest started_at)`` for every member that had a job started (fair-queue state)."""
@@ -268,7 +314,7 @@ def _status_clause(statuses: tuple[JobStatus, ...]) -> tuple[str, list[str]]:
 
 
 def _to_db(value: Any) -> Any:
-    if isinstance(value, (JobStatus, SessionStatus)):
+    if isinstance(value, (JobStatus, SessionStatus, JobKind)):
         return value.value
     if isinstance(value, bool):
         return int(value)
@@ -276,7 +322,7 @@ def _to_db(value: Any) -> Any:
 
 
 def _job(row: sqlite3.Row) -> Job:
-    return Job(**{k: row[k] for k in row.keys()})
+    return Job(**{k: row[k] for k in row.keys() if k in _JOB_COLUMNS})
 
 
 def _session(row: sqlite3.Row) -> Session:

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from bot.jobs import Job, JobStatus, Session, SessionStatus
+from bot.jobs import Job, JobKind, JobStatus, Session, SessionStatus
 from bot.store import SQLiteJobStore
 
 
@@ -104,3 +104,41 @@ def test_key_value_state_survives_reopening(tmp_path):
 def test_the_interaction_token_is_not_in_a_jobs_repr():
     job = make_job(interaction_token="secret-token-value")
     assert "secret-token-value" not in repr(job)
+
+
+def test_a_database_from_before_the_extras_keeps_working(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    old_schema = "\n".join(line for line in __import__("bot.store", fromlist=["SCHEMA"]).SCHEMA.splitlines()
+                           if not any(f"    {c} " in line for c in ("kind", "parent_id", "temperature",
+                                                                     "prompt_tokens_path", "prompt_audio_path",
+                                                                     "upload_limit", "attempts")))
+    old_schema = old_schema.replace("format TEXT NOT NULL DEFAULT 'wav',", "format TEXT NOT NULL DEFAULT 'wav'")
+    db = sqlite3.connect(path)
+    db.executescript(old_schema)
+    assert "kind" not in {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+    db.execute("INSERT INTO jobs (channel_id, user_id, user_name, prompt, model_prompt, seconds, seed, status, "
+               "created_at) VALUES (10, 1, 'Ada', 'old', 'old', 5, 7, 'done', 1.0)")
+    db.commit()
+    db.close()
+    store = SQLiteJobStore(path)
+    old = store.get(1)
+    assert old is not None and old.prompt == "old" and old.status is JobStatus.DONE
+    assert old.kind is JobKind.MUSIC and old.temperature == 1.0 and old.parent_id is None and old.attempts == 0
+    new = store.add(make_job(kind=JobKind.EXTEND, parent_id=1, temperature=1.1, prompt_tokens_path="clips/1.npy",
+                             upload_limit=1024, format="flac"))
+    assert store.get(new.id) == new
+    assert store.recent_done(1) == [old]
+    store.close()
+    SQLiteJobStore(path).close()  # opening a migrated database again changes nothing
+
+
+def test_recent_done_lists_a_members_clips_newest_first(tmp_path):
+    store = SQLiteJobStore(tmp_path / "bot.sqlite3")
+    jobs = [store.add(make_job(user=1, prompt=f"p{i}")) for i in range(4)]
+    store.add(make_job(user=2))
+    for job in jobs[:3]:
+        store.update(job.id, status=JobStatus.DONE)
+    assert [j.prompt for j in store.recent_done(1)] == ["p2", "p1", "p0"]
+    assert [j.prompt for j in store.recent_done(1, limit=2)] == ["p2", "p1"]
+    assert store.recent_done(2) == []
+    assert store.files_dir == tmp_path / "clips"
