@@ -1,11 +1,11 @@
 """MusicGen (T5 text encoder, transformer decoder over EnCodec tokens, EnCodec) on MLX.
 
-Importing ``core`` before ``mlx`` lets it preload OpenBLAS on Linux (see :mod:`core.blas`).
+Importing ``core`` before ``mlx`` lets it preload a fast BLAS (BLIS or OpenBLAS) on Linux: see :mod:`core.blas`.
 """
 
-from .blas import preload_openblas
+from .blas import preload_blas
 
-preload_openblas()
+preload_blas()
 
 from .encodec import EncodecModel  # noqa: E402
 from .generation import Clip, GenerationRequest, GenerationStopped  # noqa: E402

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import core  # noqa: F401  (before any test module imports mlx, so a fast BLAS is preloaded)
 from tests.fake_discord import FakeDiscord
 from tests.fake_discord.process import BotProcess, bot_env
 

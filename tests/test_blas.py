@@ -1,0 +1,63 @@
+"""The BLAS preload (core.blas): every choice computes the same products as the reference BLAS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from core.blas import LIBRARIES
+
+PROBE = """
+import json, numpy as np
+{first}
+import core, mlx.core as mx
+rng = np.random.default_rng(0)
+out = {{}}
+for m, k, n in [(2, 1024, 3072), (8, 4096, 1024), (37, 300, 53)]:
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    out[f"{{m}}x{{k}}x{{n}}"] = np.array(mx.array(a) @ mx.array(w).T).tolist()
+print(json.dumps({{"blas": core.blas.active_blas, "products": out}}))
+"""
+
+
+def run_probe(choice: str, first: str = "") -> dict:
+    env = dict(os.environ, MUSICGEN_BLAS=choice)
+    out = subprocess.run([sys.executable, "-c", PROBE.format(first=first)], env=env, capture_output=True,
+                         text=True, check=True, timeout=120)
+    return json.loads(out.stdout)
+
+
+def installed(name: str) -> bool:
+    return any(os.path.exists(p) for p in LIBRARIES[name])
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    result = run_probe("reference")
+    assert result["blas"].startswith("reference BLAS")
+    return result
+
+
+@pytest.mark.parametrize("choice", ["blis", "openblas"])
+def test_fast_blas_matches_reference(choice, reference):
+    if sys.platform.startswith("linux") and not installed(choice):
+        pytest.fail(f"{choice} is not installed: .ci/run installs it (apt-get install "
+                    f"{'libblis4-pthread' if choice == 'blis' else 'libopenblas0-pthread'})")
+    result = run_probe(choice)
+    assert result["blas"].startswith(choice)
+    import numpy as np
+
+    for shape, product in result["products"].items():
+        expected = np.array(reference["products"][shape])
+        np.testing.assert_allclose(np.array(product), expected, rtol=1e-4, atol=1e-3, err_msg=shape)
+
+
+def test_auto_prefers_blis_and_reports_late_import():
+    assert run_probe("auto")["blas"].startswith("blis")
+    late = run_probe("auto", first="import mlx.core")
+    assert "too late" in late["blas"]
