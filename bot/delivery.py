@@ -5,7 +5,8 @@ as a followup and the status message is edited through it; once the token is gon
 Discord answers 401 / "Invalid Webhook Token" — the clip goes to the channel as a normal message that mentions the
 requester. Only the requester can ever be pinged. Server errors and rate limits are retried with backoff; an
 upload that is too large is re-encoded smaller (Ogg Vorbis) once; a deleted channel or a missing permission makes
-the job undeliverable.
+the job undeliverable. :meth:`Deliverer.deliver_clip` is the whole finished-clip message: audio in the member's
+format (or a smaller one that fits), a PNG of the waveform and the Regenerate / Extend / Variation buttons.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,8 +25,11 @@ import soundfile as sf
 
 from core.generation import Clip
 
+from . import audio
 from .formatting import display, fit_message, format_seconds
-from .jobs import TOKEN_SAFETY_MARGIN, Job
+from .jobs import TOKEN_SAFETY_MARGIN, Job, JobKind, save_tokens
+from .picture import waveform_png
+from .views import clip_view
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +90,9 @@ def _too_large(error: BaseException) -> bool:
     return isinstance(error, discord.HTTPException) and (error.status == 413 or error.code == PAYLOAD_TOO_LARGE)
 
 
-def to_ogg(wav: bytes) -> bytes:
-    """Re-encode WAV bytes as Ogg Vorbis (same length and rate, about 20x smaller)."""
-    samples, rate = sf.read(io.BytesIO(wav), dtype="float32", always_2d=True)
+def to_ogg(data: bytes) -> bytes:
+    """Re-encode an audio file (WAV, FLAC, MP3) as Ogg Vorbis (same length and rate, much smaller)."""
+    samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     out = io.BytesIO()
     sf.write(out, np.clip(samples, -1.0, 1.0), rate, format="OGG", subtype="VORBIS")
     return out.getvalue()
@@ -99,14 +103,29 @@ def _with_suffix(filename: str, suffix: str) -> str:
     return f"{stem}.{suffix}"
 
 
-def clip_message(job: Job, clip: Clip, *, generated_in: float | None = None) -> str:
-    """The text that goes with a delivered clip: the requester mentioned, the prompt (escaped), seed and duration."""
+_KIND_NOTES = {
+    JobKind.REGENERATE: "a new take on clip #{parent} (new seed)",
+    JobKind.VARIATION: "a variation of clip #{parent} (same seed, temperature {temperature:g})",
+    JobKind.EXTEND: "clip #{parent} extended by {seconds} s",
+    JobKind.CONTINUE: "your audio continued by {seconds} s",
+}
+
+
+def clip_message(job: Job, clip: Clip, *, generated_in: float | None = None, fmt: str | None = None) -> str:
+    """The text that goes with a delivered clip: the requester mentioned, the prompt (escaped), seed and duration,
+    what the clip was made from, and a note when it was sent in another format than asked (``fmt``)."""
     took = "" if generated_in is None else (f"{generated_in:.1f} s" if generated_in < 10 else format_seconds(generated_in))
     made = f" · made in {took}" if took else ""
     lines = [f"<@{job.user_id}> your clip is ready 🎶", f"**Prompt:** {display(job.prompt, 600)}"]
     if job.model_prompt != job.prompt:
         lines.append(f"**As generated:** {display(job.model_prompt, 800)}")
+    note = _KIND_NOTES.get(job.kind)
+    if note:
+        lines.append(f"**From:** {note.format(parent=job.parent_id, temperature=job.temperature, seconds=job.seconds)}")
     lines.append(f"**Seed:** `{job.seed}` · **Duration:** {clip.seconds:g} s{made}")
+    if fmt is not None and fmt != job.format:
+        lines.append(f"*Sent as {fmt.upper()} instead of {job.format.upper()}: the {job.format.upper()} file would be "
+                     f"larger than this channel's upload limit.*")
     return fit_message("\n".join(lines))
 
 
@@ -136,6 +155,9 @@ class Deliverer:
         return f"https://discord.com/channels/{guild}/{job.channel_id}/{message_id}"
 
     def upload_limit(self, job: Job) -> int:
+        """Bytes one file may have: what the job's interaction said (``filesize_limit``), else the guild's."""
+        if job.upload_limit:
+            return int(job.upload_limit)
         guild = self.client.get_guild(job.guild_id) if job.guild_id else None
         return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
 
@@ -159,21 +181,50 @@ class Deliverer:
 
     # -- public API -------------------------------------------------------------------------------------------
     async def send(self, job: Job, content: str, *, data: bytes | None = None,
-                   filename: str = "clip.wav") -> Delivered:
-        """Send ``content`` (and the file, if given) to the requester; raise DeliveryError when it cannot be done."""
-        if data is not None and len(data) > self.upload_limit(job) and filename.endswith(".wav"):
+                   filename: str = "clip.wav", extra_files: Sequence[tuple[str, bytes]] = (),
+                   view: discord.ui.View | None = None) -> Delivered:
+        """Send ``content`` with the audio file ``data`` (if given), ``extra_files`` (name, bytes) and ``view`` to
+        the requester; raise DeliveryError when it cannot be done. An audio file refused as too large is sent again
+        as Ogg Vorbis once."""
+        if data is not None and len(data) > self.upload_limit(job) and not filename.endswith(".ogg"):
             log.info("job %s: %d bytes is over the upload limit; sending Ogg Vorbis", job.id, len(data))
             data, filename = to_ogg(data), _with_suffix(filename, "ogg")
         try:
-            return await self._send_once(job, content, data, filename)
+            return await self._send_once(job, content, data, filename, extra_files, view)
         except discord.HTTPException as error:
-            if data is None or not _too_large(error) or not filename.endswith(".wav"):
+            if data is None or not _too_large(error) or filename.endswith(".ogg"):
                 raise self._as_delivery_error(job, error) from error
             log.info("job %s: upload refused as too large; re-encoding as Ogg Vorbis", job.id)
         try:
-            return await self._send_once(job, content, to_ogg(data), _with_suffix(filename, "ogg"))
+            return await self._send_once(job, content, to_ogg(data), _with_suffix(filename, "ogg"), extra_files, view)
         except discord.HTTPException as error:
             raise self._as_delivery_error(job, error) from error
+
+    async def deliver_clip(self, job: Job, clip: Clip, *, generated_in: float | None = None) -> Delivered:
+        """Deliver a finished clip as a member expects it: normalised with a fade-out (unless ``NORMALIZE_AUDIO`` is
+        off), in the format they asked for (or a smaller one that fits the upload limit, said in the message), with
+        a PNG of the waveform and the Regenerate / Extend / Variation buttons. The clip's tokens are kept next to
+        the database first so Extend works on it later, across restarts."""
+        settings = getattr(self.client, "settings", None)
+        normalize = getattr(settings, "normalize_audio", True)
+        files_dir = getattr(getattr(self.client, "store", None), "files_dir", None)
+        if files_dir is not None and clip.tokens is not None:
+            try:
+                save_tokens(files_dir, job.id, clip.tokens)
+            except OSError as exc:
+                log.warning("job %s: could not keep the clip's tokens: %s", job.id, exc)
+        samples = audio.finish(clip.samples, clip.sampling_rate, normalize=normalize)
+        picture = waveform_png(samples, clip.sampling_rate, job.prompt)
+        wanted = job.format if job.format in audio.FORMATS else "wav"
+        limit = self.upload_limit(job)
+        try:
+            fmt, data = audio.encode_to_fit(samples, clip.sampling_rate, wanted, limit)
+        except ValueError as exc:
+            raise DeliveryError("the clip is larger than this channel's upload limit in every format") from exc
+        content = clip_message(job, clip, generated_in=generated_in, fmt=fmt)
+        suffix = audio.FORMATS[fmt].suffix
+        return await self.send(job, content, data=data, filename=f"musicgen-{job.id}.{suffix}",
+                               extra_files=[(f"musicgen-{job.id}.png", picture)], view=clip_view(job.id))
 
     def _as_delivery_error(self, job: Job, error: discord.HTTPException) -> DeliveryError:
         if isinstance(error, (discord.Forbidden, discord.NotFound)):
@@ -182,18 +233,22 @@ class Deliverer:
             return DeliveryError("the clip is larger than this server's upload limit")
         return DeliveryError(f"Discord refused the upload ({error.status}: {error.text or 'no detail'})")
 
-    async def _send_once(self, job: Job, content: str, data: bytes | None, filename: str) -> Delivered:
+    async def _send_once(self, job: Job, content: str, data: bytes | None, filename: str,
+                         extra_files: Sequence[tuple[str, bytes]] = (), view: discord.ui.View | None = None
+                         ) -> Delivered:
         mentions = only_mention(job.user_id)
+        extra: dict[str, Any] = {} if view is None else {"view": view}
 
         def files() -> list[discord.File]:
-            return [discord.File(io.BytesIO(data), filename=filename)] if data is not None else []
+            out = [discord.File(io.BytesIO(data), filename=filename)] if data is not None else []
+            return out + [discord.File(io.BytesIO(blob), filename=name) for name, blob in extra_files]
 
         if token_alive(job):
             webhook = self._webhook(job)
             try:
                 message = await self._retry(
                     f"job {job.id}: followup",
-                    lambda: webhook.send(content, files=files(), allowed_mentions=mentions, wait=True),
+                    lambda: webhook.send(content, files=files(), allowed_mentions=mentions, wait=True, **extra),
                 )
                 return Delivered(message.id, self._url(job, message.id), "interaction")
             except discord.HTTPException as error:
@@ -203,7 +258,7 @@ class Deliverer:
         channel = self._channel(job)
         message = await self._retry(
             f"job {job.id}: channel message",
-            lambda: channel.send(content, files=files(), allowed_mentions=mentions),
+            lambda: channel.send(content, files=files(), allowed_mentions=mentions, **extra),
         )
         return Delivered(message.id, self._url(job, message.id), "channel")
 

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.generation import Clip, GenerationRequest, GenerationStopped
+
+log = logging.getLogger(__name__)
 
 # An interaction token allows followups and edits for 15 minutes; keep a margin for the upload itself.
 INTERACTION_TOKEN_LIFETIME = 15 * 60
@@ -131,3 +142,154 @@ class Session:
     @property
     def open(self) -> bool:
         return self.status is SessionStatus.OPEN
+
+
+# -- from a job to what the model is asked ---------------------------------------------------------------------
+class ClipDataGone(LookupError):
+    """The files a job needs (an earlier clip's tokens, an upload) are no longer on disk."""
+
+
+def tokens_file(files_dir: Path, job_id: int) -> Path:
+    """Where a finished job's EnCodec tokens ``(codebooks, frames)`` are kept (for Extend)."""
+    return files_dir / f"{job_id}.npy"
+
+
+def save_tokens(files_dir: Path, job_id: int, tokens: np.ndarray) -> Path:
+    """Keep a finished clip's tokens; written to a temporary name first so a crash never leaves half a file."""
+    files_dir.mkdir(parents=True, exist_ok=True)
+    path = tokens_file(files_dir, job_id)
+    partial = path.with_suffix(".partial.npy")
+    np.save(partial, np.asarray(tokens, dtype=np.int16 if np.max(tokens, initial=0) < 2**15 else np.int32))
+    partial.replace(path)
+    return path
+
+
+def save_upload(files_dir: Path, samples: np.ndarray, sampling_rate: int) -> Path:
+    """Keep a member's decoded upload for the worker thread (and for Regenerate/Variation of its continuation),
+    under a new random name: it is written before the job is queued, so the job can name it."""
+    files_dir.mkdir(parents=True, exist_ok=True)
+    path = files_dir / f"upload-{secrets.token_hex(8)}.npz"
+    with open(path, "wb") as f:
+        np.savez(f, samples=np.asarray(samples, dtype=np.float32), sampling_rate=np.int64(sampling_rate))
+    return path
+
+
+def load_tokens(path: str | Path | None) -> np.ndarray:
+    """The tokens kept at ``path``; :class:`ClipDataGone` when they are missing or unreadable."""
+    if not path:
+        raise ClipDataGone("no tokens were kept for this clip")
+    try:
+        tokens = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ClipDataGone(f"the tokens of this clip are gone ({exc})") from exc
+    return tokens.astype(np.int32)
+
+
+def load_upload(path: str | Path | None) -> tuple[np.ndarray, int]:
+    """The decoded upload kept at ``path`` as ``(samples, sampling_rate)``; :class:`ClipDataGone` if missing."""
+    if not path:
+        raise ClipDataGone("no audio was kept for this request")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return np.asarray(data["samples"], dtype=np.float32), int(data["sampling_rate"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ClipDataGone(f"the uploaded audio is gone ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class JobRequest(GenerationRequest):
+    """A :class:`GenerationRequest` that still names the files it needs; :func:`run_requests` loads them on the
+    worker thread (so a missing file fails that job, not the event loop). With ``tokens_path`` (Extend, and
+    Regenerate/Variation of an extended clip) or ``audio_path`` (/continue) ``seconds`` is the length of the *new*
+    part; ``kind`` only records where the job came from."""
+
+    job_id: int = 0
+    kind: JobKind = JobKind.MUSIC
+    tokens_path: str | None = None
+    audio_path: str | None = None
+
+
+def generation_request(job: Job, **extras: Any) -> JobRequest:
+    """The request for ``job``: its prompt, length, seed and temperature, and the files it continues from."""
+    return JobRequest(prompt=job.model_prompt, seconds=job.seconds, seed=job.seed, temperature=job.temperature,
+                      job_id=job.id, kind=job.kind, tokens_path=job.prompt_tokens_path,
+                      audio_path=job.prompt_audio_path, **extras)
+
+
+def run_requests(generator: Any, requests: Sequence[GenerationRequest], *,
+                 on_progress: Callable[[int, int, int], Any] | None = None,
+                 should_stop: Callable[[int], bool] | None = None, **options: Any) -> list[Clip | None]:
+    """Generate ``requests`` on the worker thread: rows with ``tokens_path`` get those tokens as ``prompt_tokens``
+    and go with the others through ``generate_batch``; rows with ``audio_path`` run one at a time through
+    ``continue_audio``.
+
+    A row whose files are gone gives ``None`` (the worker reports it as failed) while the others go on.
+    """
+    clips: list[Clip | None] = [None] * len(requests)
+    batch_rows: list[int] = []
+    batch: list[GenerationRequest] = []
+    continued: list[int] = []
+    for row, request in enumerate(requests):
+        try:
+            if getattr(request, "audio_path", None):
+                continued.append(row)
+                continue
+            if getattr(request, "tokens_path", None):
+                tokens = load_tokens(getattr(request, "tokens_path", None))
+                prompt_seconds = tokens.shape[1] / float(generator.frame_rate)
+                request = replace(request, prompt_tokens=tokens, seconds=prompt_seconds + request.seconds)
+        except ClipDataGone as exc:
+            log.warning("job %s: %s", getattr(request, "job_id", "?"), exc)
+            continue
+        batch_rows.append(row)
+        batch.append(_plain(request))
+    if batch:
+        def progress(row: int, step: int, total: int) -> None:
+            if on_progress is not None:
+                on_progress(batch_rows[row], step, total)
+
+        def stop(row: int) -> bool:
+            return should_stop is not None and should_stop(batch_rows[row])
+
+        for row, clip in zip(batch_rows, generator.generate_batch(batch, on_progress=progress, should_stop=stop,
+                                                                  **options), strict=True):
+            clips[row] = clip
+    for row in continued:
+        clips[row] = _continue(generator, row, requests[row], on_progress, should_stop)
+    return clips
+
+
+def _plain(request: GenerationRequest) -> GenerationRequest:
+    """The core request without the bot's bookkeeping fields."""
+    if type(request) is GenerationRequest:
+        return request
+    return GenerationRequest(prompt=request.prompt, seconds=request.seconds, seed=request.seed, top_k=request.top_k,
+                             temperature=request.temperature, guidance_scale=request.guidance_scale,
+                             prompt_tokens=request.prompt_tokens, extend_stride=request.extend_stride)
+
+
+def _continue(generator: Any, row: int, request: GenerationRequest, on_progress: Callable[[int, int, int], Any] | None,
+              should_stop: Callable[[int], bool] | None) -> Clip | None:
+    try:
+        samples, rate = load_upload(getattr(request, "audio_path", None))
+    except ClipDataGone as exc:
+        log.warning("job %s: %s", getattr(request, "job_id", "?"), exc)
+        return None
+    options: dict[str, Any] = dict(seed=request.seed, temperature=request.temperature, top_k=request.top_k,
+                                   guidance_scale=request.guidance_scale)
+    if on_progress is not None:
+        options["on_progress"] = lambda step, total: on_progress(row, step, total)
+    if should_stop is not None:
+        options["should_stop"] = lambda: should_stop(row)
+    if request.extend_stride is not None:
+        options["extend_stride"] = request.extend_stride
+    try:  # pass only what this generator's continue_audio takes (core's takes every generate() option)
+        accepted = inspect.signature(generator.continue_audio).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    if accepted and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        options = {k: v for k, v in options.items() if k in accepted}
+    try:
+        return generator.continue_audio(samples, rate, request.prompt, request.seconds, **options)
+    except GenerationStopped:
+        return None

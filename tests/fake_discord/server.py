@@ -48,6 +48,7 @@ INVALID_SESSION, HELLO, HEARTBEAT_ACK = 9, 10, 11
 
 # application command option types
 SUB_COMMAND, SUB_COMMAND_GROUP, STRING, INTEGER, BOOLEAN, USER, CHANNEL, ROLE, MENTIONABLE, NUMBER = range(1, 11)
+ATTACHMENT = 11
 
 
 class DiscordError(Exception):
@@ -154,6 +155,7 @@ class FakeDiscord:
         self.global_commands: list[dict[str, Any]] = []
         self.guild_commands: dict[int, list[dict[str, Any]]] = {}
         self.interactions: dict[int, Interaction] = {}
+        self.uploads: list[Attachment] = []  # files members attach to command options (see ``upload``)
         self._by_token: dict[str, Interaction] = {}
         self.events: list[Event] = []
         self.faults: list[Fault] = []
@@ -271,6 +273,14 @@ class FakeDiscord:
     def channel_messages(self) -> list[Message]:
         """Messages the bot posted with ``POST /channels/{id}/messages`` (not interaction responses)."""
         return [m for m in self.messages if m.interaction is None and m.webhook_id is None]
+
+    def upload(self, filename: str, data: bytes, content_type: str | None = None) -> Attachment:
+        """A file a member attaches to a command option: pass it as the option's value in ``invoke``. It is
+        served from the fake CDN at its ``url`` like a real attachment."""
+        attachment = Attachment(snowflake(), filename, data, content_type)
+        attachment.url = f"{self.base_url}/attachments/0/{attachment.id}/{filename}"
+        self.uploads.append(attachment)
+        return attachment
 
     @property
     def files(self) -> list[Attachment]:
@@ -481,6 +491,9 @@ class FakeDiscord:
             elif kind == CHANNEL and isinstance(value, Channel):
                 resolved.setdefault("channels", {})[str(value.id)] = {
                     "id": str(value.id), "name": value.name, "type": value.type, "permissions": str(BOT_PERMISSIONS)}
+                value = str(value.id)
+            elif kind == ATTACHMENT and isinstance(value, Attachment):
+                resolved.setdefault("attachments", {})[str(value.id)] = value.payload()
                 value = str(value.id)
             elif kind == ROLE and hasattr(value, "permissions") and hasattr(value, "position"):
                 resolved.setdefault("roles", {})[str(value.id)] = value.payload()
@@ -768,7 +781,7 @@ class FakeDiscord:
 
     async def _serve_attachment(self, request: web.Request) -> web.Response:
         aid = int(request.match_info["id"])
-        for attachment in self.files:
+        for attachment in [*self.files, *self.uploads]:
             if attachment.id == aid:
                 return web.Response(body=attachment.data,
                                     headers={"Content-Type": attachment.content_type or "application/octet-stream"})

@@ -1,0 +1,56 @@
+"""Buttons under every delivered clip: Regenerate, Extend and Variation.
+
+They are :class:`discord.ui.DynamicItem` buttons whose custom_id holds the action and the clip's job id
+(``clip:extend:42``), registered once with ``bot.add_dynamic_items``: a click is understood from the custom_id
+alone, so the buttons keep working after a restart without any view being stored. What a click does is in
+:func:`bot.cogs.music.follow_up` (same queue and limits as /music).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import discord
+
+log = logging.getLogger(__name__)
+
+# action -> (label, emoji, style)
+ACTIONS: dict[str, tuple[str, str, discord.ButtonStyle]] = {
+    "regen": ("Regenerate", "🔁", discord.ButtonStyle.secondary),
+    "extend": ("Extend", "⏩", discord.ButtonStyle.primary),
+    "vary": ("Variation", "🎲", discord.ButtonStyle.secondary),
+}
+
+
+def custom_id(action: str, job_id: int) -> str:
+    return f"clip:{action}:{job_id}"
+
+
+class ClipButton(discord.ui.DynamicItem[discord.ui.Button], template=r"clip:(?P<action>regen|extend|vary):(?P<job_id>[0-9]{1,19})"):
+    """One of the three buttons of a clip; survives restarts (the custom_id carries everything)."""
+
+    def __init__(self, action: str, job_id: int) -> None:
+        label, emoji, style = ACTIONS[action]
+        super().__init__(discord.ui.Button(label=label, emoji=emoji, style=style,
+                                           custom_id=custom_id(action, job_id)))
+        self.action = action
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
+                             match: re.Match[str], /) -> ClipButton:
+        return cls(match["action"], int(match["job_id"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        from .cogs.music import follow_up  # the cog imports this module; import at call time
+
+        await follow_up(interaction, self.action, self.job_id)
+
+
+def clip_view(job_id: int) -> discord.ui.View:
+    """The buttons for a delivered clip (no timeout: the dynamic items answer clicks forever)."""
+    view = discord.ui.View(timeout=None)
+    for action in ACTIONS:
+        view.add_item(ClipButton(action, job_id))
+    return view
