@@ -32,6 +32,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def frames(data: bytes) -> int:
     return sf.info(io.BytesIO(data)).frames
 
+AUDIO = (".wav", ".ogg", ".mp3", ".flac", ".opus")
+
+
+def audio(files) -> list:
+    """The audio attachments among ``files`` (a delivery may also carry a picture of the waveform)."""
+    return [a for a in files if a.filename.endswith(AUDIO)]
+
+
+async def clips(interaction: Interaction, n: int = 1, timeout: float = 60.0) -> list:
+    """Wait until ``n`` audio files reached this interaction and return them."""
+    await interaction.wait(lambda i: len(audio(i.files)) >= n, timeout)
+    return audio(interaction.files)
+
 
 def says(interaction: Interaction, text: str) -> bool:
     return interaction.original is not None and text in interaction.original.content
@@ -50,16 +63,16 @@ async def test_killed_while_generating_every_job_is_delivered_once_after_restart
         await interaction.wait(lambda i: says(i, "position"), 10)
     bot.kill()
     await bot.wait_exit()
-    assert long_one.files == [] and all(i.files == [] for i in waiting)
+    assert audio(long_one.files) == [] and all(audio(i.files) == [] for i in waiting)
 
     again = await run_bot(**settings)
     everyone = [long_one, *waiting]
     for interaction in everyone:
-        await interaction.wait_files(1, timeout=90)
+        await clips(interaction, 1, timeout=90)
     await asyncio.sleep(1.0)  # anything delivered twice would arrive by now
-    assert [len(i.files) for i in everyone] == [1, 1, 1]
-    assert len(fake.files) == 3
-    assert [frames(i.files[0].data) for i in everyone] == [20 * RATE, RATE, RATE]
+    assert [len(audio(i.files)) for i in everyone] == [1, 1, 1]
+    assert len(audio(fake.files)) == 3
+    assert [frames(audio(i.files)[0].data) for i in everyone] == [20 * RATE, RATE, RATE]
     assert "recovered: queued again" in again.log
     assert await again.stop() == 0
 
@@ -67,7 +80,7 @@ async def test_killed_while_generating_every_job_is_delivered_once_after_restart
 async def test_hostile_input_gets_clear_ephemeral_answers(
         fake_discord: FakeDiscord, run_bot: Callable[..., Awaitable[BotProcess]], tiny_model: Path) -> None:
     fake = fake_discord
-    bot = await run_bot(MUSICGEN_MODEL=str(tiny_model), COOLDOWN_SECONDS="0")
+    bot = await run_bot(MUSICGEN_MODEL=str(tiny_model), COOLDOWN_SECONDS="0", MAX_SECONDS="30")
     mallory = fake.guild.add_member("mallory")
     cases = [
         ({"prompt": "x" * 6000}, "too long"),
@@ -89,7 +102,7 @@ async def test_hostile_input_gets_clear_ephemeral_answers(
 
     # after all that, a normal request still works
     fine = await fake.invoke(mallory, "music", {"prompt": "fine", "seconds": 1})
-    [wav] = await fine.wait_files(1, timeout=60)
+    [wav] = await clips(fine, 1, timeout=60)
     assert frames(wav.data) == RATE
     assert await bot.stop() == 0
     assert "Traceback" not in bot.log and fake.token not in bot.log
@@ -115,3 +128,100 @@ def test_bad_model_path_is_one_clear_message(tmp_path: Path) -> None:
                              tmp_path)
     assert code == 2 and output.count("could not load the model") == 1 and "MUSICGEN_MODEL" in output
     assert "Traceback" not in output and "secret.token.value" not in output
+
+
+def db_rows(path: Path) -> dict[int, tuple[str, int]]:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return {row[0]: (row[1], row[2]) for row in db.execute("SELECT id, status, attempts FROM jobs")}
+
+
+async def test_killed_while_jobs_are_queued_they_keep_their_order_and_pause(
+        fake_discord: FakeDiscord, run_bot: Callable[..., Awaitable[BotProcess]], tiny_model: Path,
+        tmp_path: Path) -> None:
+    fake = fake_discord
+    settings = dict(MUSICGEN_MODEL=str(tiny_model), COOLDOWN_SECONDS="0", MAX_BATCH="1")
+    admin = fake.guild.add_member("root", admin=True)
+    bot = await run_bot(**settings)
+    long_one = await fake.invoke(fake.guild.add_member("long"), "music", {"prompt": "long drone", "seconds": 30})
+    await long_one.wait(lambda i: says(i, "Generating"), 30)
+    waiting = [await fake.invoke(fake.guild.add_member(f"q{n}"), "music", {"prompt": f"tune {n}", "seconds": 1})
+               for n in range(3)]
+    for n, interaction in enumerate(waiting, 1):
+        await interaction.wait(lambda i, n=n: says(i, f"position **{n}**"), 10)
+    for command in ("admin pause", "admin skip"):  # nothing starts, and the running one stops: all queued
+        answered = await fake.invoke(admin, command)
+        await answered.wait(lambda i: i.original is not None, 10)
+    await long_one.wait(lambda i: says(i, "stopped by an admin"), 30)
+    bot.kill()
+    await bot.wait_exit()
+    assert [status for status, _ in db_rows(tmp_path / "bot.sqlite3").values()] == ["cancelled"] + ["queued"] * 3
+
+    again = await run_bot(**settings)
+    await asyncio.sleep(1.0)
+    assert all(audio(i.files) == [] for i in waiting)  # still paused after the restart
+    resumed = await fake.invoke(admin, "admin resume")
+    await resumed.wait(lambda i: i.original is not None, 10)
+    for interaction in waiting:
+        await clips(interaction, 1, timeout=60)
+    await asyncio.sleep(0.5)
+    assert [len(audio(i.files)) for i in waiting] == [1, 1, 1] and len(audio(fake.files)) == 3
+    assert audio(long_one.files) == []
+    arrival = [next(n for n, i in enumerate(waiting) if a in audio(i.files)) for a in audio(fake.files)]
+    assert arrival == [0, 1, 2]
+    assert await again.stop() == 0
+
+
+async def test_sigterm_while_generating_finishes_the_clip_within_the_grace_period(
+        fake_discord: FakeDiscord, run_bot: Callable[..., Awaitable[BotProcess]], tiny_model: Path,
+        tmp_path: Path) -> None:
+    import signal
+
+    fake = fake_discord
+    bot = await run_bot(MUSICGEN_MODEL=str(tiny_model), COOLDOWN_SECONDS="0", MAX_BATCH="1",
+                        SHUTDOWN_GRACE_SECONDS="120")
+    running = await fake.invoke(fake.guild.add_member("long"), "music", {"prompt": "long drone", "seconds": 12})
+    await running.wait(lambda i: says(i, "Generating"), 30)
+    bot.process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    late = await fake.invoke(fake.guild.add_member("late"), "music", {"prompt": "too late", "seconds": 1})
+    await late.wait(lambda i: i.original is not None, 10)
+    assert late.ephemeral and "restarting" in late.original.content
+    assert await bot.wait_exit(120) == 0
+    [wav] = audio(running.files)
+    assert frames(wav.data) == 12 * RATE
+    assert "shut down cleanly" in bot.log and "Traceback" not in bot.log
+    assert list(db_rows(tmp_path / "bot.sqlite3").values()) == [("done", 1)]  # the refused one was never stored
+    wal = tmp_path / "bot.sqlite3-wal"
+    assert not wal.exists() or wal.stat().st_size == 0  # flushed into the database file
+    assert fake._ws is None or fake._ws.closed  # the gateway connection was closed by the bot
+
+
+async def test_sigterm_with_a_short_grace_interrupts_and_the_next_start_delivers(
+        fake_discord: FakeDiscord, run_bot: Callable[..., Awaitable[BotProcess]], tiny_model: Path,
+        tmp_path: Path) -> None:
+    fake = fake_discord
+    settings = dict(MUSICGEN_MODEL=str(tiny_model), COOLDOWN_SECONDS="0", MAX_BATCH="1",
+                    SHUTDOWN_GRACE_SECONDS="0.5")
+    bot = await run_bot(**settings)
+    running = await fake.invoke(fake.guild.add_member("long"), "music", {"prompt": "long drone", "seconds": 20})
+    await running.wait(lambda i: says(i, "Generating"), 30)
+    waiting = await fake.invoke(fake.guild.add_member("next"), "music", {"prompt": "short", "seconds": 1})
+    await waiting.wait(lambda i: says(i, "position"), 10)
+    assert await bot.stop(timeout=30) == 0
+    assert "interrupted by shutdown" in bot.log and "shut down cleanly" in bot.log
+    assert audio(running.files) == [] and audio(waiting.files) == []
+    assert says(running, "Interrupted by a restart")
+    rows = db_rows(tmp_path / "bot.sqlite3")
+    assert sorted(status for status, _ in rows.values()) == ["queued", "queued"]
+
+    again = await run_bot(**settings)
+    for interaction in (running, waiting):
+        await clips(interaction, 1, timeout=90)
+    await asyncio.sleep(1.0)
+    assert [len(audio(running.files)), len(audio(waiting.files))] == [1, 1] and len(audio(fake.files)) == 2
+    assert frames(audio(running.files)[0].data) == 20 * RATE
+    assert audio(fake.files)[0] is audio(running.files)[0]  # the interrupted job goes first
+    assert [status for status, _ in db_rows(tmp_path / "bot.sqlite3").values()] == ["done", "done"]
+    assert await again.stop() == 0

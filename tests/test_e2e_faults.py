@@ -60,6 +60,19 @@ class World:
 def frames(data: bytes) -> int:
     return sf.info(io.BytesIO(data)).frames
 
+AUDIO = (".wav", ".ogg", ".mp3", ".flac", ".opus")
+
+
+def audio(files) -> list:
+    """The audio attachments among ``files`` (a delivery may also carry a picture of the waveform)."""
+    return [a for a in files if a.filename.endswith(AUDIO)]
+
+
+async def clips(interaction: Interaction, n: int = 1, timeout: float = 60.0) -> list:
+    """Wait until ``n`` audio files reached this interaction and return them."""
+    await interaction.wait(lambda i: len(audio(i.files)) >= n, timeout)
+    return audio(interaction.files)
+
 
 def says(interaction: Interaction, text: str) -> bool:
     return interaction.original is not None and text in interaction.original.content
@@ -128,9 +141,9 @@ async def test_a_generator_error_fails_that_job_clearly_and_the_next_is_served(w
     first = await music(world, "unlucky")
     await first.wait(lambda i: any(expected in t for t in notices_for(world.fake, i)), 10)
     assert "could not be made" in " ".join(notices_for(world.fake, first))
-    assert job_of(world, first).status is JobStatus.FAILED and first.files == []
+    assert job_of(world, first).status is JobStatus.FAILED and audio(first.files) == []
     second = await music(world, "next")
-    [wav] = await second.wait_files(1, timeout=10)
+    [wav] = await clips(second, 1, timeout=10)
     assert frames(wav.data) == RATE
     assert (world.bot.worker.failed, world.bot.worker.completed) == (1, 1)
 
@@ -142,7 +155,7 @@ async def test_a_hung_generation_is_stopped_by_the_job_timeout(world: World) -> 
     assert job_of(world, stuck).status is JobStatus.FAILED
     world.gen.hang = False
     fine = await music(world, "fine")
-    [wav] = await fine.wait_files(1, timeout=10)
+    [wav] = await clips(fine, 1, timeout=10)
     assert frames(wav.data) == RATE
 
 
@@ -150,9 +163,9 @@ async def test_a_hung_generation_is_stopped_by_the_job_timeout(world: World) -> 
 async def test_an_upload_refused_for_a_while_is_retried(world: World, status: int) -> None:
     world.fake.fail("POST", "/webhooks/*", status, times=2)
     interaction = await music(world, f"retry{status}")
-    [wav] = await interaction.wait_files(1, timeout=15)
+    [wav] = await clips(interaction, 1, timeout=15)
     assert frames(wav.data) == RATE
-    assert len(world.fake.files) == 1
+    assert len(audio(world.fake.files)) == 1
     assert [e.data[2] for e in world.fake.events_of("fault")] == [status, status]
     assert job_of(world, interaction).status is JobStatus.DONE
 
@@ -160,7 +173,7 @@ async def test_an_upload_refused_for_a_while_is_retried(world: World, status: in
 async def test_an_upload_too_large_is_re_encoded_smaller(world: World) -> None:
     world.fake.fail("POST", "/webhooks/*", 413, times=1)
     interaction = await music(world, "big", seconds=3)
-    [clip] = await interaction.wait_files(1, timeout=15)
+    [clip] = await clips(interaction, 1, timeout=15)
     assert clip.filename.endswith(".ogg") and frames(clip.data) == 3 * RATE
     assert job_of(world, interaction).status is JobStatus.DONE
 
@@ -174,7 +187,7 @@ async def test_a_deleted_channel_makes_the_job_undeliverable(world: World, caplo
     job = job_of(world, interaction)
     assert job.status is JobStatus.UNDELIVERABLE and "gone" in job.error
     assert f"job {job.id} undeliverable" in caplog.text
-    assert world.fake.files == []
+    assert audio(world.fake.files) == []
 
 
 async def test_batches_are_shrunk_to_fit_memory_and_every_clip_arrives(world: World, caplog) -> None:
@@ -184,7 +197,7 @@ async def test_batches_are_shrunk_to_fit_memory_and_every_clip_arrives(world: Wo
     interactions = await asyncio.gather(*(world.fake.invoke(world.member(f"crowd{n}"), "music",
                                                             {"prompt": f"tune {n}", "seconds": 1}) for n in range(4)))
     for interaction in interactions:
-        [wav] = await interaction.wait_files(1, timeout=15)
+        [wav] = await clips(interaction, 1, timeout=15)
         assert frames(wav.data) == RATE
     assert max(len(call) for call in world.gen.calls) == 3
     assert sum(len(call) for call in world.gen.calls) == 4
@@ -203,11 +216,11 @@ async def test_admin_skip_of_one_job_leaves_the_rest_of_its_batch_running(world:
     await skip.wait(lambda i: i.original is not None, 10)
     assert f"#{victim.id}" in skip.original.content
     for n in (0, 2):
-        [wav] = await interactions[n].wait_files(1, timeout=15)
+        [wav] = await clips(interactions[n], 1, timeout=15)
         assert frames(wav.data) == RATE
     await world.fake.wait_until(lambda: job_of(world, interactions[1]).status.final, 10)
     assert job_of(world, interactions[1]).status is JobStatus.CANCELLED
-    assert interactions[1].files == [] and len(world.gen.calls) == 1
+    assert audio(interactions[1].files) == [] and len(world.gen.calls) == 1
     assert any("stopped by an admin" in t for t in notices_for(world.fake, interactions[1]))
 
 
@@ -221,7 +234,7 @@ async def test_mentions_in_prompts_never_ping_anyone_but_the_requester(world: Wo
     role = fake.guild.add_role("Everyone-ish", permissions=0)
     prompt = HOSTILE.format(role=role.id, user=victim.id)
     interaction = await fake.invoke(world.member("mallory"), "music", {"prompt": prompt, "seconds": 1})
-    await interaction.wait_files(1, timeout=10)
+    await clips(interaction, 1, timeout=10)
     fake.expire(interaction)  # the next one is delivered as a channel message that mentions the requester
     late = await fake.invoke(world.member("mallory2"), "music", {"prompt": prompt, "seconds": 1})
     await late.wait(lambda i: says(i, "position") or says(i, "Generating"), 10)
@@ -253,7 +266,7 @@ async def test_unknown_components_crash_nothing(world: World) -> None:
         # ignored, or answered with an ephemeral message: never a public reply
         assert all(m.ephemeral for m in click.messages), [m.content for m in click.messages]
     interaction = await music(world, "after-clicks")
-    [wav] = await interaction.wait_files(1, timeout=10)
+    [wav] = await clips(interaction, 1, timeout=10)
     assert frames(wav.data) == RATE
 
 
@@ -261,7 +274,7 @@ async def test_the_token_is_never_logged(world: World, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     world.fake.fail("POST", "/webhooks/*", 500, times=1)
     interaction = await music(world, "logged")
-    await interaction.wait_files(1, timeout=10)
+    await clips(interaction, 1, timeout=10)
     text = caplog.text + json.dumps([body for _, _, body in world.payloads])
     assert world.fake.token not in text  # the bot token: never, at any level, in any logger
     # interaction tokens are short-lived webhook credentials: the bot's own logs never show them either
