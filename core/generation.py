@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -39,7 +39,13 @@ class Clip:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One row of a (batched) generation; every field may differ between rows."""
+    """One row of a (batched) generation; every field may differ between rows.
+
+    ``seconds`` is the total length of the clip. ``prompt_tokens`` (EnCodec codes ``(codebooks, frames)``, e.g. a
+    previous clip's ``tokens``) makes the clip a continuation: its first frames are exactly these codes and only the
+    rest is generated, so ``seconds`` must be longer than the prompt. ``extend_stride`` (seconds, default: the model's
+    ``default_extend_stride``) is how far each window moves when the clip is longer than the model's window.
+    """
 
     prompt: str
     seconds: float
@@ -47,6 +53,15 @@ class GenerationRequest:
     top_k: int = 250
     temperature: float = 1.0
     guidance_scale: float = 3.0
+    prompt_tokens: np.ndarray | None = field(default=None, compare=False, repr=False)
+    extend_stride: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens is not None and not isinstance(self.prompt_tokens, np.ndarray):
+            try:  # lists from a dict or JSON; anything unusable is reported by validate()
+                object.__setattr__(self, "prompt_tokens", np.asarray(self.prompt_tokens))
+            except (TypeError, ValueError):
+                pass
 
     @classmethod
     def coerce(cls, request: GenerationRequest | Mapping) -> GenerationRequest:
@@ -85,6 +100,18 @@ class GenerationRequest:
         _check_number("guidance_scale", self.guidance_scale)
         if self.guidance_scale < 0:
             raise ValueError("The guidance scale must be 0 or more.")
+        if self.extend_stride is not None:
+            _check_number("extend_stride", self.extend_stride)
+            if not self.extend_stride > 0:
+                raise ValueError("The extend stride must be more than 0 seconds.")
+        if self.prompt_tokens is not None:
+            tokens = self.prompt_tokens
+            if (not isinstance(tokens, np.ndarray) or tokens.ndim != 2 or tokens.shape[1] < 1
+                    or not np.issubdtype(tokens.dtype, np.integer)):
+                raise ValueError("The prompt tokens must be whole-number codes of shape (codebooks, frames), "
+                                 "with at least one frame.")
+            if tokens.min() < 0:
+                raise ValueError("The prompt tokens must not be negative.")
 
 
 def _check_number(name: str, value: object) -> None:

@@ -255,7 +255,11 @@ class MusicGen:
 
     def __init__(self, config: Mapping, text_encoder: T5EncoderModel, decoder: MusicgenDecoder,
                  audio_encoder: EncodecModel, tokenizer: PromptTokenizer, enc_to_dec_proj: nn.Linear | None = None,
-                 generation_config: Mapping | None = None):
+                 generation_config: Mapping | None = None, max_seconds: float | None = None):
+        if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
+                                        or not math.isfinite(max_seconds) or max_seconds <= 0):
+            raise ValueError(f"max_seconds must be a positive number of seconds, got {max_seconds!r}")
+        self._max_seconds = None if max_seconds is None else float(max_seconds)
         self.config = dict(config)
         self.text_encoder = text_encoder
         self.enc_to_dec_proj = enc_to_dec_proj
@@ -268,10 +272,12 @@ class MusicGen:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, dtype: str | mx.Dtype = "float32",
-                        quantize: int | None = None) -> MusicGen:
+                        quantize: int | None = None, max_seconds: float | None = None) -> MusicGen:
         """Load a Hugging Face MusicGen checkpoint from a folder or a hub id.
 
-        ``quantize`` (4 or 8 bits) quantizes the decoder's linear layers after loading. Every problem with the files
+        ``quantize`` (4 or 8 bits) quantizes the decoder's linear layers after loading. ``max_seconds`` is the
+        longest clip :meth:`generate` accepts (default: twice the model's window, 60 s for the real checkpoints;
+        clips longer than the window are made window by window). Every problem with the files
         raises :class:`CheckpointError` naming the file.
         """
         dtype = parse_dtype(dtype)
@@ -342,7 +348,8 @@ class MusicGen:
                 raise ValueError(f"quantize must be 4 or 8 bits, got {quantize!r}")
             nn.quantize(decoder, group_size=64, bits=quantize,
                         class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0)
-        model = cls(config, text_encoder, decoder, audio_encoder, tokenizer, enc_to_dec_proj, generation_config)
+        model = cls(config, text_encoder, decoder, audio_encoder, tokenizer, enc_to_dec_proj, generation_config,
+                    max_seconds)
         mx.eval(model.parameters())
         log.info("loaded %s: %d codebooks, %d channel(s), decoder %s%s, max %.4g s", folder,
                  decoder_config.num_codebooks, model.channels, dtype, f" q{quantize}" if quantize else "",
@@ -376,14 +383,31 @@ class MusicGen:
         return self.decoder.config.num_codebooks
 
     @property
-    def max_seconds(self) -> float:
-        """Longest clip: ``generation_config.json``'s ``max_length`` (1500 frames = 30 s for the real checkpoints),
-        else as many frames as the decoder has positions for."""
+    def window_frames(self) -> int:
+        """Frames the model generates in one go: ``generation_config.json``'s ``max_length`` (1500 frames = 30 s for
+        the real checkpoints), else as many frames as the decoder has positions for."""
         max_length = self.generation_config.get("max_length")
-        if isinstance(max_length, int) and max_length > 0:
-            return max_length / self.frame_rate
+        if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 0:
+            return max_length
         cfg = self.decoder.config
-        return (cfg.max_position_embeddings - cfg.channel_codebooks) / self.frame_rate
+        return cfg.max_position_embeddings - cfg.channel_codebooks
+
+    @property
+    def window_seconds(self) -> float:
+        """The model's window in seconds (30 s for the real checkpoints)."""
+        return self.window_frames / self.frame_rate
+
+    @property
+    def max_seconds(self) -> float:
+        """Longest clip (``from_pretrained(max_seconds=…)``, default twice the window: 60 s for the real
+        checkpoints). Clips longer than the window are continued window by window."""
+        return self._max_seconds if self._max_seconds is not None else 2 * self.window_seconds
+
+    @property
+    def default_extend_stride(self) -> float:
+        """How far each window moves past the previous one by default: 60 % of the window (18 s of 30 s, as
+        audiocraft), so every later window is prompted with the last 40 % (12 s) of the one before."""
+        return 0.6 * self.window_seconds
 
     def frames_for(self, seconds: float) -> int:
         """EnCodec frames covering ``seconds`` (a tolerance keeps 0.58 s at 29 frames, not 30 from float error)."""
@@ -395,11 +419,19 @@ class MusicGen:
     # ---------------------------------------------------------------------------------------- generation
 
     def generate(self, prompt: str, seconds: float, *, seed: int | None = None, top_k: int = 250,
-                 temperature: float = 1.0, guidance_scale: float = 3.0,
-                 on_progress: Callable[[int, int], None] | None = None,
+                 temperature: float = 1.0, guidance_scale: float = 3.0, prompt_tokens: np.ndarray | None = None,
+                 extend_stride: float | None = None, on_progress: Callable[[int, int], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Clip:
-        """One clip of exactly ``round(seconds × sampling_rate)`` samples; ``GenerationStopped`` if stopped."""
-        request = GenerationRequest(prompt, seconds, seed, top_k, temperature, guidance_scale)
+        """One clip of exactly ``round(seconds × sampling_rate)`` samples; ``GenerationStopped`` if stopped.
+
+        ``prompt_tokens`` ``(codebooks, frames)`` makes it a continuation: the clip's first frames are exactly those
+        codes and ``seconds`` is the total length (prompt + new). Up to ``max_seconds``; beyond the model's window the
+        clip is continued window by window, each window moving ``extend_stride`` seconds (default
+        :attr:`default_extend_stride`) and prompted with the end of the one before. ``on_progress(step, total)``
+        counts decoder steps over all windows.
+        """
+        request = GenerationRequest(prompt, seconds, seed, top_k, temperature, guidance_scale, prompt_tokens,
+                                    extend_stride)
         clip = self.generate_batch([request], on_progress=_single_progress(on_progress),
                                    should_stop=_single_stop(should_stop))[0]
         if clip is None:
@@ -408,16 +440,20 @@ class MusicGen:
 
     def generate_tokens(self, prompt: str, frames: int, *, seed: int | None = None, top_k: int = 250,
                         temperature: float = 1.0, guidance_scale: float = 3.0,
+                        prompt_tokens: np.ndarray | None = None, extend_stride: float | None = None,
                         on_progress: Callable[[int, int], None] | None = None,
                         should_stop: Callable[[], bool] | None = None) -> np.ndarray:
-        """EnCodec codes ``(codebooks, frames)`` for ``prompt``; ``GenerationStopped`` if stopped."""
+        """EnCodec codes ``(codebooks, frames)`` for ``prompt`` (``frames`` in total, prompt tokens included);
+        ``GenerationStopped`` if stopped."""
         if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
             raise ValueError("frames must be a whole number of at least 1.")
-        request = GenerationRequest(prompt, frames / self.frame_rate, seed, top_k, temperature, guidance_scale)
+        request = GenerationRequest(prompt, frames / self.frame_rate, seed, top_k, temperature, guidance_scale,
+                                    prompt_tokens, extend_stride)
         request.validate(self.max_seconds)
+        self._check_request(request, int(frames))
         seed = request.seed if request.seed is not None else secrets.randbits(63)
-        codes = self._generate_codes([request], [int(frames)], [seed], _single_progress(on_progress),
-                                     _single_stop(should_stop))[0]
+        codes = self._generate_rows([request], [int(frames)], [seed], _single_progress(on_progress),
+                                    _single_stop(should_stop))[0]
         if codes is None:
             raise GenerationStopped("generation was stopped")
         return codes
@@ -444,31 +480,214 @@ class MusicGen:
         called for every row after every step; ``should_stop(row)`` is checked for every row before every step, and
         a stopped row leaves the batch: its result is ``None`` while the others go on. Rows run for their own number
         of steps; each clip is exactly ``round(seconds × sampling_rate)`` samples and records its seed and tokens.
+        Rows that fit in the model's window run together; longer rows (and rows whose prompt tokens do not leave
+        room in one window) run after them, one at a time, window by window.
         """
         requests = [GenerationRequest.coerce(r) for r in requests]
         for request in requests:
             request.validate(self.max_seconds)
+        frames = [self.frames_for(r.seconds) for r in requests]
+        for request, n in zip(requests, frames, strict=True):
+            self._check_request(request, n)
         if not requests:
             return []
         seeds = [r.seed if r.seed is not None else secrets.randbits(63) for r in requests]
-        frames = [self.frames_for(r.seconds) for r in requests]
         start = time.perf_counter()
-        codes = self._generate_codes(requests, frames, seeds, on_progress, should_stop)
+        codes = self._generate_rows(requests, frames, seeds, on_progress, should_stop)
         clips: list[Clip | None] = []
         for request, seed, tokens in zip(requests, seeds, codes, strict=True):
             if tokens is None:
                 clips.append(None)
                 continue
-            audio = self.decode_tokens(tokens)
-            n = self.samples_for(request.seconds)
-            if audio.shape[0] >= n:
-                audio = audio[:n]
-            else:
-                audio = np.concatenate([audio, np.zeros((n - audio.shape[0], audio.shape[1]), np.float32)])
-            clips.append(Clip(np.ascontiguousarray(audio, dtype=np.float32), self.sampling_rate, seed, tokens))
+            audio = _fit(self.decode_tokens(tokens), self.samples_for(request.seconds))
+            clips.append(Clip(audio, self.sampling_rate, seed, tokens))
         log.info("generated %d/%d clip(s) (%s s) in %.2f s", sum(c is not None for c in clips), len(clips),
                  ", ".join(f"{r.seconds:g}" for r in requests), time.perf_counter() - start)
         return clips
+
+    # ---------------------------------------------------------------------------------------- continuation
+
+    def continue_tokens(self, tokens: np.ndarray, prompt: str, seconds: float, **options) -> Clip:
+        """Continue EnCodec codes ``(codebooks, frames)`` (e.g. a clip's ``tokens``) by ``seconds`` of new music.
+
+        ``seconds`` is the length of the new part: the clip is the given frames (decoded again) followed by exactly
+        ``round(seconds × sampling_rate)`` new samples, and its ``tokens`` start with ``tokens`` exactly. The model is
+        conditioned on at most the last ``window − min(seconds, extend_stride)`` seconds of the given frames (all of
+        them are kept in the result). ``options`` are those of :meth:`generate` (``seed``, ``top_k``,
+        ``temperature``, ``guidance_scale``, ``extend_stride``, ``on_progress``, ``should_stop``).
+        """
+        on_progress, should_stop = options.pop("on_progress", None), options.pop("should_stop", None)
+        request = GenerationRequest(prompt, seconds, **options)
+        request.validate(self.max_seconds)
+        tokens = self._check_tokens(tokens, "The prompt tokens")
+        if tokens.shape[1] > self.frames_for(self.max_seconds):
+            raise ValueError(f"The audio to continue is too long ({tokens.shape[1] / self.frame_rate:g} s; at most "
+                             f"{self.max_seconds:g} s).")
+        new = self.frames_for(seconds)
+        request = GenerationRequest(prompt, (tokens.shape[1] + new) / self.frame_rate, request.seed, request.top_k,
+                                    request.temperature, request.guidance_scale, tokens, request.extend_stride)
+        self._check_request(request, tokens.shape[1] + new)
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        start = time.perf_counter()
+        codes = self._generate_rows([request], [tokens.shape[1] + new], [seed], _single_progress(on_progress),
+                                    _single_stop(should_stop))[0]
+        if codes is None:
+            raise GenerationStopped("generation was stopped")
+        audio = self.decode_tokens(codes)
+        hop = audio.shape[0] // codes.shape[1]
+        audio = _fit(audio, tokens.shape[1] * hop + self.samples_for(seconds))
+        log.info("continued %.2f s by %g s in %.2f s", tokens.shape[1] / self.frame_rate, seconds,
+                 time.perf_counter() - start)
+        return Clip(audio, self.sampling_rate, seed, codes)
+
+    def continue_audio(self, audio: np.ndarray, sampling_rate: int, prompt: str, seconds: float, **options) -> Clip:
+        """Continue a recording by ``seconds`` of new music guided by ``prompt``.
+
+        ``audio`` is ``(samples,)`` or ``(samples, channels)`` at ``sampling_rate``. It is resampled to the model's
+        rate (band-limited FFT resampling, see :func:`resample`), mixed to the model's channels (the mean for a mono
+        model; mono is duplicated and more than two channels are mixed down for a stereo model), EnCodec-encoded and
+        continued with :meth:`continue_tokens`. ``seconds`` is the length of the new part: the result is the input
+        (decoded again from its codes, its end trimmed to a whole EnCodec frame, i.e. by less than one frame) followed
+        by exactly ``round(seconds × sampling_rate)`` new samples. The input may be at most ``max_seconds`` long; the
+        model is conditioned on its last ``window − min(seconds, extend_stride)`` seconds. Bad input raises
+        ``ValueError`` with a message fit to show a user.
+        """
+        tokens = self.encode_audio(audio, sampling_rate)
+        return self.continue_tokens(tokens, prompt, seconds, **options)
+
+    def encode_audio(self, audio: np.ndarray, sampling_rate: int) -> np.ndarray:
+        """Audio ``(samples,)`` or ``(samples, channels)`` at any rate -> EnCodec codes ``(codebooks, frames)``
+        of its whole frames, as the decoder uses them (stereo: left and right interleaved)."""
+        if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, np.integer)) or sampling_rate < 1:
+            raise ValueError(f"The sampling rate must be a whole number of hertz, got {sampling_rate!r}.")
+        try:
+            audio = np.asarray(audio, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ValueError("The audio must be an array of samples.") from None
+        if audio.ndim == 1:
+            audio = audio[:, None]
+        if audio.ndim != 2 or audio.shape[1] < 1:
+            raise ValueError(f"The audio must have shape (samples,) or (samples, channels), got {audio.shape}.")
+        if audio.shape[0] == 0:
+            raise ValueError("The audio is empty.")
+        if not np.isfinite(audio).all():
+            raise ValueError("The audio contains invalid samples (NaN or infinity).")
+        if audio.shape[0] / sampling_rate > self.max_seconds:
+            raise ValueError(f"The audio is too long ({audio.shape[0] / sampling_rate:.1f} s; at most "
+                             f"{self.max_seconds:g} s).")
+        audio = resample(audio, sampling_rate, self.sampling_rate)
+        if self.channels == 1 or audio.shape[1] > 2:
+            audio = audio.mean(axis=1, keepdims=True)
+        if self.channels == 2 and audio.shape[1] == 1:
+            audio = np.repeat(audio, 2, axis=1)
+        hop = round(self.sampling_rate / self.frame_rate)
+        frames = audio.shape[0] // hop
+        if frames < 1:
+            raise ValueError(f"The audio is too short: it needs at least {1000 * hop / self.sampling_rate:g} ms.")
+        audio = mx.array(np.ascontiguousarray(audio[: frames * hop]))
+        streams = [audio[None, :, c:c + 1] for c in range(self.channels)]  # each (1, samples, 1)
+        K = self.num_codebooks // self.channels
+        codes = []
+        for stream in streams:
+            stream_codes, _ = self.audio_encoder.encode(stream)  # (1, chunks, Q, F): MusicGen's codec is unchunked
+            if stream_codes.shape[1] != 1 or stream_codes.shape[2] < K:
+                raise ValueError(f"this model's EnCodec gives codes of shape {stream_codes.shape[1:3]} per frame, "
+                                 f"not the {K} codebooks its decoder expects")
+            codes.append(stream_codes[0, 0, :K])  # (K, F)
+        tokens = codes[0] if self.channels == 1 else mx.stack(codes, axis=1).reshape(-1, frames)  # L0, R0, L1 …
+        mx.eval(tokens)
+        return np.array(tokens, dtype=np.int32)
+
+    def _check_tokens(self, tokens: np.ndarray, what: str) -> np.ndarray:
+        """Codes ``(codebooks, frames)`` as int32, or a user-fit ValueError."""
+        tokens = np.asarray(tokens)
+        K, vocab = self.num_codebooks, self.decoder.config.vocab_size
+        if tokens.ndim != 2 or tokens.shape[0] != K or tokens.shape[1] < 1:
+            raise ValueError(f"{what} must have shape ({K}, frames) with at least one frame, got {tokens.shape}.")
+        if not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0 or tokens.max() >= vocab:
+            raise ValueError(f"{what} must be whole numbers from 0 to {vocab - 1}.")
+        return tokens.astype(np.int32)
+
+    def _check_request(self, request: GenerationRequest, frames: int) -> None:
+        """What only the model can check: prompt tokens that fit it and an extend stride inside the window."""
+        if request.extend_stride is not None and not request.extend_stride < self.window_seconds:
+            raise ValueError(f"The extend stride must be less than the model's window of {self.window_seconds:g} s "
+                             f"(got {request.extend_stride:g}).")
+        if request.prompt_tokens is not None:
+            tokens = self._check_tokens(request.prompt_tokens, "The prompt tokens")
+            if tokens.shape[1] >= frames:
+                raise ValueError(f"The length ({frames / self.frame_rate:g} s) must be longer than the audio prompt "
+                                 f"({tokens.shape[1] / self.frame_rate:g} s).")
+
+    def _stride_frames(self, request: GenerationRequest) -> int:
+        stride = request.extend_stride if request.extend_stride is not None else self.default_extend_stride
+        return min(max(1, round(stride * self.frame_rate)), self.window_frames - 1)
+
+    def _windows(self, frames: int, prompt: int, stride: int) -> list[tuple[int, int, int]]:
+        """The windows ``(start, length, prompt)`` (in frames) that make ``frames`` from ``prompt`` known frames.
+
+        As audiocraft extends past its window: each window is at most ``window_frames`` long; the first is prompted
+        with at most the last ``window − min(new, stride)`` given frames, every later one starts ``stride`` frames
+        after the one before and is prompted with its last ``window − stride`` frames; only frames after a window's
+        prompt are new.
+        """
+        window = self.window_frames
+        p = min(prompt, window - min(frames - prompt, stride))
+        start, plan = prompt - p, []
+        while True:
+            length = min(frames - start, window)
+            plan.append((start, length, p))
+            if start + length >= frames:
+                return plan
+            start, p = start + stride, window - stride
+
+    def _generate_rows(self, requests: list[GenerationRequest], frames: list[int], seeds: list[int],
+                       on_progress: Callable[[int, int, int], None] | None,
+                       should_stop: Callable[[int], bool] | None) -> list[np.ndarray | None]:
+        """Codes of every row: the rows that fit in one window together, then the others window by window."""
+        prompts = [None if r.prompt_tokens is None else self._check_tokens(r.prompt_tokens, "The prompt tokens")
+                   for r in requests]
+        plans = [self._windows(n, 0 if p is None else p.shape[1], self._stride_frames(r))
+                 for r, n, p in zip(requests, frames, prompts, strict=True)]
+        together = [i for i, plan in enumerate(plans) if len(plan) == 1 and plan[0][0] == 0]
+        results: list[np.ndarray | None] = [None] * len(requests)
+        if together:
+            progress = None if on_progress is None else lambda i, step, total: on_progress(together[i], step, total)
+            stop = None if should_stop is None else lambda i: should_stop(together[i])
+            codes = self._generate_codes([requests[i] for i in together], [frames[i] for i in together],
+                                         [seeds[i] for i in together], progress, stop,
+                                         [prompts[i] for i in together])
+            for i, c in zip(together, codes, strict=True):
+                results[i] = c
+        for row in range(len(requests)):
+            if row not in together:
+                results[row] = self._generate_windows(row, requests[row], plans[row], seeds[row], prompts[row],
+                                                      on_progress, should_stop)
+        return results
+
+    def _generate_windows(self, row: int, request: GenerationRequest, plan: list[tuple[int, int, int]], seed: int,
+                          prompt: np.ndarray | None, on_progress: Callable[[int, int, int], None] | None,
+                          should_stop: Callable[[int], bool] | None) -> np.ndarray | None:
+        """One row window by window (``plan`` from :meth:`_windows`); progress counts steps over all windows."""
+        extra = self.decoder.config.channel_codebooks - 1
+        steps = [length + extra - p for _, length, p in plan]  # a window's prompt is prefilled, not stepped
+        total, done = sum(steps), 0
+        tokens = prompt if prompt is not None else np.zeros((self.num_codebooks, 0), np.int32)
+        stop = None if should_stop is None else lambda _i: should_stop(row)
+        for w, (start, length, p) in enumerate(plan):
+            assert start + p == tokens.shape[1]
+            progress = None if on_progress is None else \
+                lambda _i, step, _total, done=done: on_progress(row, done + step, total)
+            window_seed = seed if w == 0 else int(np.random.SeedSequence([seed, w]).generate_state(1, np.uint64)[0]
+                                                  >> np.uint64(1))
+            codes = self._generate_codes([request], [length], [window_seed], progress, stop,
+                                         [tokens[:, start:] if p else None])[0]
+            if codes is None:
+                return None
+            tokens = np.concatenate([tokens, codes[:, p:]], axis=1)
+            done += steps[w]
+            log.info("row %d: window %d/%d done (frames %d-%d)", row, w + 1, len(plan), start, start + length)
+        return tokens
 
     def _encode_text(self, prompts: list[str], guided: bool) -> tuple[list, mx.array]:
         """Cross-attention K/V per layer and the boolean cross mask ``(rows, 1, 1, S)``.
@@ -492,30 +711,58 @@ class MusicGen:
 
     def _generate_codes(self, requests: list[GenerationRequest], frames: list[int], seeds: list[int],
                         on_progress: Callable[[int, int, int], None] | None,
-                        should_stop: Callable[[int], bool] | None) -> list[np.ndarray | None]:
-        """The decoding loop: one ``mx.eval`` per step, rows leave the batch when done or stopped."""
+                        should_stop: Callable[[int], bool] | None,
+                        prompts: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray | None]:
+        """The decoding loop: one ``mx.eval`` per step, rows leave the batch when done or stopped.
+
+        ``prompts[row]`` ``(K, P)`` with ``P < frames[row]`` are forced as that row's first frames, in the delay
+        pattern, as transformers does with ``decoder_input_ids``. The positions every row knows are prefilled in one
+        decoder call; a row with a longer prompt steps through the rest of it with its codes forced. Progress counts
+        the steps after the prefill.
+        """
         cfg = self.decoder.config
         K, pad = cfg.num_codebooks, cfg.pad_token_id
         delays = np.arange(K) // cfg.audio_channels  # stereo: L0, R0, L1, R1 … share a delay per pair
         steps = [f + cfg.channel_codebooks - 1 for f in frames]
         total = max(steps)
         guided = any(r.guidance_scale > 1 for r in requests)
+        rows = len(requests)
+        prompts = list(prompts) if prompts is not None else [None] * rows
+        lengths = [0 if p is None else p.shape[1] for p in prompts]
+        start = min(lengths)  # positions 0 … start - 1 are prefilled; the loop begins at step `start`
+
+        # out[row, k, t] is decoder position t + 1; codebook k holds frame t - delay_k there
+        out = np.full((rows, K, total), pad, dtype=np.int32)
+        forced = np.full((rows, K, max(max(lengths), 1)), pad, dtype=np.int32)  # prompt frames, padded
+        for row, p in enumerate(prompts):
+            if p is not None:
+                forced[row, :, : p.shape[1]] = p
+                for k, d in enumerate(delays):
+                    out[row, k, d: d + p.shape[1]] = p[k]
 
         cross_kv, cross_mask = self._encode_text([r.prompt for r in requests], guided)
-        rows = len(requests)
         cache = self.decoder.make_cache(2 * rows if guided else rows, total)
         scale = mx.array([r.guidance_scale for r in requests], dtype=mx.float32)
         temperature = mx.array([r.temperature for r in requests], dtype=mx.float32)
         top_k = mx.array([r.top_k for r in requests], dtype=mx.int32)
         limit = mx.array(frames, dtype=mx.int32)[:, None]
+        prompt_limit = mx.array(lengths, dtype=mx.int32)[:, None]
+        given = mx.array(forced)
         keys = [mx.random.key(seed) for seed in seeds]
-        tokens = mx.full((rows, K, 1), cfg.bos_token_id, dtype=mx.int32)
+        for _ in range(start):  # a row's random stream depends on its seed and the step only
+            keys = [mx.random.split(key)[0] for key in keys]
+        bos = np.full((rows, K, 1), cfg.bos_token_id, dtype=np.int32)
+        if start > 0:
+            prefix = mx.array(np.concatenate([bos, out[:, :, : start - 1]], axis=2))  # positions 0 … start - 1
+            self.decoder(mx.concatenate([prefix, prefix]) if guided else prefix, cross_kv, cross_mask, cache)
+            mx.eval(keys, [c.state for c in cache])  # only the cache: the prefill's logits are never computed
+        tokens = mx.array(out[:, :, start - 1: start] if start > 0 else bos)  # position `start`
         delay = mx.array(delays, dtype=mx.int32)[None]
+        codebook = mx.arange(K)
         active = list(range(rows))  # original row index of each batch row
-        out = np.full((rows, K, total), pad, dtype=np.int32)
         stopped: set[int] = set()
 
-        for step in range(total):
+        for step in range(start, total):
             leave = [i for i, row in enumerate(active)
                      if step >= steps[row] or (should_stop is not None and should_stop(row))]
             for i in leave:
@@ -534,6 +781,7 @@ class MusicGen:
                 cross_kv = [(k[full], v[full]) for k, v in cross_kv]
                 cross_mask = cross_mask[full]
                 scale, temperature, top_k, limit = scale[idx], temperature[idx], top_k[idx], limit[idx]
+                prompt_limit, given = prompt_limit[idx], given[idx]
                 keys = [keys[i] for i in keep]
                 tokens = tokens[idx]
 
@@ -546,14 +794,17 @@ class MusicGen:
             split = [mx.random.split(key) for key in keys]
             keys = [k for k, _ in split]
             sampled = sample(logits, temperature, top_k, [sub for _, sub in split])
-            # delay pattern: codebook k holds frame (step - delay_k); before and after its frames it is padding
-            frame = step - delay
+            # delay pattern: codebook k holds frame (step - delay_k); before and after its frames it is padding,
+            # and the frames of a row's prompt are its prompt's codes
+            frame = step - delay  # (1, K)
+            column = np.clip(step - delays, 0, given.shape[2] - 1)
+            sampled = mx.where(frame < prompt_limit, given[:, codebook, mx.array(column)], sampled)
             tokens = mx.where((frame >= 0) & (frame < limit), sampled, pad)[..., None]  # (b, K, 1)
             mx.eval(tokens, keys, [c.state for c in cache])
             out[active, :, step] = np.array(tokens[..., 0])
             if on_progress is not None:
                 for row in active:
-                    on_progress(row, step + 1, steps[row])
+                    on_progress(row, step + 1 - start, steps[row] - start)
 
         results: list[np.ndarray | None] = []
         for row in range(rows):
@@ -619,4 +870,32 @@ def _single_stop(should_stop: Callable[[], bool] | None) -> Callable[[int], bool
     return lambda _row: bool(should_stop())
 
 
-__all__ = ["DecoderConfig", "MusicGen", "MusicgenDecoder", "sample", "sinusoids", "top_k_mask"]
+def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """Resample ``(samples, channels)`` audio from ``rate`` to ``target`` Hz to ``round(samples × target / rate)``
+    samples, band-limited with numpy's real FFT (the spectrum is cut or zero-padded at the lower Nyquist frequency,
+    like ``scipy.signal.resample``), so downsampling does not alias. The FFT treats the clip as periodic: the first
+    and last milliseconds may ring slightly."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if rate == target:
+        return audio
+    n = audio.shape[0]
+    m = max(1, round(n * target / rate))
+    spectrum = np.fft.rfft(audio.astype(np.float64), axis=0)
+    common = min(n, m)
+    resized = np.zeros((m // 2 + 1, audio.shape[1]), dtype=spectrum.dtype)
+    resized[: common // 2 + 1] = spectrum[: common // 2 + 1]
+    if common % 2 == 0 and common > 1:  # the shorter signal's Nyquist bin stands for both signs of that frequency
+        resized[common // 2] *= 2.0 if m < n else 0.5
+    return (np.fft.irfft(resized, n=m, axis=0) * (m / n)).astype(np.float32)
+
+
+def _fit(audio: np.ndarray, samples: int) -> np.ndarray:
+    """Crop or zero-pad ``(n, channels)`` audio to exactly ``samples``, as contiguous float32."""
+    if audio.shape[0] >= samples:
+        audio = audio[:samples]
+    else:
+        audio = np.concatenate([audio, np.zeros((samples - audio.shape[0], audio.shape[1]), audio.dtype)])
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+__all__ = ["DecoderConfig", "MusicGen", "MusicgenDecoder", "resample", "sample", "sinusoids", "top_k_mask"]
