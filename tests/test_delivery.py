@@ -203,3 +203,34 @@ def test_clip_message_escapes_the_prompt() -> None:
     text = clip_message(job, clip(), generated_in=1.25)
     assert text.startswith("<@3> ") and "`99`" in text and "2 s" in text and "1.2 s" in text
     assert "@everyone" not in text and "<@&123456789012345678>" not in text and "\\*\\*loud\\*\\*" in text
+
+
+async def test_deliver_clip_sends_the_format_a_picture_and_buttons(harness: Harness) -> None:
+    interaction = await harness.interaction()
+    job = harness.job(interaction)
+    job.format = "flac"
+    tokens = np.arange(8, dtype=np.int64).reshape(4, 2)
+    made = Clip(clip().samples * 3.0, RATE, seed=42, tokens=tokens)  # too loud: normalised, not clipped
+    delivered = await harness.deliverer.deliver_clip(job, made)
+    [message] = [m for m in interaction.followups if m.attachments]
+    assert message.id == delivered.message_id
+    audio_file, png = message.attachments
+    assert audio_file.filename == "musicgen-7.flac" and png.filename == "musicgen-7.png"
+    samples, rate = sf.read(io.BytesIO(audio_file.data), dtype="float32")
+    assert rate == RATE and samples.shape == (2 * RATE,)
+    assert 0.85 < np.abs(samples).max() < 0.9  # -1 dBFS
+    assert abs(samples[-1]) < 1e-3  # faded out
+    assert png.data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert message.custom_ids == ["clip:regen:7", "clip:extend:7", "clip:vary:7"]
+    assert "Sent as" not in message.content
+
+
+async def test_deliver_clip_falls_back_to_a_smaller_format_and_says_so(harness: Harness) -> None:
+    interaction = await harness.interaction()
+    job = harness.job(interaction)
+    job.upload_limit = (44 + 2 * RATE * 2) // 3  # what the interaction said: the WAV does not fit
+    await harness.deliverer.deliver_clip(job, clip())
+    [message] = [m for m in interaction.followups if m.attachments]
+    audio_file = message.attachments[0]
+    assert not audio_file.filename.endswith(".wav") and audio_file.size <= job.upload_limit
+    assert "instead of WAV" in message.content and "upload limit" in message.content
