@@ -27,7 +27,10 @@ def custom_id(action: str, job_id: int) -> str:
     return f"clip:{action}:{job_id}"
 
 
-class ClipButton(discord.ui.DynamicItem[discord.ui.Button], template=r"clip:(?P<action>regen|extend|vary):(?P<job_id>[0-9]{1,19})"):
+TEMPLATE = r"clip:(?P<action>regen|extend|vary):(?P<job_id>[0-9]{1,19})"
+
+
+class ClipButton(discord.ui.DynamicItem[discord.ui.Button], template=TEMPLATE):
     """One of the three buttons of a clip; survives restarts (the custom_id carries everything)."""
 
     def __init__(self, action: str, job_id: int) -> None:
