@@ -2,6 +2,11 @@
 
 Writes a WAV with soundfile and shows a one-line progress bar on stderr. Bad input and unreadable checkpoints
 print one line and exit with status 2.
+
+Longer than the model's 30 s window: ``python -m core "ambient drone" --seconds 45 --extend-stride 18 -o long.wav``
+(made window by window; at most ``--max-seconds``, default twice the window). Continue a recording:
+``python -m core "add drums" --continue input.wav --seconds 10 -o out.wav`` writes the input (re-encoded) followed by
+10 s of new music (any format and rate soundfile reads).
 """
 
 from __future__ import annotations
@@ -22,7 +27,15 @@ log = logging.getLogger("core")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m core", description="Turn a text prompt into music (MusicGen on MLX).")
     parser.add_argument("prompt", help="what the music should sound like")
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of the clip (default 5)")
+    parser.add_argument("--seconds", type=float, default=5.0,
+                        help="length of the clip, or with --continue of the part added (default 5)")
+    parser.add_argument("--continue", dest="continue_from", type=Path, metavar="AUDIO",
+                        help="continue this recording (WAV, FLAC, Ogg …) instead of starting from silence")
+    parser.add_argument("--extend-stride", type=float,
+                        help="seconds each window moves past the one before when the clip is longer than the "
+                             "model's window (default 60%% of the window: 18 s for 30 s)")
+    parser.add_argument("--max-seconds", type=float,
+                        help="longest clip allowed (default twice the model's window: 60 s)")
     parser.add_argument("--model", default="facebook/musicgen-small", help="checkpoint folder or hub id")
     parser.add_argument("-o", "--output", type=Path, default=Path("clip.wav"), help="WAV file to write")
     parser.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed)")
@@ -60,11 +73,23 @@ def main(argv: list[str] | None = None) -> None:
     from .musicgen import MusicGen
 
     log.info("BLAS: %s", blas.active_blas)
-    request = GenerationRequest(args.prompt, args.seconds, args.seed, args.top_k, args.temperature, args.guidance)
+    request = GenerationRequest(args.prompt, args.seconds, args.seed, args.top_k, args.temperature, args.guidance,
+                                extend_stride=args.extend_stride)
     try:
         request.validate(math.inf)  # fail fast on bad input, before loading; the model checks its own maximum
-        model = MusicGen.from_pretrained(args.model, dtype=args.dtype)
-        clip = model.generate(**vars(request), on_progress=None if args.quiet else ProgressBar())
+        audio = None
+        if args.continue_from is not None:
+            try:
+                audio, rate = sf.read(str(args.continue_from), dtype="float32", always_2d=True)
+            except (OSError, RuntimeError) as e:  # soundfile's errors are RuntimeErrors
+                raise ValueError(f"could not read {args.continue_from}: {e}") from None
+        model = MusicGen.from_pretrained(args.model, dtype=args.dtype, max_seconds=args.max_seconds)
+        progress = None if args.quiet else ProgressBar()
+        if audio is None:
+            clip = model.generate(**vars(request), on_progress=progress)
+        else:
+            options = {k: v for k, v in vars(request).items() if k not in ("prompt", "seconds", "prompt_tokens")}
+            clip = model.continue_audio(audio, rate, args.prompt, args.seconds, **options, on_progress=progress)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
