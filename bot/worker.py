@@ -281,8 +281,8 @@ class GenerationWorker:
             if batch.abandoned.is_set():
                 continue
             results = self._generate(batch)
+            self._release_memory()  # before answering, so the next batch never starts on a full cache
             _post(batch.loop, _resolve, batch.future, results)
-            self._release_memory()
         log.info("generation worker stopped")
 
     def _extras(self, generator: Generator) -> dict[str, Any]:
