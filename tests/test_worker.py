@@ -300,7 +300,9 @@ class StridingGenerator(FakeGenerator):
         self.strides: list[float | None] = []
 
     def generate_batch(self, requests, *, on_progress=None, should_stop=None, extend_stride=None):
-        self.strides.append(extend_stride)
+        # the stride comes as an option of the call, or (newer core) as a field of every request
+        self.strides.append(extend_stride if extend_stride is not None
+                            else getattr(requests[0], "extend_stride", None))
         return super().generate_batch(requests, on_progress=on_progress, should_stop=should_stop)
 
 
