@@ -18,9 +18,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from . import audio, formatting
+from . import formatting
 from .checks import UserError
-from .delivery import Deliverer, DeliveryError, Undeliverable, clip_message
+from .delivery import Deliverer, DeliveryError, Undeliverable
 from .jobs import Job, JobStatus
 from .queue import JobQueue, Limits, QueueRefused
 from .settings import Settings
@@ -251,10 +251,8 @@ class MusicBot(commands.Bot):
             job = self.queue.finish(job.id, JobStatus.FAILED, error=error)
             await self.deliverer.notify(job, f"Sorry, your clip could not be made: {error}")
             return
-        data = audio.wav_bytes(result.clip)
-        content = clip_message(job, result.clip, generated_in=result.elapsed)
-        try:
-            delivered = await self.deliverer.send(job, content, data=data, filename=f"musicgen-{job.id}.wav")
+        try:  # the member's format (or a smaller one that fits), a PNG of the waveform, the buttons
+            delivered = await self.deliverer.deliver_clip(job, result.clip, generated_in=result.elapsed)
         except Undeliverable as exc:
             log.warning("job %d undeliverable: %s", job.id, exc)
             self.queue.finish(job.id, JobStatus.UNDELIVERABLE, error=str(exc))

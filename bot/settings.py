@@ -41,6 +41,7 @@ class Settings:
     progress_interval_seconds: float = 2.0
     extend_stride_seconds: float = 18.0
     memory_limit_mb: int | None = None
+    normalize_audio: bool = True  # peak-normalise clips and fade their last 50 ms out
     log_level: str = "INFO"
     discord_api_base: str | None = None
     discord_gateway_url: str | None = None
@@ -104,6 +105,7 @@ class Settings:
             progress_interval_seconds=_float(env, "PROGRESS_INTERVAL_SECONDS", 2.0, minimum=1.0),
             extend_stride_seconds=_float(env, "EXTEND_STRIDE_SECONDS", 18.0, minimum=1.0),
             memory_limit_mb=_int(env, "MEMORY_LIMIT_MB", 0, minimum=1) or None,
+            normalize_audio=(env.get("NORMALIZE_AUDIO") or "true").strip().lower() not in ("0", "false", "no", "off"),
             log_level=level,
             discord_api_base=api_base.rstrip("/") if api_base else None,
             discord_gateway_url=gateway,

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from core.generation import Clip, GenerationRequest, GenerationStopped
 
-from .jobs import Job, JobStatus
+from .jobs import Job, JobStatus, generation_request, run_requests
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,7 @@ class GenerationWorker:
     # -- the asyncio side ---------------------------------------------------------------------------------------
     def requests_for(self, jobs: Sequence[Job]) -> list[GenerationRequest]:
         """The generation requests for these jobs (each with its own prompt, length and seed)."""
-        return [GenerationRequest(prompt=j.model_prompt, seconds=j.seconds, seed=j.seed, **self._request_extras)
-                for j in jobs]
+        return [generation_request(j, **self._request_extras) for j in jobs]
 
     def memory_budget(self) -> int | None:
         """Bytes a batch may need: ``memory_limit``, else a share of the free memory; None when unknown."""
@@ -327,8 +326,9 @@ class GenerationWorker:
         clips: list[Clip | None]
         error: str | None = None
         try:
-            clips = list(self.generator.generate_batch(batch.requests, on_progress=on_progress,
-                                                       should_stop=should_stop, **self._batch_options))
+            # run_requests: plain rows batched through generate_batch; Extend/Continue rows load their files here
+            clips = list(run_requests(self.generator, batch.requests, on_progress=on_progress,
+                                      should_stop=should_stop, **self._batch_options))
             if len(clips) != len(jobs):
                 raise RuntimeError(f"the generator returned {len(clips)} clips for {len(jobs)} requests")
         except GenerationStopped:

@@ -104,7 +104,7 @@ async def test_registered_schema(world: World) -> None:
     assert options["prompt"]["type"] == 3 and options["prompt"]["required"] is True
     assert (options["prompt"]["min_length"], options["prompt"]["max_length"]) == (1, 300)
     assert options["seconds"]["type"] == 4 and options["seconds"]["required"] is False
-    assert (options["seconds"]["min_value"], options["seconds"]["max_value"]) == (1, 30)
+    assert (options["seconds"]["min_value"], options["seconds"]["max_value"]) == (1, 60)  # MAX_SECONDS default 60 = the model's max (2 × its 30 s window)
     assert options["seed"]["type"] == 4 and options["seed"]["min_value"] == 0
     for name in ("queue", "cancel"):
         assert fake.command(name)["options"] == []
@@ -119,7 +119,7 @@ async def test_registered_schema(world: World) -> None:
     session = {o["name"]: o for o in fake.command("session")["options"]}
     assert set(session) == {"start", "status", "end"}
     start = {o["name"]: o for o in session["start"]["options"]}
-    assert start["seconds"]["max_value"] == 30 and start["theme"]["type"] == 3
+    assert start["seconds"]["max_value"] == 60 and start["theme"]["type"] == 3
     # guild sync only: nothing global
     assert fake.commands() == []
 
@@ -133,7 +133,7 @@ async def test_music_delivers_exact_clip_with_progress(world: World) -> None:
     callback = await interaction.wait_callback()
     assert callback["type"] == 5 and interaction.latency < 3  # deferred within 3 s, not ephemeral
     assert not interaction.ephemeral
-    [wav] = await interaction.wait_files(1, timeout=60)
+    [wav, _png] = await interaction.wait_files(2, timeout=60)  # the clip and its picture
     await finished(interaction)
 
     assert frames(wav) == (seconds * RATE, RATE)
@@ -210,7 +210,7 @@ async def test_admin_commands_checked_at_run_time(world: World) -> None:
 
     allowed = await fake.invoke(world.dj, "admin limits")  # configured admin role, no Manage Server
     await allowed.wait(lambda i: i.original is not None)
-    assert "Longest clip: 30 s" in allowed.original.content
+    assert "Longest clip: 60 s" in allowed.original.content
 
     removed = await fake.invoke(world.admin, "admin remove", {"position": 1})
     await removed.wait(lambda i: i.original is not None)
@@ -234,7 +234,7 @@ async def test_session_from_start_to_setlist(world: World) -> None:
     requests = [await fake.invoke(member, "music", {"prompt": f"{member.name} tune"}, channel=thread)
                 for member in (host, guest)]
     for interaction in requests:
-        [wav] = await interaction.wait_files(1, timeout=60)
+        [wav, _png] = await interaction.wait_files(2, timeout=60)  # the clip and its picture
         assert frames(wav) == (RATE, RATE)  # the session's default length
         assert interaction.followups[-1].channel is thread
         assert "dreamy synthwave, " in interaction.followups[-1].content  # theme combined with the prompt
@@ -284,7 +284,7 @@ async def test_four_members_share_one_batch(world: World) -> None:
         fake.invoke(member, "music", {"prompt": f"crowd tune {n}", "seconds": seconds})
         for n, (member, seconds) in enumerate(zip(members, lengths, strict=True))])
     for interaction, seconds in zip(interactions, lengths, strict=True):
-        [wav] = await interaction.wait_files(1, timeout=60)
+        [wav, _png] = await interaction.wait_files(2, timeout=60)  # the clip and its picture
         assert frames(wav) == (seconds * RATE, RATE)
     log = world.bot.log[len(before):]
     queued = [int(n) for n in re.findall(r"job (\d+) queued", log)]

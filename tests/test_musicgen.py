@@ -64,7 +64,8 @@ def reference_generate(reference, model: MusicGen, prompts: list[str], frames: i
 def test_config_and_properties(mono, stereo):
     _, model = mono
     assert (model.sampling_rate, model.frame_rate, model.channels, model.num_codebooks) == (32000, 50, 1, 4)
-    assert model.max_seconds == 30  # generation_config.json max_length 1500 / 50 Hz
+    assert model.window_seconds == 30  # generation_config.json max_length 1500 / 50 Hz
+    assert model.max_seconds == 60  # default: two windows (longer clips are made window by window)
     assert model.enc_to_dec_proj is not None
     _, model = stereo
     assert (model.channels, model.num_codebooks) == (2, 8)
@@ -157,7 +158,7 @@ def test_should_stop_ends_within_one_step(mono):
 @pytest.mark.parametrize("kwargs", [
     dict(prompt="", seconds=1), dict(prompt="   ", seconds=1), dict(prompt="x", seconds=0),
     dict(prompt="x", seconds=-1), dict(prompt="x", seconds=float("nan")), dict(prompt="x", seconds=float("inf")),
-    dict(prompt="x", seconds=30.5), dict(prompt="x", seconds="5"), dict(prompt="x", seconds=1, top_k=0),
+    dict(prompt="x", seconds=60.5), dict(prompt="x", seconds="5"), dict(prompt="x", seconds=1, top_k=0),
     dict(prompt="x", seconds=1, top_k=2.5), dict(prompt="x", seconds=1, temperature=0),
     dict(prompt="x", seconds=1, temperature=float("nan")), dict(prompt="x", seconds=1, guidance_scale=-1),
     dict(prompt="x", seconds=1, seed=-1), dict(prompt="x", seconds=1, seed=1.5), dict(prompt=None, seconds=1),
@@ -174,7 +175,7 @@ def test_invalid_input_raises_value_error(mono, kwargs):
 
 def test_invalid_frames_and_tokens(mono):
     _, model = mono
-    for frames in (0, -1, 1.5, 1501):
+    for frames in (0, -1, 1.5, 3001):
         with pytest.raises(ValueError):
             model.generate_tokens("x", frames)
     with pytest.raises(ValueError):
