@@ -53,9 +53,9 @@ def says(interaction: Interaction, text: str) -> bool:
 async def test_killed_while_generating_every_job_is_delivered_once_after_restart(
         fake_discord: FakeDiscord, run_bot: Callable[..., Awaitable[BotProcess]], tiny_model: Path) -> None:
     fake = fake_discord
-    settings = dict(MUSICGEN_MODEL=str(tiny_model), COOLDOWN_SECONDS="0", MAX_BATCH="1")
+    settings = dict(MUSICGEN_MODEL=str(tiny_model), COOLDOWN_SECONDS="0", MAX_BATCH="1", PROGRESS_INTERVAL_SECONDS="1")
     bot = await run_bot(**settings)
-    long_one = await fake.invoke(fake.guild.add_member("long"), "music", {"prompt": "long drone", "seconds": 20})
+    long_one = await fake.invoke(fake.guild.add_member("long"), "music", {"prompt": "long drone", "seconds": 30})
     await long_one.wait(lambda i: says(i, "Generating"), 30)
     waiting = [await fake.invoke(fake.guild.add_member(f"m{n}"), "music", {"prompt": f"short {n}", "seconds": 1})
                for n in range(2)]
@@ -72,7 +72,7 @@ async def test_killed_while_generating_every_job_is_delivered_once_after_restart
     await asyncio.sleep(1.0)  # anything delivered twice would arrive by now
     assert [len(audio(i.files)) for i in everyone] == [1, 1, 1]
     assert len(audio(fake.files)) == 3
-    assert [frames(audio(i.files)[0].data) for i in everyone] == [20 * RATE, RATE, RATE]
+    assert [frames(audio(i.files)[0].data) for i in everyone] == [30 * RATE, RATE, RATE]
     assert "recovered: queued again" in again.log
     assert await again.stop() == 0
 
@@ -141,7 +141,7 @@ async def test_killed_while_jobs_are_queued_they_keep_their_order_and_pause(
         fake_discord: FakeDiscord, run_bot: Callable[..., Awaitable[BotProcess]], tiny_model: Path,
         tmp_path: Path) -> None:
     fake = fake_discord
-    settings = dict(MUSICGEN_MODEL=str(tiny_model), COOLDOWN_SECONDS="0", MAX_BATCH="1")
+    settings = dict(MUSICGEN_MODEL=str(tiny_model), COOLDOWN_SECONDS="0", MAX_BATCH="1", PROGRESS_INTERVAL_SECONDS="1")
     admin = fake.guild.add_member("root", admin=True)
     bot = await run_bot(**settings)
     long_one = await fake.invoke(fake.guild.add_member("long"), "music", {"prompt": "long drone", "seconds": 30})
@@ -180,8 +180,10 @@ async def test_sigterm_while_generating_finishes_the_clip_within_the_grace_perio
 
     fake = fake_discord
     bot = await run_bot(MUSICGEN_MODEL=str(tiny_model), COOLDOWN_SECONDS="0", MAX_BATCH="1",
-                        SHUTDOWN_GRACE_SECONDS="120")
-    running = await fake.invoke(fake.guild.add_member("long"), "music", {"prompt": "long drone", "seconds": 12})
+                        SHUTDOWN_GRACE_SECONDS="120", PROGRESS_INTERVAL_SECONDS="1")
+    # long enough that the tiny model is still generating when the signal comes (it makes ~5 s of audio a second;
+    # progress edits every second)
+    running = await fake.invoke(fake.guild.add_member("long"), "music", {"prompt": "long drone", "seconds": 30})
     await running.wait(lambda i: says(i, "Generating"), 30)
     bot.process.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
@@ -190,7 +192,7 @@ async def test_sigterm_while_generating_finishes_the_clip_within_the_grace_perio
     assert late.ephemeral and "restarting" in late.original.content
     assert await bot.wait_exit(120) == 0
     [wav] = audio(running.files)
-    assert frames(wav.data) == 12 * RATE
+    assert frames(wav.data) == 30 * RATE
     assert "shut down cleanly" in bot.log and "Traceback" not in bot.log
     assert list(db_rows(tmp_path / "bot.sqlite3").values()) == [("done", 1)]  # the refused one was never stored
     wal = tmp_path / "bot.sqlite3-wal"
@@ -203,9 +205,9 @@ async def test_sigterm_with_a_short_grace_interrupts_and_the_next_start_delivers
         tmp_path: Path) -> None:
     fake = fake_discord
     settings = dict(MUSICGEN_MODEL=str(tiny_model), COOLDOWN_SECONDS="0", MAX_BATCH="1",
-                    SHUTDOWN_GRACE_SECONDS="0.5")
+                    SHUTDOWN_GRACE_SECONDS="0.5", PROGRESS_INTERVAL_SECONDS="1")
     bot = await run_bot(**settings)
-    running = await fake.invoke(fake.guild.add_member("long"), "music", {"prompt": "long drone", "seconds": 20})
+    running = await fake.invoke(fake.guild.add_member("long"), "music", {"prompt": "long drone", "seconds": 30})
     await running.wait(lambda i: says(i, "Generating"), 30)
     waiting = await fake.invoke(fake.guild.add_member("next"), "music", {"prompt": "short", "seconds": 1})
     await waiting.wait(lambda i: says(i, "position"), 10)
@@ -221,7 +223,7 @@ async def test_sigterm_with_a_short_grace_interrupts_and_the_next_start_delivers
         await clips(interaction, 1, timeout=90)
     await asyncio.sleep(1.0)
     assert [len(audio(running.files)), len(audio(waiting.files))] == [1, 1] and len(audio(fake.files)) == 2
-    assert frames(audio(running.files)[0].data) == 20 * RATE
+    assert frames(audio(running.files)[0].data) == 30 * RATE
     assert audio(fake.files)[0] is audio(running.files)[0]  # the interrupted job goes first
     assert [status for status, _ in db_rows(tmp_path / "bot.sqlite3").values()] == ["done", "done"]
     assert await again.stop() == 0

@@ -324,7 +324,7 @@ class FakeDiscord:
                 return value
             left = deadline - time.monotonic()
             if left <= 0:
-                recent = [(e.kind, e.data) for e in self.events[-8:]]
+                recent = [(e.kind, repr(e.data)[:300]) for e in self.events[-8:]]
                 raise TimeoutError(f"condition not met within {timeout} s; last events: {recent}")
             self._changed.clear()
             try:
