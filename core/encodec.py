@@ -12,10 +12,13 @@ the LSTM is written with plain MLX ops (mlx-examples uses a Metal kernel), and t
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +37,11 @@ from .loading import (
 )
 
 log = logging.getLogger(__name__)
+
+# Decoding in time chunks (EncodecDecoder.decode_chunked): the last CHUNKED_STAGES upsampling stages run on
+# chunks of DEFAULT_CHUNK_LENGTH output samples (2.5 MB of 64-channel float32 at the last stage).
+CHUNKED_STAGES = 2
+DEFAULT_CHUNK_LENGTH = 10240
 
 # Codebook statistics kept by the training code as buffers; not needed to encode or decode.
 DROPPED_SUFFIXES = (".cluster_size", ".embed_avg", ".inited")
@@ -280,13 +288,53 @@ class EncodecConvTranspose1d(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# ELU
+
+def elu_plain(x: mx.array) -> mx.array:
+    """``torch.nn.ELU()`` (alpha 1) in MLX ops."""
+    return mx.where(x > 0, x, mx.expm1(x))
+
+
+def elu_numpy(x: mx.array) -> mx.array:
+    """``torch.nn.ELU()`` (alpha 1) computed by NumPy: evaluates ``x``.
+
+    MLX's CPU ``expm1`` is a scalar loop (~40x slower than an add) and ``where`` ~15x; NumPy's ``expm1`` is
+    vectorised, so on the CPU this is ~6x faster than :func:`elu_plain` even with the copy back (and ~2x faster
+    than a polynomial ``exp`` written in vectorised MLX ops, which needs ~24 passes over the data).
+    """
+    a = np.asarray(x)
+    out = np.minimum(a, 0.0)
+    np.expm1(out, out=out)
+    out += np.maximum(a, 0.0)
+    return mx.array(out)
+
+
+class ELU(nn.Module):
+    """ELU activation (no parameters, so it keeps the checkpoint's layer numbering like ``nn.ELU``).
+
+    float32 on the CPU goes through :func:`elu_numpy`, everything else (GPU, other dtypes) :func:`elu_plain`.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.dtype == mx.float32 and _on_cpu():
+            return elu_numpy(x)
+        return elu_plain(x)
+
+
+def _on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # LSTM, residual blocks, encoder, decoder
 
 
 class LSTM(nn.Module):
-    """``torch.nn.LSTM`` (stacked, gate order i, f, g, o, two biases, zero initial state) in plain MLX ops.
+    """``torch.nn.LSTM`` (stacked, gate order i, f, g, o, two biases, zero initial state).
 
-    Parameters keep torch's names (``weight_ih_l0`` …) so checkpoints load without renaming.
+    Parameters keep torch's names (``weight_ih_l0`` …) so checkpoints load without renaming. The input
+    projections of all time steps are one MLX matmul; the recurrence runs in NumPy for float32
+    (:func:`lstm_recurrence_numpy`) and in MLX ops otherwise (:meth:`recurrence_plain`).
     """
 
     def __init__(self, dim: int, num_layers: int):
@@ -298,27 +346,111 @@ class LSTM(nn.Module):
             setattr(self, f"bias_ih_l{i}", mx.zeros((4 * dim,)))
             setattr(self, f"bias_hh_l{i}", mx.zeros((4 * dim,)))
 
-    def __call__(self, x: mx.array) -> mx.array:  # (B, T, D) -> (B, T, D)
+    def __call__(self, x: mx.array, *, fast: bool = True) -> mx.array:  # (B, T, D) -> (B, T, D)
         for i in range(self.num_layers):
             w_hh = self[f"weight_hh_l{i}"]  # (4D, D)
             gates_x = x @ self[f"weight_ih_l{i}"].T + (self[f"bias_ih_l{i}"] + self[f"bias_hh_l{i}"])  # (B, T, 4D)
-            h = c = mx.zeros((x.shape[0], w_hh.shape[1]), dtype=gates_x.dtype)
-            outputs = []
-            for t in range(x.shape[1]):
-                h, c = _lstm_step(gates_x[:, t], h, c, w_hh)
-                outputs.append(h)
-            x = mx.stack(outputs, axis=1)
+            if fast and gates_x.dtype == w_hh.dtype == mx.float32 and _on_cpu():
+                with numpy_blas_threads(1):
+                    x = mx.array(lstm_recurrence_numpy(np.asarray(gates_x), np.asarray(w_hh)))
+            else:
+                x = self.recurrence_plain(gates_x, w_hh)
         return x
+
+    @staticmethod
+    def recurrence_plain(gates_x: mx.array, w_hh: mx.array) -> mx.array:
+        """The recurrence in MLX ops: gates_x (B, T, 4D), w_hh (4D, D) -> hidden states (B, T, D)."""
+        h = c = mx.zeros((gates_x.shape[0], w_hh.shape[1]), dtype=gates_x.dtype)
+        outputs = []
+        for t in range(gates_x.shape[1]):
+            h, c = _lstm_step(gates_x[:, t], h, c, w_hh)
+            outputs.append(h)
+        return mx.stack(outputs, axis=1)
 
 
 @mx.compile
 def _lstm_step(gates_x: mx.array, h: mx.array, c: mx.array, w_hh: mx.array) -> tuple[mx.array, mx.array]:
-    # One time step, compiled so the gate arithmetic is one fused kernel. ``w_hh @ h.T`` (not ``h @ w_hh.T``)
-    # is the orientation OpenBLAS handles fastest for a single row.
+    # One time step, compiled so the gate arithmetic is one fused kernel.
     gates = gates_x + (w_hh @ h.T).T  # (B, 4D)
     i, f, g, o = mx.split(gates, 4, axis=-1)
     c = mx.sigmoid(f) * c + mx.sigmoid(i) * mx.tanh(g)
     return mx.sigmoid(o) * mx.tanh(c), c
+
+
+def lstm_recurrence_numpy(gates_x: np.ndarray, w_hh: np.ndarray) -> np.ndarray:
+    """:meth:`LSTM.recurrence_plain` in NumPy, float32: gates_x (B, T, 4D), w_hh (4D, D) -> (B, T, D).
+
+    Each step is dominated by reading ``w_hh`` (16 MB for D = 1024). MLX's CPU matmul sends a single row to
+    ``sgemm``, which repacks the whole matrix every step; NumPy calls ``sgemv`` (``sgemm`` for B > 1) of its
+    bundled BLAS, which streams it from cache, and its ``tanh`` is vectorised: ~3x faster per step on x86-64.
+    Sigmoids are ``0.5 * tanh(x / 2) + 0.5`` so nothing can overflow.
+    """
+    batch, steps, four_dim = gates_x.shape
+    dim = four_dim // 4
+    out = np.empty((batch, steps, dim), dtype=np.float32)
+    h = np.zeros((batch, dim), dtype=np.float32)
+    c = np.zeros((batch, dim), dtype=np.float32)
+    gates = np.empty((batch, four_dim), dtype=np.float32)
+    half = np.full(four_dim, 0.5, dtype=np.float32)
+    half[2 * dim: 3 * dim] = 1.0  # i, f, o go through sigmoids, g through tanh
+    i_f, g, o = gates[:, : 2 * dim], gates[:, 2 * dim: 3 * dim], gates[:, 3 * dim:]
+    w_t = w_hh.T
+    for t in range(steps):
+        if batch == 1:
+            np.matmul(w_hh, h[0], out=gates[0])  # matrix-vector
+        else:
+            np.matmul(h, w_t, out=gates)
+        gates += gates_x[:, t]
+        gates *= half
+        np.tanh(gates, out=gates)
+        for part in (i_f, o):
+            part *= 0.5
+            part += 0.5
+        c *= i_f[:, dim:]  # forget
+        c += i_f[:, :dim] * g
+        np.multiply(o, np.tanh(c), out=h)
+        out[:, t] = h
+    return out
+
+
+@contextlib.contextmanager
+def numpy_blas_threads(count: int) -> Iterator[None]:
+    """Run the block with NumPy's bundled OpenBLAS limited to ``count`` threads (a no-op when not found).
+
+    The LSTM alternates a 0.1 ms matrix-vector product with small elementwise steps; on a busy 2-core machine a
+    second BLAS thread is often descheduled between steps and each step then waits milliseconds for it
+    (measured: 1.5 s instead of 0.07 s for 250 steps), while one thread is never slower than ~2x.
+    """
+    functions = _openblas_thread_functions()
+    if functions is None:
+        yield
+        return
+    get, set_ = functions
+    before = get()
+    set_(count)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
+@functools.cache
+def _openblas_thread_functions() -> tuple[Callable[[], int], Callable[[int], None]] | None:
+    libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
+    for path in sorted(libs.glob("*openblas*")):
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", "_64_", ""):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    get.restype, set_.restype, set_.argtypes = ctypes.c_int, None, [ctypes.c_int]
+                    return get, set_
+    log.debug("NumPy's OpenBLAS not found in %s; its thread count stays as it is", libs)
+    return None
 
 
 class EncodecLSTM(nn.Module):
@@ -343,7 +475,7 @@ class EncodecResnetBlock(nn.Module):
         for i, (kernel_size, dilation) in enumerate(zip(kernel_sizes, dilations, strict=True)):
             in_channels = dim if i == 0 else hidden
             out_channels = dim if i == len(kernel_sizes) - 1 else hidden
-            block += [nn.ELU(), EncodecConv1d(config, in_channels, out_channels, kernel_size, dilation=dilation)]
+            block += [ELU(), EncodecConv1d(config, in_channels, out_channels, kernel_size, dilation=dilation)]
         self.block = block
         if config.use_conv_shortcut:
             self.shortcut = EncodecConv1d(config, dim, dim, kernel_size=1)
@@ -353,6 +485,29 @@ class EncodecResnetBlock(nn.Module):
         for layer in self.block:
             x = layer(x)
         return residual + x
+
+
+def receptive_radius(layers: Sequence[nn.Module]) -> int:
+    """How many input samples on each side an output sample of ``layers`` (applied in order) may depend on.
+
+    An upper bound (the whole kernel counts on both sides, so causal and centred padding are both covered);
+    raises for layers with a global view (LSTM, group norm).
+    """
+    radius = 0  # in samples at the output of the layers seen so far (walking backwards)
+    for layer in reversed(layers):
+        if isinstance(layer, ELU):
+            continue
+        if isinstance(layer, EncodecConv1d) and "norm" not in layer:
+            radius = radius * layer.stride + layer.kernel_size
+        elif isinstance(layer, EncodecConvTranspose1d) and "norm" not in layer:
+            radius = -(-(radius + layer.kernel_size) // layer.stride) + 1
+        elif isinstance(layer, EncodecResnetBlock):
+            convs = [m for m in layer.block if isinstance(m, EncodecConv1d)]
+            shortcut = [layer.shortcut] if "shortcut" in layer else []
+            radius = max(receptive_radius(convs), receptive_radius(shortcut)) + radius
+        else:
+            raise ValueError(f"{type(layer).__name__} is not local in time; it cannot run in chunks")
+    return radius
 
 
 class EncodecEncoder(nn.Module):
@@ -366,10 +521,10 @@ class EncodecEncoder(nn.Module):
             dim = scaling * config.num_filters
             layers += [EncodecResnetBlock(config, dim, [config.dilation_growth_rate ** j, 1])
                        for j in range(config.num_residual_layers)]
-            layers += [nn.ELU(), EncodecConv1d(config, dim, dim * 2, kernel_size=ratio * 2, stride=ratio)]
+            layers += [ELU(), EncodecConv1d(config, dim, dim * 2, kernel_size=ratio * 2, stride=ratio)]
             scaling *= 2
         dim = scaling * config.num_filters
-        layers += [EncodecLSTM(config, dim), nn.ELU(),
+        layers += [EncodecLSTM(config, dim), ELU(),
                    EncodecConv1d(config, dim, config.hidden_size, config.last_kernel_size)]
         self.layers = layers
 
@@ -390,17 +545,59 @@ class EncodecDecoder(nn.Module):
                                    EncodecLSTM(config, dim)]
         for ratio in config.upsampling_ratios:
             dim = scaling * config.num_filters
-            layers += [nn.ELU(), EncodecConvTranspose1d(config, dim, dim // 2, kernel_size=ratio * 2, stride=ratio)]
+            layers += [ELU(), EncodecConvTranspose1d(config, dim, dim // 2, kernel_size=ratio * 2, stride=ratio)]
             layers += [EncodecResnetBlock(config, dim // 2, (config.dilation_growth_rate ** j, 1))
                        for j in range(config.num_residual_layers)]
             scaling //= 2
-        layers += [nn.ELU(), EncodecConv1d(config, config.num_filters, config.audio_channels, config.last_kernel_size)]
+        layers += [ELU(), EncodecConv1d(config, config.num_filters, config.audio_channels, config.last_kernel_size)]
         self.layers = layers
+        # The last upsampling stages work on long signals (160 000 x 64 floats for 5 s at 32 kHz). Run them in
+        # time chunks so every temporary stays in cache: see `decode_chunked`. Group norm has statistics over the
+        # whole signal, so only weight-norm models chunk.
+        self.tail_start = 2 + max(0, len(config.upsampling_ratios) - CHUNKED_STAGES) * (2 + config.num_residual_layers)
+        self.chunk_length: int | None = DEFAULT_CHUNK_LENGTH if config.norm_type == "weight_norm" else None
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array) -> mx.array:  # (B, F, hidden) -> (B, F * hop, channels)
+        if self.chunk_length is None:
+            return self.decode_plain(x)
+        return self.decode_chunked(x, self.chunk_length)
+
+    def decode_plain(self, x: mx.array) -> mx.array:
+        """Every layer on the whole signal (the reference's order of operations)."""
         for layer in self.layers:
             x = layer(x)
         return x
+
+    def decode_chunked(self, x: mx.array, chunk_length: int) -> mx.array:
+        """The first layers on the whole signal, the rest in chunks of about ``chunk_length`` output samples.
+
+        Convolutions are local, so a chunk computed with ``halo`` extra input samples on each side (less at the
+        signal's ends, where the layers' own padding applies as in the plain path) is exact away from its cut
+        edges; only those exact middles are kept. Each chunk is evaluated before the next one is built.
+        """
+        head, tail = self.layers[: self.tail_start], self.layers[self.tail_start:]
+        for layer in head:
+            x = layer(x)
+        upsample = int(np.prod([layer.stride for layer in tail if isinstance(layer, EncodecConvTranspose1d)]))
+        step = max(1, chunk_length // upsample)  # tail input samples per chunk
+        length = x.shape[1]
+        if length <= step:
+            for layer in tail:
+                x = layer(x)
+            return x
+        halo = receptive_radius(tail)
+        mx.eval(x)
+        pieces = []
+        for start in range(0, length, step):
+            stop = min(start + step, length)
+            lo, hi = max(0, start - halo), min(length, stop + halo)
+            y = x[:, lo:hi]
+            for layer in tail:
+                y = layer(y)
+            y = y[:, (start - lo) * upsample: (stop - lo) * upsample]
+            mx.eval(y)
+            pieces.append(y)
+        return mx.concatenate(pieces, axis=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

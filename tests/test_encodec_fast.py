@@ -1,0 +1,120 @@
+"""EnCodec's CPU fast paths against their plain MLX versions and against torch / transformers."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+import core  # noqa: F401  (before mlx: fast BLAS)
+from core.encodec import (
+    LSTM,
+    EncodecConvTranspose1d,
+    EncodecModel,
+    elu_numpy,
+    elu_plain,
+    lstm_recurrence_numpy,
+    numpy_blas_threads,
+    receptive_radius,
+)
+from tests.tiny_models import build_encodec
+
+
+@pytest.fixture(scope="module", params=["32khz", "24khz"])  # centred reflect padding; causal convolutions
+def codec(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"encodec-{request.param}")
+    hf = build_encodec(folder, request.param)
+    model, _ = EncodecModel.from_pretrained(folder)
+    return model, hf
+
+
+def test_elu_numpy_matches_plain_and_torch():
+    x = np.concatenate([np.linspace(-100, 8, 20001), np.random.default_rng(0).standard_normal(5000) * 1e-3,
+                        [0.0, -0.0, -1e-30, 1e-30]]).astype(np.float32)
+    expected = torch.nn.functional.elu(torch.tensor(x, dtype=torch.float64)).numpy()
+    fast, plain = np.array(elu_numpy(mx.array(x))), np.array(elu_plain(mx.array(x)))
+    np.testing.assert_allclose(fast, expected, atol=2e-7, rtol=0)
+    np.testing.assert_allclose(fast, plain, atol=2e-7, rtol=0)
+    # a strided (sliced) input, as the chunked decoder passes them
+    y = mx.array(np.random.default_rng(1).standard_normal((2, 30, 5)).astype(np.float32))[:, 7:19]
+    np.testing.assert_allclose(np.array(elu_numpy(y)), np.array(elu_plain(y)), atol=2e-7, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_lstm_numpy_recurrence_matches_plain_and_torch(batch):
+    torch.manual_seed(batch)
+    reference = torch.nn.LSTM(16, 16, 2).eval()
+    lstm = LSTM(16, 2)
+    lstm.load_weights([(k, mx.array(v.numpy())) for k, v in reference.state_dict().items()], strict=True)
+    x = np.random.default_rng(batch).standard_normal((batch, 21, 16)).astype(np.float32) * 3  # saturating gates
+    with torch.no_grad():
+        expected = reference(torch.tensor(x).transpose(0, 1))[0].transpose(0, 1).numpy()
+    fast, plain = np.array(lstm(mx.array(x))), np.array(lstm(mx.array(x), fast=False))
+    np.testing.assert_allclose(fast, expected, atol=1e-6)
+    np.testing.assert_allclose(fast, plain, atol=1e-6)
+    gates = np.random.default_rng(0).standard_normal((batch, 5, 64)).astype(np.float32)
+    w_hh = np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)
+    np.testing.assert_allclose(lstm_recurrence_numpy(gates, w_hh),
+                               np.array(LSTM.recurrence_plain(mx.array(gates), mx.array(w_hh))), atol=1e-6)
+
+
+def test_numpy_blas_threads_restores_the_count():
+    from core.encodec import _openblas_thread_functions
+
+    functions = _openblas_thread_functions()
+    assert functions is not None, "NumPy's bundled OpenBLAS was not found"
+    get, _ = functions
+    before = get()
+    with numpy_blas_threads(1):
+        assert get() == 1
+    assert get() == before
+
+
+@pytest.mark.parametrize("chunk_length", [16, 40, 200, 1000])
+def test_chunked_decode_matches_plain_and_transformers(codec, chunk_length):
+    """Chunks far smaller than the signal put many chunk edges (and both signal ends) in the output."""
+    model, hf = codec
+    decoder = model.decoder
+    frames = 23
+    codes = np.random.default_rng(chunk_length).integers(0, hf.config.codebook_size,
+                                                         (2, hf.config.num_quantizers, frames))
+    embeddings = model.quantizer.decode(mx.array(codes))
+    plain = np.array(decoder.decode_plain(embeddings))
+    chunked = np.array(decoder.decode_chunked(embeddings, chunk_length))
+    assert chunked.shape == plain.shape == (2, frames * model.hop_length, model.channels)
+    np.testing.assert_allclose(chunked, plain, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        ref = hf.decode(torch.tensor(codes)[None], [None])[0].numpy().transpose(0, 2, 1)
+    np.testing.assert_allclose(chunked, ref, atol=1e-4, rtol=0)
+
+
+def test_decode_uses_the_chunked_path(codec, monkeypatch):
+    model, _ = codec
+    calls = []
+    original = type(model.decoder).decode_chunked
+    monkeypatch.setattr(type(model.decoder), "decode_chunked",
+                        lambda self, x, n: calls.append(n) or original(self, x, n))
+    model.decode(mx.zeros((1, 1, model.config.num_quantizers, 5), dtype=mx.int32))
+    assert calls == [model.decoder.chunk_length]
+
+
+def test_receptive_radius_bounds_the_dependence(codec):
+    """Changing one input sample of the chunked tail changes outputs only within the computed radius."""
+    model, _ = codec
+    decoder = model.decoder
+    tail = decoder.layers[decoder.tail_start:]
+    radius = receptive_radius(tail)
+    upsample = int(np.prod([layer.stride for layer in tail if isinstance(layer, EncodecConvTranspose1d)]))
+    channels = tail[1].conv.weight.shape[2]
+    x = np.random.default_rng(0).standard_normal((1, 60, channels)).astype(np.float32)
+    y = x.copy()
+    y[0, 30] += 1.0
+    run = [mx.array(x), mx.array(y)]
+    for layer in tail:
+        run = [layer(v) for v in run]
+    changed = np.nonzero(np.abs(np.array(run[0]) - np.array(run[1])).max(axis=(0, 2)) > 0)[0]
+    assert changed.size > 0
+    assert changed.min() >= (30 - radius) * upsample and changed.max() < (31 + radius) * upsample
+    with pytest.raises(ValueError, match="not local"):
+        receptive_radius(decoder.layers[:2])  # the LSTM
