@@ -4,16 +4,15 @@ answers; bad start-up settings give one clear message and exit status 2."""
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-import soundfile as sf
 
-from tests.fake_discord import FakeDiscord, Interaction
+from tests.e2e_helpers import audio, clips, frames, says
+from tests.fake_discord import FakeDiscord
 from tests.fake_discord.process import REPO_ROOT, BotProcess
 from tests.tiny_models import build_musicgen
 
@@ -28,26 +27,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_musicgen(folder)
     return folder
 
-
-def frames(data: bytes) -> int:
-    return sf.info(io.BytesIO(data)).frames
-
-AUDIO = (".wav", ".ogg", ".mp3", ".flac", ".opus")
-
-
-def audio(files) -> list:
-    """The audio attachments among ``files`` (a delivery may also carry a picture of the waveform)."""
-    return [a for a in files if a.filename.endswith(AUDIO)]
-
-
-async def clips(interaction: Interaction, n: int = 1, timeout: float = 60.0) -> list:
-    """Wait until ``n`` audio files reached this interaction and return them."""
-    await interaction.wait(lambda i: len(audio(i.files)) >= n, timeout)
-    return audio(interaction.files)
-
-
-def says(interaction: Interaction, text: str) -> bool:
-    return interaction.original is not None and text in interaction.original.content
 
 
 async def test_killed_while_generating_every_job_is_delivered_once_after_restart(

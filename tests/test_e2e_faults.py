@@ -6,7 +6,6 @@ prompts never ping; unknown components crash nothing."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -14,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import soundfile as sf
 
 from bot.client import MusicBot
 from bot.jobs import JobStatus
@@ -22,6 +20,7 @@ from bot.queue import JobQueue, Limits
 from bot.settings import Settings
 from bot.store import SQLiteJobStore
 from bot.worker import GenerationWorker
+from tests.e2e_helpers import audio, clips, frames, says
 from tests.fake_discord import FakeDiscord, Interaction
 from tests.fake_discord.client import use_fake
 from tests.fake_discord.models import Message
@@ -56,26 +55,6 @@ class World:
     def member(self, name: str):
         return self.fake.guild.add_member(name)
 
-
-def frames(data: bytes) -> int:
-    return sf.info(io.BytesIO(data)).frames
-
-AUDIO = (".wav", ".ogg", ".mp3", ".flac", ".opus")
-
-
-def audio(files) -> list:
-    """The audio attachments among ``files`` (a delivery may also carry a picture of the waveform)."""
-    return [a for a in files if a.filename.endswith(AUDIO)]
-
-
-async def clips(interaction: Interaction, n: int = 1, timeout: float = 60.0) -> list:
-    """Wait until ``n`` audio files reached this interaction and return them."""
-    await interaction.wait(lambda i: len(audio(i.files)) >= n, timeout)
-    return audio(interaction.files)
-
-
-def says(interaction: Interaction, text: str) -> bool:
-    return interaction.original is not None and text in interaction.original.content
 
 
 def notices_for(fake: FakeDiscord, interaction: Interaction) -> list[str]:
