@@ -195,6 +195,18 @@ def conv1d(x: mx.array, weight: mx.array, stride: int = 1, dilation: int = 1) ->
     length = (x.shape[1] - (kernel - 1) * dilation - 1) // stride + 1
     if in_channels < 16 or length < 2048:
         return mx.conv1d(x, weight, stride=stride, dilation=dilation)
+    batch, padded_length, _ = x.shape
+    if stride == 1 and batch > 1:
+        # Rows laid end to end: each tap is one contiguous slice of the flat signal, so no copies. Outputs that
+        # straddle two rows are computed and thrown away ((B - 1) * (K - 1) * dilation of them).
+        flat = x.reshape(batch * padded_length, in_channels)
+        span = (batch - 1) * padded_length + length
+        out = None
+        for k in range(kernel):
+            y = flat[k * dilation: k * dilation + span] @ weight[:, k].T  # (span, Cout)
+            out = y if out is None else out + y
+        out = mx.pad(out, [(0, batch * padded_length - span), (0, 0)])
+        return out.reshape(batch, padded_length, out_channels)[:, :length]
     out = None
     for k in range(kernel):
         start = k * dilation
@@ -381,8 +393,8 @@ def lstm_recurrence_numpy(gates_x: np.ndarray, w_hh: np.ndarray) -> np.ndarray:
     """:meth:`LSTM.recurrence_plain` in NumPy, float32: gates_x (B, T, 4D), w_hh (4D, D) -> (B, T, D).
 
     Each step is dominated by reading ``w_hh`` (16 MB for D = 1024). MLX's CPU matmul sends a single row to
-    ``sgemm``, which repacks the whole matrix every step; NumPy calls ``sgemv`` (``sgemm`` for B > 1) of its
-    bundled BLAS, which streams it from cache, and its ``tanh`` is vectorised: ~3x faster per step on x86-64.
+    ``sgemm``, which repacks the whole matrix every step; NumPy calls ``sgemv`` of its bundled BLAS, which
+    streams it from cache, and its ``tanh`` is vectorised: ~3x faster per step on x86-64.
     Sigmoids are ``0.5 * tanh(x / 2) + 0.5`` so nothing can overflow.
     """
     batch, steps, four_dim = gates_x.shape
@@ -394,12 +406,9 @@ def lstm_recurrence_numpy(gates_x: np.ndarray, w_hh: np.ndarray) -> np.ndarray:
     half = np.full(four_dim, 0.5, dtype=np.float32)
     half[2 * dim: 3 * dim] = 1.0  # i, f, o go through sigmoids, g through tanh
     i_f, g, o = gates[:, : 2 * dim], gates[:, 2 * dim: 3 * dim], gates[:, 3 * dim:]
-    w_t = w_hh.T
     for t in range(steps):
-        if batch == 1:
-            np.matmul(w_hh, h[0], out=gates[0])  # matrix-vector
-        else:
-            np.matmul(h, w_t, out=gates)
+        for b in range(batch):  # one matrix-vector product per row: OpenBLAS's few-row sgemm is ~3x slower
+            np.matmul(w_hh, h[b], out=gates[b])
         gates += gates_x[:, t]
         gates *= half
         np.tanh(gates, out=gates)
@@ -569,7 +578,8 @@ class EncodecDecoder(nn.Module):
         return x
 
     def decode_chunked(self, x: mx.array, chunk_length: int) -> mx.array:
-        """The first layers on the whole signal, the rest in chunks of about ``chunk_length`` output samples.
+        """The first layers on the whole signal, the rest in chunks of about ``chunk_length`` output samples
+        (counting every row of the batch).
 
         Convolutions are local, so a chunk computed with ``halo`` extra input samples on each side (less at the
         signal's ends, where the layers' own padding applies as in the plain path) is exact away from its cut
@@ -579,7 +589,7 @@ class EncodecDecoder(nn.Module):
         for layer in head:
             x = layer(x)
         upsample = int(np.prod([layer.stride for layer in tail if isinstance(layer, EncodecConvTranspose1d)]))
-        step = max(1, chunk_length // upsample)  # tail input samples per chunk
+        step = max(1, chunk_length // (upsample * x.shape[0]))  # tail input samples per chunk, all rows together
         length = x.shape[1]
         if length <= step:
             for layer in tail:

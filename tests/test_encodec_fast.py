@@ -118,3 +118,16 @@ def test_receptive_radius_bounds_the_dependence(codec):
     assert changed.min() >= (30 - radius) * upsample and changed.max() < (31 + radius) * upsample
     with pytest.raises(ValueError, match="not local"):
         receptive_radius(decoder.layers[:2])  # the LSTM
+
+
+@pytest.mark.parametrize("batch,dilation,stride", [(1, 1, 1), (3, 1, 1), (3, 2, 1), (2, 1, 2)])
+def test_conv1d_as_matmuls_matches_mlx_conv1d(batch, dilation, stride):
+    from core.encodec import conv1d
+
+    rng = np.random.default_rng(batch * 10 + dilation)
+    x = mx.array(rng.standard_normal((batch, 2100, 16)).astype(np.float32))  # long enough for the matmul path
+    weight = mx.array(rng.standard_normal((5, 3, 16)).astype(np.float32))  # (Cout, K, Cin)
+    ours = np.array(conv1d(x, weight, stride, dilation))
+    plain = np.array(mx.conv1d(x, weight, stride=stride, dilation=dilation))
+    assert ours.shape == plain.shape
+    np.testing.assert_allclose(ours, plain, atol=1e-4, rtol=1e-5)
