@@ -4,10 +4,11 @@ Audio is channels-last everywhere: ``(batch, samples, channels)``; codes are
 ``(batch, chunks, num_quantizers, frames)`` int32. Module attribute names mirror the checkpoint keys, so
 :meth:`EncodecModel.sanitize` only folds weight norm, moves conv axes and drops codebook statistics.
 
-Two things differ from a line-by-line port, both for speed on the CPU backend and both exact:
-the LSTM is written with plain MLX ops (mlx-examples uses a Metal kernel), and transposed convolutions with
-``kernel == 2 * stride`` (every EnCodec upsampler) are one matmul plus an overlap-add instead of
-``mx.conv_transpose1d``, which is very slow on CPU. ``mx.conv_transpose1d`` stays as the fallback.
+Several things differ from a line-by-line port, all for speed on the CPU backend, each with a plain version
+that tests compare it with: transposed convolutions with ``kernel == 2 * stride`` (every EnCodec upsampler) are one
+matmul plus an overlap-add instead of ``mx.conv_transpose1d``; long convolutions are shifted matmuls; on the CPU,
+the LSTM recurrence and the ELU run in NumPy (vectorised ``tanh``/``expm1``, ``sgemv``), and the decoder runs its
+last upsampling stages in time chunks that stay in cache (exact: convolutions are local, chunks carry halos).
 """
 
 from __future__ import annotations
@@ -567,7 +568,7 @@ class EncodecDecoder(nn.Module):
         self.chunk_length: int | None = DEFAULT_CHUNK_LENGTH if config.norm_type == "weight_norm" else None
 
     def __call__(self, x: mx.array) -> mx.array:  # (B, F, hidden) -> (B, F * hop, channels)
-        if self.chunk_length is None:
+        if self.chunk_length is None or not _on_cpu():  # GPUs have the bandwidth; chunks only add dispatches
             return self.decode_plain(x)
         return self.decode_chunked(x, self.chunk_length)
 
