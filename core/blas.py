@@ -20,7 +20,9 @@ import sys
 log = logging.getLogger(__name__)
 
 LIBRARIES = {
-    "blis": ("/usr/lib/x86_64-linux-gnu/libblis.so.4", "/usr/lib/aarch64-linux-gnu/libblis.so.4",
+    # the pthread build first: the OpenMP one spins and fights torch's OpenMP runtime for the cores
+    "blis": ("/usr/lib/x86_64-linux-gnu/blis-pthread/libblis.so.4", "/usr/lib/aarch64-linux-gnu/blis-pthread/libblis.so.4",
+             "/usr/lib/x86_64-linux-gnu/libblis.so.4", "/usr/lib/aarch64-linux-gnu/libblis.so.4",
              "/usr/lib64/libblis.so.4", "/usr/lib/libblis.so.4"),
     "openblas": ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
                  "/usr/lib64/libopenblas.so.0", "/usr/lib/libopenblas.so.0"),
