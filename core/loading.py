@@ -104,7 +104,9 @@ def load_safetensors(folder: Path) -> dict[str, mx.array]:
         return weights
     if (folder / "pytorch_model.bin").is_file() or list(folder.glob("pytorch_model-*.bin")):
         raise CheckpointError(f"{folder} has only pytorch_model.bin; " + CONVERT_HINT.format(path=folder))
-    raise CheckpointError(f"{folder} has no model.safetensors (nor model.safetensors.index.json)")
+    raise CheckpointError(f"{folder} has no model.safetensors (nor model.safetensors.index.json); if the repo "
+                          "ships only pytorch_model.bin (as facebook/musicgen-medium does), "
+                          + CONVERT_HINT.format(path="HUB_ID_OR_FOLDER --out FOLDER") + ", then load FOLDER")
 
 
 def fold_weight_norm(weights: dict[str, mx.array]) -> dict[str, mx.array]:
