@@ -123,3 +123,22 @@ def test_memory_estimate_grows_with_batch_and_length(model):
     longer = model.estimate_batch_bytes([GenerationRequest("a", 20)])
     assert weights < one < four and one < longer
     assert model.estimate_batch_bytes([{"prompt": "a", "seconds": 5, "guidance_scale": 1.0}]) < one
+
+
+def test_few_row_linear_matches_plain():
+    """The (W @ xᵀ)ᵀ fast path of the decoder's projections gives nn.Linear's result."""
+    import mlx.core as mx
+
+    from core.musicgen import Linear
+
+    layer = Linear(96, 40, bias=False)
+    for shape in [(2, 1, 96), (4, 1, 96), (8, 1, 96), (3, 5, 96), (64, 1, 96), (70, 96)]:
+        x = mx.random.normal(shape, key=mx.random.key(len(shape) + shape[0]))
+        fast = layer(x)
+        Linear.plain = True
+        try:
+            plain = layer(x)
+        finally:
+            Linear.plain = False
+        assert fast.shape == plain.shape == (*shape[:-1], 40)
+        np.testing.assert_allclose(np.array(fast), np.array(plain), rtol=1e-5, atol=1e-5)
