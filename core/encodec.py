@@ -48,8 +48,27 @@ DEFAULT_CHUNK_LENGTH = 10240
 DROPPED_SUFFIXES = (".cluster_size", ".embed_avg", ".inited")
 
 
+class Chunking:
+    """Chunk length and stride in samples, from ``chunk_length_s``, ``overlap`` and ``sampling_rate`` (48 kHz
+    EnCodec cuts audio into overlapping chunks; the others do not chunk)."""
+
+    chunk_length_s: float | None
+    overlap: float | None
+    sampling_rate: int
+
+    @property
+    def chunk_length(self) -> int | None:
+        return None if self.chunk_length_s is None else int(self.chunk_length_s * self.sampling_rate)
+
+    @property
+    def chunk_stride(self) -> int | None:
+        if self.chunk_length_s is None or self.overlap is None:
+            return None
+        return max(1, int((1.0 - self.overlap) * self.chunk_length))
+
+
 @dataclass
-class EncodecConfig:
+class EncodecConfig(Chunking):
     """Hyper-parameters of an EnCodec model, as in a Hugging Face ``config.json`` (or MusicGen's ``audio_encoder``)."""
 
     sampling_rate: int = 24_000
@@ -107,16 +126,6 @@ class EncodecConfig:
     @property
     def frame_rate(self) -> int:
         return math.ceil(self.sampling_rate / self.hop_length)
-
-    @property
-    def chunk_length(self) -> int | None:
-        return None if self.chunk_length_s is None else int(self.chunk_length_s * self.sampling_rate)
-
-    @property
-    def chunk_stride(self) -> int | None:
-        if self.chunk_length_s is None or self.overlap is None:
-            return None
-        return max(1, int((1.0 - self.overlap) * self.chunk_length))
 
     @property
     def codebook_nbits(self) -> int:
@@ -896,7 +905,7 @@ def _as_batch(input_values: mx.array, channels: int) -> mx.array:
 
 
 @dataclass
-class EncodecProcessor:
+class EncodecProcessor(Chunking):
     """Batches waveforms for :meth:`EncodecModel.encode` like the Hugging Face ``EncodecFeatureExtractor``.
 
     Waveforms are right-padded to the longest one, and when the model chunks, further to a whole number of
@@ -929,16 +938,6 @@ class EncodecProcessor:
                                       "the sampling rate or the number of channels")
             return processor
         return cls.from_config(config)
-
-    @property
-    def chunk_length(self) -> int | None:
-        return None if self.chunk_length_s is None else int(self.chunk_length_s * self.sampling_rate)
-
-    @property
-    def chunk_stride(self) -> int | None:
-        if self.chunk_length_s is None or self.overlap is None:
-            return None
-        return max(1, int((1.0 - self.overlap) * self.chunk_length))
 
     def __call__(self, raw_audio: np.ndarray | Sequence[np.ndarray], *, sampling_rate: int) -> dict[str, mx.array]:
         """Batch one waveform or a list of them: ``(samples,)`` or ``(samples, channels)`` each.
