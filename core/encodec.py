@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import functools
 import logging
 import math
@@ -28,6 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .loading import (
+    BaseConfig,
     CheckpointError,
     check_weights,
     fold_weight_norm,
@@ -68,7 +68,7 @@ class Chunking:
 
 
 @dataclass
-class EncodecConfig(Chunking):
+class EncodecConfig(Chunking, BaseConfig):
     """Hyper-parameters of an EnCodec model, as in a Hugging Face ``config.json`` (or MusicGen's ``audio_encoder``)."""
 
     sampling_rate: int = 24_000
@@ -94,12 +94,6 @@ class EncodecConfig(Chunking):
     codebook_dim: int | None = None
     use_conv_shortcut: bool = True
     target_bandwidths: list[float] = field(default_factory=lambda: [1.5, 3.0, 6.0, 12.0, 24.0])
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EncodecConfig:
-        """Build from a config dict, ignoring keys that are not EnCodec hyper-parameters."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     def __post_init__(self) -> None:
         if self.codebook_dim is None:
@@ -905,7 +899,7 @@ def _as_batch(input_values: mx.array, channels: int) -> mx.array:
 
 
 @dataclass
-class EncodecProcessor(Chunking):
+class EncodecProcessor(Chunking, BaseConfig):
     """Batches waveforms for :meth:`EncodecModel.encode` like the Hugging Face ``EncodecFeatureExtractor``.
 
     Waveforms are right-padded to the longest one, and when the model chunks, further to a whole number of
@@ -917,11 +911,6 @@ class EncodecProcessor(Chunking):
     padding_value: float = 0.0
     chunk_length_s: float | None = None
     overlap: float | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EncodecProcessor:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def from_config(cls, config: EncodecConfig) -> EncodecProcessor:

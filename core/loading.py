@@ -6,9 +6,10 @@ never see a traceback from deep inside MLX, safetensors or huggingface_hub.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -60,6 +61,16 @@ def resolve(name_or_path: str | Path, allow_patterns: Sequence[str] = DEFAULT_PA
                               "(offline mode or no network)") from None
     except (HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"could not download {name}: {e}") from None
+
+
+class BaseConfig:
+    """Base of the config dataclasses: ``from_dict`` keeps the keys that are fields and ignores the rest, since a
+    checkpoint's ``config.json`` carries many keys a port does not use."""
+
+    @classmethod
+    def from_dict(cls, params: Mapping):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
 
 
 def read_config(folder: Path, filename: str = "config.json") -> dict:

@@ -16,7 +16,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,7 +26,15 @@ from mlx.utils import tree_flatten
 
 from .encodec import EncodecConfig, EncodecModel
 from .generation import Clip, GenerationRequest, GenerationStopped
-from .loading import CheckpointError, check_weights, load_safetensors, parse_dtype, read_config, resolve
+from .loading import (
+    BaseConfig,
+    CheckpointError,
+    check_weights,
+    load_safetensors,
+    parse_dtype,
+    read_config,
+    resolve,
+)
 from .t5 import T5Config, T5EncoderModel
 from .tokenizer import PromptTokenizer
 
@@ -39,7 +47,7 @@ Request = GenerationRequest | Mapping
 
 
 @dataclass
-class DecoderConfig:
+class DecoderConfig(BaseConfig):
     """The ``decoder`` section of a MusicGen ``config.json``."""
 
     vocab_size: int = 2048
@@ -56,12 +64,6 @@ class DecoderConfig:
     bos_token_id: int = 2048
     cross_attention_hidden_size: int | None = None
     layer_norm_eps: float = 1e-5
-
-    @classmethod
-    def from_dict(cls, params: Mapping) -> DecoderConfig:
-        """Build from a config dict, ignoring keys this model does not use."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in params.items() if k in known})
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_position_embeddings", "num_codebooks", "hidden_size", "num_hidden_layers",

@@ -8,13 +8,14 @@ checkpoint keys once the ``text_encoder.`` prefix of a MusicGen checkpoint is st
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .loading import BaseConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_new": nn.gelu_approx, "si
 
 
 @dataclass
-class T5Config:
+class T5Config(BaseConfig):
     """The ``text_encoder`` part of a MusicGen ``config.json`` (defaults are transformers' T5Config defaults)."""
 
     vocab_size: int = 32128
@@ -39,11 +40,6 @@ class T5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "relu"
-
-    @classmethod
-    def from_dict(cls, d: dict) -> T5Config:
-        """Build from a config dict, ignoring keys this encoder does not use."""
-        return cls(**{k: v for k, v in d.items() if k in inspect.signature(cls).parameters})
 
     def __post_init__(self) -> None:
         _ = self.activation  # reject an unsupported feed_forward_proj now, with a readable message
