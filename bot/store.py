@@ -165,17 +165,19 @@ class SQLiteJobStore:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
-    def update(self, job_id: int, **changes: Any) -> Job:
-        """Change some fields of a job and return it as stored; unknown field names are a ValueError."""
-        unknown = set(changes) - set(_JOB_FIELDS)
+    def _update_row(self, table: str, columns: Iterable[str], row_id: int, changes: dict[str, Any]) -> None:
+        """``UPDATE table SET …`` for the named fields of one row; unknown names are a ValueError."""
+        unknown = set(changes) - set(columns)
         if unknown:
-            raise ValueError(f"unknown job field(s): {', '.join(sorted(unknown))}")
+            raise ValueError(f"unknown {table[:-1]} field(s): {', '.join(sorted(unknown))}")
         if changes:
             sets = ", ".join(f"{name} = ?" for name in changes)
-            cur = self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?",
-                                   [*(_to_db(v) for v in changes.values()), job_id])
-            if cur.rowcount == 0:
-                raise KeyError(f"no job {job_id}")
+            self._db.execute(f"UPDATE {table} SET {sets} WHERE id = ?",
+                             [*(_to_db(v) for v in changes.values()), row_id])
+
+    def update(self, job_id: int, **changes: Any) -> Job:
+        """Change some fields of a job and return it as stored; unknown field names are a ValueError."""
+        self._update_row("jobs", _JOB_FIELDS, job_id, changes)
         job = self.get(job_id)
         if job is None:
             raise KeyError(f"no job {job_id}")
@@ -261,13 +263,7 @@ class SQLiteJobStore:
         return [_session(r) for r in rows]
 
     def update_session(self, session_id: int, **changes: Any) -> Session:
-        unknown = set(changes) - set(_SESSION_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown session field(s): {', '.join(sorted(unknown))}")
-        if changes:
-            sets = ", ".join(f"{name} = ?" for name in changes)
-            self._db.execute(f"UPDATE sessions SET {sets} WHERE id = ?",
-                             [*(_to_db(v) for v in changes.values()), session_id])
+        self._update_row("sessions", _SESSION_FIELDS, session_id, changes)
         session = self.get_session(session_id)
         if session is None:
             raise KeyError(f"no session {session_id}")
