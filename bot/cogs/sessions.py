@@ -116,7 +116,10 @@ class Sessions(commands.GroupCog, group_name="session", group_description="Commu
     def _setlist(self, session: Session, *, final: bool) -> list[str]:
         """The setlist as one or more messages within Discord's length limit."""
         bot = self.bot
-        done = sorted(bot.store.session_jobs(session.id, JobStatus.DONE), key=lambda j: (j.finished_at or 0, j.id))
+        # in the order they were played: by when generation started (clips of one batch start together, in the
+        # queue's fair order), then by request
+        done = sorted(bot.store.session_jobs(session.id, JobStatus.DONE),
+                      key=lambda j: (j.started_at or j.finished_at or 0, j.id))
         waiting_ids = {j.id for j in bot.store.session_jobs(session.id, JobStatus.QUEUED, JobStatus.RUNNING)}
         waiting = [j for j in bot.queue.running() if j.id in waiting_ids]
         waiting += [j for j in bot.queue.ordered() if j.id in waiting_ids]
