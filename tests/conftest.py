@@ -12,6 +12,17 @@ from tests.fake_discord import FakeDiscord
 from tests.fake_discord.process import BotProcess, bot_env
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random MusicGen checkpoint in the Hugging Face format, built once for the whole test run (the bots
+    under test only read it)."""
+    from tests.tiny_models import build_musicgen
+
+    folder = tmp_path_factory.mktemp("tiny-musicgen")
+    build_musicgen(folder)
+    return folder
+
+
 @pytest.fixture
 async def fake_discord() -> AsyncIterator[FakeDiscord]:
     """A started fake Discord with one guild (``.guild``, channel ``.channel``); stopped after the test."""

@@ -18,7 +18,6 @@ import soundfile as sf
 
 from tests.fake_discord import MANAGE_GUILD, Attachment, FakeDiscord, Interaction, Member, Message
 from tests.fake_discord.process import BotProcess, bot_env
-from tests.tiny_models import build_musicgen
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -35,13 +34,6 @@ class World:
 
     def member(self, name: str) -> Member:
         return self.fake.guild.add_member(name)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-musicgen")
-    build_musicgen(folder)
-    return folder
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -14,18 +14,10 @@ import pytest
 from tests.e2e_helpers import audio, clips, frames, says
 from tests.fake_discord import FakeDiscord
 from tests.fake_discord.process import REPO_ROOT, BotProcess
-from tests.tiny_models import build_musicgen
 
 pytestmark = pytest.mark.e2e
 
 RATE = 32000
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-musicgen")
-    build_musicgen(folder)
-    return folder
 
 
 

@@ -22,7 +22,6 @@ from pydub import AudioSegment
 from bot.picture import HEIGHT, WIDTH
 from tests.fake_discord import Attachment, FakeDiscord, Interaction, Member, Message
 from tests.fake_discord.process import BotProcess, bot_env
-from tests.tiny_models import build_musicgen
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -53,12 +52,10 @@ class World:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def world(tmp_path_factory: pytest.TempPathFactory):
-    folder = tmp_path_factory.mktemp("tiny-musicgen")
-    build_musicgen(folder)
+async def world(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("e2e-extras")
     async with FakeDiscord() as fake:
-        env = bot_env(fake, tmp, MUSICGEN_MODEL=str(folder), COOLDOWN_SECONDS="0", MAX_PENDING_PER_USER="4",
+        env = bot_env(fake, tmp, MUSICGEN_MODEL=str(tiny_model), COOLDOWN_SECONDS="0", MAX_PENDING_PER_USER="4",
                       MAX_SECONDS=str(MAX_SECONDS), MAX_BATCH="4")
         bot = BotProcess(fake, env, tmp / "bot-0.log")
         await bot.start()

@@ -15,7 +15,6 @@ import pytest
 
 from tests.fake_discord import FakeDiscord, Interaction
 from tests.fake_discord.process import BotProcess
-from tests.tiny_models import build_musicgen
 
 pytestmark = pytest.mark.e2e
 
@@ -41,13 +40,6 @@ def told(fake: FakeDiscord, interaction: Interaction) -> list[str]:
     if interaction.original is not None:
         texts = [interaction.original.content] + [h.get("content") or "" for h in interaction.original.history]
     return texts + [m.content for m in fake.channel_messages if f"<@{interaction.user.id}>" in m.content]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-musicgen")
-    build_musicgen(folder)
-    return folder
 
 
 async def test_200_requests_from_20_members_are_all_accounted_for(
