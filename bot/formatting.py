@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from discord.utils import escape_markdown, escape_mentions
+from discord.utils import escape_mentions
 
 MAX_PROMPT_CHARS = 300  # what /music accepts
 MAX_THEME_CHARS = 200
@@ -129,6 +129,12 @@ def format_seconds(seconds: float) -> str:
     return f"{h} h {m} min" if m else f"{h} h"
 
 
+# Every character Discord's markdown gives a meaning to within a line (emphasis, spoilers, code, masked links,
+# quotes, headers). Each is backslash-escaped wherever it is: discord.py's escape_markdown leaves some of them
+# unescaped inside what looks like a masked link ("[**[x](https://example.com)").
+_MARKDOWN_CHARS = re.compile(r"([\\*_~|`>#\[\]()])")
+
+
 def _escape(text: str) -> str:
     # Markdown first, so the zero-width space escape_mentions inserts is not itself escaped.
-    return escape_mentions(escape_markdown(text, ignore_links=False))
+    return escape_mentions(_MARKDOWN_CHARS.sub(r"\\\1", text))
