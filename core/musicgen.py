@@ -24,7 +24,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import blas
 from .encodec import EncodecConfig, EncodecModel
+from .fast_ops import LayerNorm, gelu
 from .generation import Clip, GenerationRequest, GenerationStopped
 from .loading import (
     BaseConfig,
@@ -100,21 +102,27 @@ def sinusoids(positions: mx.array, dims: int) -> mx.array:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` without bias that, on the CPU with a few rows, multiplies as ``(W @ xᵀ)ᵀ``.
+    """``nn.Linear`` without bias that, on the CPU with 9 to 64 rows, multiplies as ``(W @ xᵀ)ᵀ``.
 
     A decoder step multiplies 2 × prompts rows by every weight matrix, so it is bound by streaming the weights.
-    For 4 to 64 rows BLIS streams them ~10% faster in this orientation (musicgen-small, 8 rows: 104 vs 114 ms for
-    all of a step's products; equal at 2 rows). ``plain=True`` forces ``nn.Linear``'s ``x @ Wᵀ``.
+    Up to 8 rows the skinny kernel (:mod:`core.blas`) streams them once in ``x @ Wᵀ``; above that BLAS kernels
+    stream them faster as ``W @ xᵀ`` (musicgen-small, 16 rows: 91 vs 154 ms for all of a step's products in MKL;
+    BLIS ~10% faster at 8 rows). Without the skinny kernel the BLAS gets ``W @ xᵀ`` from 4 rows on.
+    ``plain=True`` forces ``nn.Linear``'s ``x @ Wᵀ``.
     """
 
     plain = False
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
-        if self.plain or not 4 <= rows <= 64 or "bias" in self or mx.default_device() != mx.cpu:
+        if self.plain or not _transposed_rows[0] <= rows <= 64 or "bias" in self or mx.default_device() != mx.cpu:
             return super().__call__(x)
         out = self.weight @ x.reshape(rows, x.shape[-1]).T  # (out, rows)
         return out.T.reshape(*x.shape[:-1], out.shape[0])
+
+
+# fewest rows that Linear multiplies as (W @ xᵀ)ᵀ: past the skinny kernel's rows when it is loaded
+_transposed_rows = [blas.skinny_kernel.skinny_max_rows() + 1 if blas.skinny_kernel is not None else 4]
 
 
 class KVCache:
@@ -181,15 +189,15 @@ class DecoderLayer(nn.Module):
         super().__init__()
         dims, eps = config.hidden_size, config.layer_norm_eps
         self.self_attn = Attention(dims, config.num_attention_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(dims, eps=eps)
+        self.self_attn_layer_norm = LayerNorm(dims, eps=eps)
         self.encoder_attn = Attention(dims, config.num_attention_heads)
-        self.encoder_attn_layer_norm = nn.LayerNorm(dims, eps=eps)
+        self.encoder_attn_layer_norm = LayerNorm(dims, eps=eps)
         self.fc1 = Linear(dims, config.ffn_dim, bias=False)
         self.fc2 = Linear(config.ffn_dim, dims, bias=False)
-        self.final_layer_norm = nn.LayerNorm(dims, eps=eps)
+        self.final_layer_norm = LayerNorm(dims, eps=eps)
         if config.activation_function not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"unsupported decoder activation {config.activation_function!r}")
-        self.act = nn.gelu if config.activation_function == "gelu" else nn.gelu_approx
+        self.act = gelu if config.activation_function == "gelu" else nn.gelu_approx
 
     def __call__(self, x: mx.array, cross_kv: tuple[mx.array, mx.array], cross_mask: mx.array | None,
                  cache: KVCache | None, mask: str | None) -> mx.array:
@@ -212,7 +220,7 @@ class MusicgenDecoder(nn.Module):
         self.embed_scale = math.sqrt(dims) if config.scale_embedding else 1.0
         self.embed_tokens = [nn.Embedding(config.vocab_size + 1, dims) for _ in range(config.num_codebooks)]
         self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
-        self.layer_norm = nn.LayerNorm(dims, eps=config.layer_norm_eps)
+        self.layer_norm = LayerNorm(dims, eps=config.layer_norm_eps)
         self.lm_heads = [Linear(dims, config.vocab_size, bias=False) for _ in range(config.num_codebooks)]
 
     @staticmethod

@@ -132,7 +132,7 @@ def test_few_row_linear_matches_plain():
     from core.musicgen import Linear
 
     layer = Linear(96, 40, bias=False)
-    for shape in [(2, 1, 96), (4, 1, 96), (8, 1, 96), (3, 5, 96), (64, 1, 96), (70, 96)]:
+    for shape in [(2, 1, 96), (4, 1, 96), (8, 1, 96), (9, 1, 96), (16, 96), (3, 5, 96), (64, 1, 96), (70, 96)]:
         x = mx.random.normal(shape, key=mx.random.key(len(shape) + shape[0]))
         fast = layer(x)
         Linear.plain = True

@@ -1,4 +1,5 @@
-"""The BLAS preload (core.blas): every choice computes the same products as the reference BLAS."""
+"""The BLAS preload (core.blas): every choice, with and without the skinny kernel in front, computes the same
+products as the reference BLAS alone."""
 
 from __future__ import annotations
 
@@ -17,16 +18,20 @@ import json, numpy as np
 import core, mlx.core as mx
 rng = np.random.default_rng(0)
 out = {{}}
-for m, k, n in [(2, 1024, 3072), (8, 4096, 1024), (37, 300, 53)]:
+for m, k, n in [(1, 64, 200), (2, 1024, 3072), (8, 4096, 1024), (9, 512, 1024), (37, 300, 53)]:
     a = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((n, k)).astype(np.float32)
     out[f"{{m}}x{{k}}x{{n}}"] = np.array(mx.array(a) @ mx.array(w).T).tolist()
+    out[f"{{m}}x{{k}}x{{n}} W^T"] = np.array(mx.array(a) @ mx.array(w.T.copy())).tolist()
+q, k = rng.standard_normal((3, 4, 1, 16)).astype(np.float32), rng.standard_normal((3, 4, 50, 16)).astype(np.float32)
+out["attention"] = np.array(mx.fast.scaled_dot_product_attention(mx.array(q), mx.array(k), mx.array(k),
+                                                                  scale=0.25)).tolist()
 print(json.dumps({{"blas": core.blas.active_blas, "products": out}}))
 """
 
 
-def run_probe(choice: str, first: str = "") -> dict:
-    env = dict(os.environ, MUSICGEN_BLAS=choice)
+def run_probe(choice: str, first: str = "", skinny: str = "on") -> dict:
+    env = dict(os.environ, MUSICGEN_BLAS=choice, MUSICGEN_SKINNY_GEMM=skinny)
     out = subprocess.run([sys.executable, "-c", PROBE.format(first=first)], env=env, capture_output=True,
                          text=True, check=True, timeout=120)
     return json.loads(out.stdout)
@@ -43,13 +48,16 @@ def reference() -> dict:
     return result
 
 
+@pytest.mark.parametrize("skinny", ["on", "off"])
 @pytest.mark.parametrize("choice", ["blis", "openblas"])
-def test_fast_blas_matches_reference(choice, reference):
+def test_fast_blas_matches_reference(choice, skinny, reference):
     if sys.platform.startswith("linux") and not installed(choice):
         pytest.fail(f"{choice} is not installed: .ci/run installs it (apt-get install "
                     f"{'libblis4-pthread' if choice == 'blis' else 'libopenblas0-pthread'})")
-    result = run_probe(choice)
-    assert result["blas"].startswith(choice)
+    result = run_probe(choice, skinny=skinny)
+    prefix = "skinny kernel (" if skinny == "on" else ""
+    assert result["blas"].startswith(prefix + ("" if skinny == "on" else choice)), result["blas"]
+    assert f" {choice} (" in result["blas"] or result["blas"].startswith(f"{choice} ("), result["blas"]
     import numpy as np
 
     for shape, product in result["products"].items():
@@ -57,7 +65,8 @@ def test_fast_blas_matches_reference(choice, reference):
         np.testing.assert_allclose(np.array(product), expected, rtol=1e-4, atol=1e-3, err_msg=shape)
 
 
-def test_auto_prefers_blis_and_reports_late_import():
-    assert run_probe("auto")["blas"].startswith("blis")
+def test_auto_prefers_openblas_and_reports_late_import():
+    auto = run_probe("auto")["blas"]
+    assert auto.startswith("skinny kernel (") and " + openblas (" in auto, auto
     late = run_probe("auto", first="import mlx.core")
     assert "too late" in late["blas"]
