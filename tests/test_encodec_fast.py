@@ -41,7 +41,7 @@ def test_elu_numpy_matches_plain_and_torch():
     np.testing.assert_allclose(np.array(elu_numpy(y)), np.array(elu_plain(y)), atol=2e-7, rtol=0)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 9])
 def test_lstm_numpy_recurrence_matches_plain_and_torch(batch):
     torch.manual_seed(batch)
     reference = torch.nn.LSTM(16, 16, 2).eval()
@@ -55,8 +55,18 @@ def test_lstm_numpy_recurrence_matches_plain_and_torch(batch):
     np.testing.assert_allclose(fast, plain, atol=1e-6)
     gates = np.random.default_rng(0).standard_normal((batch, 5, 64)).astype(np.float32)
     w_hh = np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)
-    np.testing.assert_allclose(lstm_recurrence_numpy(gates, w_hh),
-                               np.array(LSTM.recurrence_plain(mx.array(gates), mx.array(w_hh))), atol=1e-6)
+    plain = np.array(LSTM.recurrence_plain(mx.array(gates), mx.array(w_hh)))
+    np.testing.assert_allclose(lstm_recurrence_numpy(gates, w_hh), plain, atol=1e-6)  # skinny kernel (≤ 8 rows)
+    np.testing.assert_allclose(lstm_recurrence_numpy(gates, w_hh, kernel=False), plain, atol=1e-6)  # sgemv
+
+
+def test_lstm_recurrence_through_the_kernel_at_real_size():
+    """D = 1024 as in MusicGen's EnCodec (the kernel's threaded path): the same states as one sgemv per row."""
+    rng = np.random.default_rng(5)
+    gates = rng.standard_normal((4, 6, 4096)).astype(np.float32)
+    w_hh = (rng.standard_normal((4096, 1024)) * 0.03).astype(np.float32)
+    np.testing.assert_allclose(lstm_recurrence_numpy(gates, w_hh), lstm_recurrence_numpy(gates, w_hh, kernel=False),
+                               atol=1e-6)
 
 
 def test_numpy_blas_threads_restores_the_count():
