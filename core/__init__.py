@@ -1,6 +1,7 @@
 """MusicGen (T5 text encoder, transformer decoder over EnCodec tokens, EnCodec) on MLX.
 
-Importing ``core`` before ``mlx`` lets it preload a fast BLAS (BLIS or OpenBLAS) on Linux: see :mod:`core.blas`.
+Importing ``core`` before ``mlx`` lets it preload fast matmul kernels on Linux (a few-row kernel in front of
+OpenBLAS or BLIS): see :mod:`core.blas`.
 """
 
 from .blas import preload_blas
