@@ -6,7 +6,7 @@
  * per-head products. General BLAS kernels pack their operands for large blocks: for a few rows that copies the
  * weights on every call, and for tiny products the threading and dispatch cost more than the arithmetic.
  * Measured on a 2-core x86-64 VM (bench/README figures): all of a musicgen-small step's weight products at 8 rows
- * took 93-120 ms in MKL, BLIS and OpenBLAS, against ~45 ms to stream the weights once.
+ * took 93-144 ms in MKL, BLIS and OpenBLAS (70 ms here), against ~43 ms to stream the weights once.
  *
  * This library is loaded globally before MLX (core/blas.py), so MLX's `cblas_sgemm` resolves here:
  *   - few rows (M <= SKINNY_MAX_ROWS) times a large matrix: the weights are streamed once, each element
