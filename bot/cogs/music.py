@@ -246,7 +246,11 @@ async def enqueue(bot: MusicBot, interaction: discord.Interaction, job: Job) -> 
     except discord.HTTPException as exc:
         log.warning("job %d: could not show the position: %s", job.id, exc)
         return
-    bot.store.update(job.id, status_message_id=message.id)
+    current = bot.store.update(job.id, status_message_id=message.id)
+    if current.status is JobStatus.CANCELLED:
+        # cancelled (by the member or an admin) while this answer was on its way: the cancel found no status
+        # message to edit then, and the answer just said "Queued", so show why it is not
+        await bot.deliverer.edit_status(current, current.error or "Cancelled.")
 
 
 async def read_upload(attachment: discord.Attachment) -> tuple[np.ndarray, int]:
