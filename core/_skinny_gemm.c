@@ -20,15 +20,14 @@
 #include <Python.h>
 #include <dlfcn.h>
 #include <pthread.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 #include <time.h>
 
-enum { RowMajor = 101, ColMajor = 102 };
-enum { NoTrans = 111, Trans = 112, ConjTrans = 113 };
+enum { RowMajor = 101 };
+enum { NoTrans = 111, Trans = 112 };
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                          float *, int);
@@ -40,7 +39,6 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 #define SPIN_NS 200000             /* a worker spins this long for the next product before it sleeps */
 
 static sgemm_fn fallback;
-static int enabled = 1;
 static int n_threads = 1;
 
 /* ------------------------------------------------------------------------------------------------ kernels */
@@ -262,9 +260,10 @@ static void start_pool(void) {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        if (pthread_create(&thread, &attr, worker, (void *)(intptr_t)i) != 0) break;
-        pool_size = i;
+        int failed = pthread_create(&thread, &attr, worker, (void *)(intptr_t)i);
         pthread_attr_destroy(&attr);
+        if (failed) break; /* run with the workers there are */
+        pool_size = i;
     }
 }
 
@@ -285,47 +284,52 @@ static void run_job(void) {
 
 /* ------------------------------------------------------------------------------------------------ entry */
 
-static sgemm_fn resolve_fallback(void) {
+static void call_fallback(int order, int transA, int transB, int M, int N, int K, float alpha, const float *A,
+                          int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     if (!fallback) fallback = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
-    return fallback;
+    if (!fallback) { /* computing nothing would hand MLX garbage: stop loudly instead */
+        fprintf(stderr, "_skinny_gemm: no BLAS to hand products to (skinny_set_fallback was not called)\n");
+        abort();
+    }
+    fallback(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 /* C = alpha * op(A) op(B) + beta * C, row-major, with M <= SKINNY_MAX_ROWS. A is packed contiguous first. */
 static void skinny(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
                    const float *B, int ldb, float beta, float *C, int ldc) {
     float stack[4096];
-    float *packed = (size_t)M * K <= 4096 ? stack : malloc(sizeof(float) * (size_t)M * K);
+    float *packed = NULL;
     const float *a = A;
     if (transA || lda != K) {
+        packed = (size_t)M * K <= 4096 ? stack : malloc(sizeof(float) * (size_t)M * K);
+        if (!packed) {
+            call_fallback(RowMajor, transA ? Trans : NoTrans, transB ? Trans : NoTrans, M, N, K, alpha,
+                          A, lda, B, ldb, beta, C, ldc);
+            return;
+        }
         for (int m = 0; m < M; m++)
             for (int k = 0; k < K; k++) packed[(size_t)m * K + k] = transA ? A[(size_t)k * lda + m] : A[(size_t)m * lda + k];
         a = packed;
     }
-    /* columns are split in blocks the kernels take whole: 4 rows of B^T, or 16-64 columns of B (narrow products,
-     like attention's probabilities times values, split in 16s so that every thread gets some) */
-    job_t work = {transB, M, N, K, ldb, ldc, 1, transB ? 4 : (N < 256 ? 16 : 64), a, B, C, alpha, beta};
-    long floats = (long)N * K;
-    int parts = floats < THREAD_MIN_FLOATS ? 1 : n_threads;
-    if (parts > 1 && !atomic_flag_test_and_set(&pool_busy)) {
-        work.parts = parts;
-        job = work;
+    if (n_threads > 1 && (long)N * K >= THREAD_MIN_FLOATS && !atomic_flag_test_and_set(&pool_busy)) {
+        /* columns are split in blocks the kernels take whole: 4 rows of B^T, or 16-64 columns of B (narrow
+           products, like attention's probabilities times values, split in 16s so that every thread gets some) */
+        job = (job_t){transB, M, N, K, ldb, ldc, n_threads, transB ? 4 : (N < 256 ? 16 : 64), a, B, C, alpha, beta};
         run_job();
         atomic_flag_clear(&pool_busy);
     } else {
         skinny_columns(transB, M, K, a, B, ldb, C, ldc, 0, N, alpha, beta);
     }
-    if (packed != stack) free(packed);
+    if (packed && packed != stack) free(packed);
 }
 
 void cblas_sgemm(int order, int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc) {
-    int ta = transA != NoTrans, tb = transB != NoTrans;
-    if (!enabled || order != RowMajor || M < 1 || N < 1 || K < 1 || M > SKINNY_MAX_ROWS) {
-        sgemm_fn f = resolve_fallback();
-        if (f) f(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    if (order != RowMajor || M < 1 || N < 1 || K < 1 || M > SKINNY_MAX_ROWS) {
+        call_fallback(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
-    skinny(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    skinny(transA != NoTrans, transB != NoTrans, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 /* ------------------------------------------------------------------------------------------------ control */
@@ -334,7 +338,6 @@ void skinny_set_fallback(void *fn) { fallback = (sgemm_fn)fn; }
 void skinny_set_threads(int threads) {
     n_threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
 }
-void skinny_set_enabled(int on) { enabled = on; }
 int skinny_max_rows(void) { return SKINNY_MAX_ROWS; }
 
 /* An importable module, so that setuptools builds this file like any extension; core/blas.py loads it with

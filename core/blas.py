@@ -25,7 +25,12 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # NumPy is imported only after the preload, as before
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +46,13 @@ AUTO_ORDER = ("openblas", "blis")
 HINT = "apt-get install libopenblas0-pthread (or libblis4-pthread)"
 
 active_blas = "not chosen yet"
-skinny_kernel: ctypes.CDLL | None = None  # the loaded skinny kernel, for tests and diagnostics
+active_library: str | None = None  # "openblas", "blis", a library's file name, or None for the reference BLAS
+skinny_kernel: ctypes.CDLL | None = None  # the loaded skinny kernel (see few_row_product)
+
+# cblas_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), pointers as addresses
+SGEMM_ARGTYPES = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                       ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
 
 def _cpu_count() -> int:
@@ -51,12 +62,12 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _load(path: str) -> ctypes.CDLL | None:
+def _load(path: str, mode: int = ctypes.RTLD_GLOBAL) -> ctypes.CDLL | None:
     if "blis" in os.path.basename(path).lower():
         # BLIS is single-threaded unless told otherwise; it reads this when first called.
         os.environ.setdefault("BLIS_NUM_THREADS", str(_cpu_count()))
     try:
-        return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        return ctypes.CDLL(path, mode=mode)
     except OSError as e:
         log.warning("could not load %s: %s", path, e)
         return None
@@ -94,6 +105,7 @@ def _load_skinny(fallback: ctypes.CDLL | None) -> str | None:
     if fallback is None:
         return None
     kernel = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    kernel.cblas_sgemm.argtypes, kernel.cblas_sgemm.restype = SGEMM_ARGTYPES, None
     kernel.skinny_set_fallback(ctypes.cast(fallback.cblas_sgemm, ctypes.c_void_p))
     threads = os.environ.get("MUSICGEN_GEMM_THREADS", "").strip()
     threads = int(threads) if threads.isdigit() and int(threads) > 0 else _cpu_count()
@@ -107,7 +119,7 @@ def preload_blas() -> str:
 
     Idempotent. Does nothing off Linux (macOS MLX uses Accelerate and Metal).
     """
-    global active_blas
+    global active_blas, active_library
     if active_blas != "not chosen yet":
         return active_blas
     choice = os.environ.get("MUSICGEN_BLAS", "auto").strip() or "auto"
@@ -130,19 +142,30 @@ def preload_blas() -> str:
     # before the BLAS. So the BLAS is opened privately to find it, the kernel globally, then the BLAS globally
     # (for the other symbols MLX needs from it).
     for name, path in candidates:
-        if not os.path.exists(path):
-            continue
-        try:
-            private = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
-        except OSError as e:
-            log.warning("could not load %s: %s", path, e)
+        private = _load(path, ctypes.RTLD_LOCAL) if os.path.exists(path) else None
+        if private is None:
             continue
         kernel = _load_skinny(private)
-        if _load(path) is None:
-            continue
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # already open: this only makes its symbols global
         threads = f", {os.environ['BLIS_NUM_THREADS']} threads" if name == "blis" else ""
-        active_blas = f"{kernel or ''}{name} ({path}{threads})"
+        active_blas, active_library = f"{kernel or ''}{name} ({path}{threads})", name
         return active_blas
     kernel = _load_skinny(None)
     active_blas = f"{kernel or ''}reference BLAS (no faster BLAS found for MUSICGEN_BLAS={choice}: {HINT})"
     return active_blas
+
+
+def few_row_product(a: np.ndarray, w: np.ndarray, out: np.ndarray) -> Callable[[], None] | None:
+    """A call that writes ``a @ wᵀ`` into ``out`` (C-contiguous float32 arrays that stay alive) through the skinny
+    kernel, for NumPy code that repeats one product (the EnCodec LSTM); None when the kernel is not loaded or
+    ``a`` has more rows than it takes."""
+    if skinny_kernel is None or a.shape[0] > skinny_kernel.skinny_max_rows():
+        return None
+    for array in (a, w, out):
+        if array.dtype != "float32" or not array.flags.c_contiguous:
+            raise ValueError("few_row_product needs C-contiguous float32 arrays")
+    (rows, inner), outer = a.shape, w.shape[0]
+    args = (ROW_MAJOR, NO_TRANS, TRANS, rows, outer, inner, 1.0, a.ctypes.data, inner, w.ctypes.data, inner, 0.0,
+            out.ctypes.data, outer)
+    sgemm = skinny_kernel.cblas_sgemm
+    return lambda: sgemm(*args)

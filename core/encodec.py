@@ -26,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import blas
 from .loading import (
     BaseConfig,
     CheckpointError,
@@ -413,7 +414,7 @@ def lstm_recurrence_numpy(gates_x: np.ndarray, w_hh: np.ndarray, *, kernel: bool
     half[2 * dim: 3 * dim] = 1.0  # i, f, o go through sigmoids, g through tanh
     i_f, g, o = gates[:, : 2 * dim], gates[:, 2 * dim: 3 * dim], gates[:, 3 * dim:]
     w_hh = np.ascontiguousarray(w_hh, dtype=np.float32)
-    product = _skinny_product(h, w_hh, gates) if kernel else None
+    product = blas.few_row_product(h, w_hh, gates) if kernel else None
     for t in range(steps):
         if product is not None:
             product()  # gates = h @ w_hhᵀ
@@ -431,24 +432,6 @@ def lstm_recurrence_numpy(gates_x: np.ndarray, w_hh: np.ndarray, *, kernel: bool
         np.multiply(o, np.tanh(c), out=h)
         out[:, t] = h
     return out
-
-
-def _skinny_product(a: np.ndarray, w: np.ndarray, out: np.ndarray) -> Callable[[], None] | None:
-    """A call that writes ``a @ wᵀ`` into ``out`` (all C-contiguous float32) through the skinny kernel's
-    ``cblas_sgemm``, or None when the kernel is not loaded or ``a`` has more rows than it takes."""
-    from . import blas
-
-    kernel = blas.skinny_kernel
-    if kernel is None or a.shape[0] > kernel.skinny_max_rows():
-        return None
-    sgemm = kernel.cblas_sgemm
-    sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                                            ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-    sgemm.restype = None
-    (rows, inner), outer = a.shape, w.shape[0]
-    args = (101, 111, 112, rows, outer, inner, 1.0, a.ctypes.data, inner, w.ctypes.data, inner, 0.0,
-            out.ctypes.data, outer)  # row-major, a · wᵀ
-    return lambda: sgemm(*args)
 
 
 @contextlib.contextmanager

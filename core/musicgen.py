@@ -102,27 +102,28 @@ def sinusoids(positions: mx.array, dims: int) -> mx.array:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` without bias that, on the CPU with 9 to 64 rows, multiplies as ``(W @ xᵀ)ᵀ``.
+    """``nn.Linear`` without bias that, on the CPU with BLIS for a few rows, multiplies as ``(W @ xᵀ)ᵀ``.
 
     A decoder step multiplies 2 × prompts rows by every weight matrix, so it is bound by streaming the weights.
-    Up to 8 rows the skinny kernel (:mod:`core.blas`) streams them once in ``x @ Wᵀ``; above that BLAS kernels
-    stream them faster as ``W @ xᵀ`` (musicgen-small, 16 rows: 91 vs 154 ms for all of a step's products in MKL;
-    BLIS ~10% faster at 8 rows). Without the skinny kernel the BLAS gets ``W @ xᵀ`` from 4 rows on.
-    ``plain=True`` forces ``nn.Linear``'s ``x @ Wᵀ``.
+    Up to 8 rows the skinny kernel (:mod:`core.blas`) streams them once in ``x @ Wᵀ``. Past it (or from 4 rows
+    without it) BLIS streams them faster as ``W @ xᵀ`` (all of a musicgen-small step's products at 16 rows: 152
+    vs 160 ms; before the kernel, 8 rows: 104 vs 114 ms), OpenBLAS slower (16 rows: 180 vs 147 ms), so
+    ``transposed_rows`` (the row range that takes ``W @ xᵀ``, or None) follows the BLAS in use.
     """
 
-    plain = False
+    transposed_rows: tuple[int, int] | None = None  # set below, from the BLAS that core.blas loaded
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
-        if self.plain or not _transposed_rows[0] <= rows <= 64 or "bias" in self or mx.default_device() != mx.cpu:
+        span = self.transposed_rows
+        if span is None or not span[0] <= rows <= span[1] or "bias" in self or mx.default_device() != mx.cpu:
             return super().__call__(x)
         out = self.weight @ x.reshape(rows, x.shape[-1]).T  # (out, rows)
         return out.T.reshape(*x.shape[:-1], out.shape[0])
 
 
-# fewest rows that Linear multiplies as (W @ xᵀ)ᵀ: past the skinny kernel's rows when it is loaded
-_transposed_rows = [blas.skinny_kernel.skinny_max_rows() + 1 if blas.skinny_kernel is not None else 4]
+if blas.active_library == "blis":
+    Linear.transposed_rows = (blas.skinny_kernel.skinny_max_rows() + 1 if blas.skinny_kernel else 4, 64)
 
 
 class KVCache:

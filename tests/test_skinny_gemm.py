@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 
 from core import blas
+from core.blas import NO_TRANS, ROW_MAJOR, TRANS
 
-ROW_MAJOR, COL_MAJOR, NO_TRANS, TRANS = 101, 102, 111, 112
-FLOAT_P = ctypes.POINTER(ctypes.c_float)
-ARGTYPES = [ctypes.c_int] * 6 + [ctypes.c_float, FLOAT_P, ctypes.c_int, FLOAT_P, ctypes.c_int, ctypes.c_float,
-                                 FLOAT_P, ctypes.c_int]
+COL_MAJOR = 102
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +22,7 @@ def kernel() -> ctypes.CDLL:
     if not sys.platform.startswith("linux"):
         pytest.skip("the skinny kernel is built on Linux only")
     assert blas.skinny_kernel is not None, f"the skinny kernel is not loaded: {blas.active_blas}"
-    kernel = blas.skinny_kernel
-    kernel.cblas_sgemm.argtypes = ARGTYPES
-    kernel.cblas_sgemm.restype = None
-    return kernel
+    return blas.skinny_kernel
 
 
 @pytest.fixture
@@ -38,8 +33,8 @@ def threads(kernel):
     kernel.skinny_set_threads(chosen)
 
 
-def ptr(a: np.ndarray):
-    return a.ctypes.data_as(FLOAT_P)
+def ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
 
 
 def sgemm(kernel, a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None, pad=0, order=ROW_MAJOR):
@@ -145,10 +140,9 @@ def test_concurrent_callers(kernel, threads):
 FORK_PROBE = """
 import os, sys, numpy as np
 sys.path.insert(0, {root!r})
-from tests.test_skinny_gemm import ARGTYPES, sgemm
+from tests.test_skinny_gemm import sgemm
 from core import blas
 kernel = blas.skinny_kernel
-kernel.cblas_sgemm.argtypes = ARGTYPES
 kernel.skinny_set_threads(2)
 x, w = np.ones((2, 1024), np.float32), np.ones((1024, 4096), np.float32)
 assert sgemm(kernel, x, w).max() == 1024.0  # starts the thread pool
