@@ -1,5 +1,6 @@
-"""Builds the one C file of the package: the few-row ``cblas_sgemm`` that core.blas puts in front of the BLAS
-on Linux (see core/_skinny_gemm.c). Everything else is configured in pyproject.toml."""
+"""Builds the one C file of the package on Linux: the CPU kernels core.blas loads (a few-row ``cblas_sgemm`` in
+front of the BLAS, and the decoder's step attention; see core/_cpu_kernels.c). Everything else is configured in
+pyproject.toml."""
 
 import sys
 
@@ -7,8 +8,8 @@ from setuptools import Extension, setup
 
 extensions = []
 if sys.platform.startswith("linux"):
-    # optional: without a C compiler the package still installs and MLX uses the BLAS alone
-    extensions.append(Extension("core._skinny_gemm", ["core/_skinny_gemm.c"], extra_compile_args=["-O3", "-Wno-psabi"],
+    # optional: without a C compiler the package still installs and MLX uses the BLAS and its own attention
+    extensions.append(Extension("core._cpu_kernels", ["core/_cpu_kernels.c"], extra_compile_args=["-O3", "-Wno-psabi"],
                                 libraries=["pthread", "dl"], optional=True))
 
 setup(ext_modules=extensions)

@@ -4,16 +4,19 @@ The ``mlx[cpu]`` wheel links the reference BLAS, ~30x slower for fp32 GEMM than 
 ``cblas_sgemm`` for every float32 product, so loading libraries into the global symbol scope *before* MLX is
 imported makes those calls resolve to them. Two layers are loaded:
 
-- the **skinny kernel** (``core/_skinny_gemm.c``, built at install): a ``cblas_sgemm`` for products with at most
+- the **CPU kernels** (``core/_cpu_kernels.c``, built at install). Their ``cblas_sgemm`` (the *skinny kernel*)
+  takes products with at most
   8 rows, which a decoder step is made of (2 rows per prompt with guidance, and tiny per-head attention
   products). It streams each weight matrix once for all rows, on a small thread pool, and hands every other
   product to the BLAS below. Measured on a 2-core x86-64 VM, all of a musicgen-small step's weight products:
   2 rows 48 ms and 8 rows 70 ms, against 51 and 93 ms (MKL), 96 and 119 ms (BLIS), 121 and 144 ms (OpenBLAS).
+  The same library has the decoder's step attention (``decode_attention``, used by core.musicgen), on the
+  same threads.
 - an optimised **BLAS** for everything else (T5, EnCodec, prefill): OpenBLAS (Debian ``libopenblas0-pthread``),
   else BLIS (``libblis4-pthread``). OpenBLAS decoded EnCodec fastest there (671 ms for 5 s, BLIS 939 ms).
 
 ``MUSICGEN_BLAS`` chooses the BLAS: ``auto`` (default), ``openblas``, ``blis``, ``reference`` (opt out of both
-layers), or a library path. ``MUSICGEN_SKINNY_GEMM=off`` keeps the BLAS alone. ``MUSICGEN_GEMM_THREADS`` sets the
+layers), or a library path. ``MUSICGEN_SKINNY_GEMM=off`` keeps the BLAS alone (and MLX's attention). ``MUSICGEN_GEMM_THREADS`` sets the
 kernel's threads (default: the cores this process may run on); BLIS threads follow ``BLIS_NUM_THREADS``.
 """
 
@@ -47,12 +50,14 @@ HINT = "apt-get install libopenblas0-pthread (or libblis4-pthread)"
 
 active_blas = "not chosen yet"
 active_library: str | None = None  # "openblas", "blis", a library's file name, or None for the reference BLAS
-skinny_kernel: ctypes.CDLL | None = None  # the loaded skinny kernel (see few_row_product)
+cpu_kernels: ctypes.CDLL | None = None  # the loaded CPU kernels (see few_row_product, core.musicgen.HostKVCache)
 
 # cblas_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), pointers as addresses
 SGEMM_ARGTYPES = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                        ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+# decode_attention(BH, L, D, scale, q, k_new, v_new, k_cache, v_cache, capacity, out)
+ATTENTION_ARGTYPES = [ctypes.c_int] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_void_p]
 
 
 def _cpu_count() -> int:
@@ -73,9 +78,9 @@ def _load(path: str, mode: int = ctypes.RTLD_GLOBAL) -> ctypes.CDLL | None:
         return None
 
 
-def skinny_kernel_path() -> Path | None:
-    """The built skinny kernel next to this file, if the install compiled it."""
-    for path in sorted(Path(__file__).parent.glob("_skinny_gemm*.so")):
+def cpu_kernels_path() -> Path | None:
+    """The built CPU kernels next to this file, if the install compiled them."""
+    for path in sorted(Path(__file__).parent.glob("_cpu_kernels*.so")):
         return path
     return None
 
@@ -90,14 +95,14 @@ def reference_blas_path() -> str | None:
     return None
 
 
-def _load_skinny(fallback: ctypes.CDLL | None) -> str | None:
-    """Load the skinny kernel globally in front of ``fallback``'s ``cblas_sgemm``; a description, or None."""
-    global skinny_kernel
+def _load_cpu_kernels(fallback: ctypes.CDLL | None) -> str | None:
+    """Load the CPU kernels globally, their cblas_sgemm in front of ``fallback``'s ``cblas_sgemm``; a description, or None."""
+    global cpu_kernels
     if os.environ.get("MUSICGEN_SKINNY_GEMM", "on").strip().lower() in ("off", "0", "false", "no"):
         return None
-    path = skinny_kernel_path()
+    path = cpu_kernels_path()
     if path is None:
-        log.warning("the skinny matmul kernel was not built (no C compiler at install?): using the BLAS alone")
+        log.warning("the CPU kernels were not built (no C compiler at install?): using the BLAS alone")
         return None
     if fallback is None:
         reference = reference_blas_path()
@@ -110,7 +115,9 @@ def _load_skinny(fallback: ctypes.CDLL | None) -> str | None:
     threads = os.environ.get("MUSICGEN_GEMM_THREADS", "").strip()
     threads = int(threads) if threads.isdigit() and int(threads) > 0 else _cpu_count()
     kernel.skinny_set_threads(threads)
-    skinny_kernel = kernel
+    kernel.decode_attention.argtypes = ATTENTION_ARGTYPES
+    kernel.decode_attention.restype = ctypes.c_int
+    cpu_kernels = kernel
     return f"skinny kernel ({threads} threads, up to {kernel.skinny_max_rows()} rows) + "
 
 
@@ -145,12 +152,12 @@ def preload_blas() -> str:
         private = _load(path, ctypes.RTLD_LOCAL) if os.path.exists(path) else None
         if private is None:
             continue
-        kernel = _load_skinny(private)
+        kernel = _load_cpu_kernels(private)
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # already open: this only makes its symbols global
         threads = f", {os.environ['BLIS_NUM_THREADS']} threads" if name == "blis" else ""
         active_blas, active_library = f"{kernel or ''}{name} ({path}{threads})", name
         return active_blas
-    kernel = _load_skinny(None)
+    kernel = _load_cpu_kernels(None)
     active_blas = f"{kernel or ''}reference BLAS (no faster BLAS found for MUSICGEN_BLAS={choice}: {HINT})"
     return active_blas
 
@@ -159,7 +166,7 @@ def few_row_product(a: np.ndarray, w: np.ndarray, out: np.ndarray) -> Callable[[
     """A call that writes ``a @ wᵀ`` into ``out`` (C-contiguous float32 arrays that stay alive) through the skinny
     kernel, for NumPy code that repeats one product (the EnCodec LSTM); None when the kernel is not loaded or
     ``a`` has more rows than it takes."""
-    if skinny_kernel is None or a.shape[0] > skinny_kernel.skinny_max_rows():
+    if cpu_kernels is None or a.shape[0] > cpu_kernels.skinny_max_rows():
         return None
     for array in (a, w, out):
         if array.dtype != "float32" or not array.flags.c_contiguous:
@@ -167,5 +174,5 @@ def few_row_product(a: np.ndarray, w: np.ndarray, out: np.ndarray) -> Callable[[
     (rows, inner), outer = a.shape, w.shape[0]
     args = (ROW_MAJOR, NO_TRANS, TRANS, rows, outer, inner, 1.0, a.ctypes.data, inner, w.ctypes.data, inner, 0.0,
             out.ctypes.data, outer)
-    sgemm = skinny_kernel.cblas_sgemm
+    sgemm = cpu_kernels.cblas_sgemm
     return lambda: sgemm(*args)

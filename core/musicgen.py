@@ -123,7 +123,7 @@ class Linear(nn.Linear):
 
 
 if blas.active_library == "blis":
-    Linear.transposed_rows = (blas.skinny_kernel.skinny_max_rows() + 1 if blas.skinny_kernel else 4, 64)
+    Linear.transposed_rows = (blas.cpu_kernels.skinny_max_rows() + 1 if blas.cpu_kernels else 4, 64)
 
 
 class KVCache:
@@ -151,6 +151,64 @@ class KVCache:
         return [self.keys, self.values]
 
 
+class HostKVCache:
+    """A float32 KV cache in NumPy memory whose one-position steps the C kernel attends (``decode_attention`` of
+    core/_cpu_kernels.c), on the CPU.
+
+    MLX's CPU attention is one ``cblas_sgemm`` per row and head and a scalar ``exp``: at 8 rows and 250 positions
+    ~50 ms of a ~135 ms musicgen-small step. The kernel reads each row's keys and values once, on the product
+    threads. A step evaluates its query, key and value (one ``mx.eval`` per layer) and hands their buffers over;
+    longer inputs (the prefill) attend in MLX and are copied in.
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, length: int):
+        self.keys = np.zeros((batch, heads, length, head_dim), dtype=np.float32)
+        self.values = np.zeros_like(self.keys)
+        self.offset = 0
+
+    @staticmethod
+    def available(dtype: mx.Dtype, head_dim: int) -> bool:
+        """Whether generation with this dtype and head size can use it (the kernels are loaded, float32, CPU)."""
+        return (blas.cpu_kernels is not None and dtype == mx.float32 and head_dim <= 256
+                and mx.default_device() == mx.cpu)
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write ``(B, H, T, D)`` at the current offset; return everything written so far, as MLX arrays."""
+        end = self.offset + keys.shape[2]
+        self.keys[:, :, self.offset:end] = np.asarray(keys.astype(mx.float32))
+        self.values[:, :, self.offset:end] = np.asarray(values.astype(mx.float32))
+        self.offset = end
+        if end == keys.shape[2]:
+            return keys, values
+        return mx.array(self.keys[:, :, :end]), mx.array(self.values[:, :, :end])
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        """One position: ``q``, ``k``, ``v`` ``(B, 1, H·D)`` -> the attention output ``(B, 1, H·D)``, after writing
+        ``k``/``v`` at the current offset."""
+        B, heads, capacity, head_dim = self.keys.shape
+        if self.offset >= capacity:
+            raise ValueError(f"the KV cache holds {capacity} positions")
+        mx.eval(q, k, v)
+        q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
+        out = np.empty_like(q)
+        self.offset += 1
+        status = blas.cpu_kernels.decode_attention(
+            B * heads, self.offset, head_dim, scale, q.ctypes.data, k.ctypes.data, v.ctypes.data,
+            self.keys.ctypes.data, self.values.ctypes.data, capacity, out.ctypes.data)
+        if status != 0:
+            raise RuntimeError(f"decode_attention refused {B * heads} × {self.offset} × {head_dim}")
+        return mx.array(out)
+
+    def select(self, rows: mx.array) -> None:
+        """Keep only ``rows`` of the batch (a finished or cancelled row leaves)."""
+        index = np.asarray(rows)
+        self.keys, self.values = self.keys[index], self.values[index]
+
+    @property
+    def state(self) -> list[mx.array]:
+        return []  # nothing for MLX to evaluate: every step has written it already
+
+
 class Attention(nn.Module):
     def __init__(self, dims: int, heads: int):
         super().__init__()
@@ -169,9 +227,12 @@ class Attention(nn.Module):
         """Keys and values ``(B, H, S, D)`` of ``x`` ``(B, S, dims)``."""
         return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
 
-    def __call__(self, x: mx.array, kv: tuple[mx.array, mx.array] | None = None, cache: KVCache | None = None,
-                 mask: mx.array | str | None = None) -> mx.array:
+    def __call__(self, x: mx.array, kv: tuple[mx.array, mx.array] | None = None,
+                 cache: KVCache | HostKVCache | None = None, mask: mx.array | str | None = None) -> mx.array:
         B, T, _ = x.shape
+        if isinstance(cache, HostKVCache) and T == 1 and kv is None:  # a decoding step, in the C kernel
+            o = cache.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.scale)
+            return self.out_proj(o.reshape(B, T, -1))
         q = self._heads(self.q_proj(x))
         if kv is None:  # self-attention
             k, v = self.project_kv(x)
@@ -229,11 +290,17 @@ class MusicgenDecoder(nn.Module):
         """Checkpoint keys under ``decoder.`` (prefix already removed) -> this module's parameter names."""
         return {k.removeprefix("model.decoder."): v for k, v in weights.items() if "embed_positions" not in k}
 
-    def make_cache(self, batch: int, length: int) -> list[KVCache]:
+    def make_cache(self, batch: int, length: int, host: bool | None = None) -> list[KVCache] | list[HostKVCache]:
+        """One cache per layer for ``length`` positions; in host memory for the C kernel's attention when it can
+        (``host=None``), or as told."""
         cfg = self.config
         dtype = self.layer_norm.weight.dtype
-        head_dim = cfg.hidden_size // cfg.num_attention_heads
-        return [KVCache(batch, cfg.num_attention_heads, head_dim, length, dtype) for _ in self.layers]
+        heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        if host is None:
+            host = HostKVCache.available(dtype, head_dim)
+        if host:
+            return [HostKVCache(batch, heads, head_dim, length) for _ in self.layers]
+        return [KVCache(batch, heads, head_dim, length, dtype) for _ in self.layers]
 
     def cross_kv(self, states: mx.array) -> list[tuple[mx.array, mx.array]]:
         """Cross-attention keys/values of the (projected) text states ``(B, S, dims)``, once per generation."""

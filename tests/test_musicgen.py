@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from core import GenerationStopped, MusicGen
-from core.musicgen import sample, top_k_mask
+from core.musicgen import HostKVCache, sample, top_k_mask
 from tests import tiny_models
 
 PROMPTS = ["warm synthwave with a driving bassline", "jazz"]
@@ -86,10 +87,18 @@ def test_decoder_logits_match_transformers(mono):
     logits = model.decoder(mx.array(codes), cross_kv, cross_mask)
     np.testing.assert_allclose(np.array(logits), expected, atol=1e-4, rtol=1e-4)
 
-    # the same positions one at a time through the KV cache
-    cache = model.decoder.make_cache(2, 7)
-    stepped = [model.decoder(mx.array(codes[:, :, t:t + 1]), cross_kv, cross_mask, cache) for t in range(7)]
-    np.testing.assert_allclose(np.array(mx.concatenate(stepped, axis=2)), expected, atol=1e-4, rtol=1e-4)
+    # the same positions one at a time through the KV cache: MLX's, and the C kernel's in host memory
+    assert isinstance(model.decoder.make_cache(2, 7)[0], HostKVCache) == sys.platform.startswith("linux")
+    for host in (False, True) if sys.platform.startswith("linux") else (False,):
+        cache = model.decoder.make_cache(2, 7, host=host)
+        stepped = [model.decoder(mx.array(codes[:, :, t:t + 1]), cross_kv, cross_mask, cache) for t in range(7)]
+        np.testing.assert_allclose(np.array(mx.concatenate(stepped, axis=2)), expected, atol=1e-4, rtol=1e-4)
+        # a prefill of 3 positions, then steps
+        cache = model.decoder.make_cache(2, 7, host=host)
+        first = model.decoder(mx.array(codes[:, :, :3]), cross_kv, cross_mask, cache)
+        stepped = [first] + [model.decoder(mx.array(codes[:, :, t:t + 1]), cross_kv, cross_mask, cache)
+                             for t in range(3, 7)]
+        np.testing.assert_allclose(np.array(mx.concatenate(stepped, axis=2)), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("fixture", ["mono", "stereo"])

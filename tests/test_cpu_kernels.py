@@ -1,4 +1,4 @@
-"""The skinny matmul kernel (core/_skinny_gemm.c) against NumPy, called as MLX calls it: ``cblas_sgemm``."""
+"""The skinny matmul kernel (core/_cpu_kernels.c) against NumPy, called as MLX calls it: ``cblas_sgemm``."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ COL_MAJOR = 102
 def kernel() -> ctypes.CDLL:
     if not sys.platform.startswith("linux"):
         pytest.skip("the skinny kernel is built on Linux only")
-    assert blas.skinny_kernel is not None, f"the skinny kernel is not loaded: {blas.active_blas}"
-    return blas.skinny_kernel
+    assert blas.cpu_kernels is not None, f"the skinny kernel is not loaded: {blas.active_blas}"
+    return blas.cpu_kernels
 
 
 @pytest.fixture
@@ -140,9 +140,9 @@ def test_concurrent_callers(kernel, threads):
 FORK_PROBE = """
 import os, sys, numpy as np
 sys.path.insert(0, {root!r})
-from tests.test_skinny_gemm import sgemm
+from tests.test_cpu_kernels import sgemm
 from core import blas
-kernel = blas.skinny_kernel
+kernel = blas.cpu_kernels
 kernel.skinny_set_threads(2)
 x, w = np.ones((2, 1024), np.float32), np.ones((1024, 4096), np.float32)
 assert sgemm(kernel, x, w).max() == 1024.0  # starts the thread pool

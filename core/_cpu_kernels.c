@@ -1,25 +1,31 @@
 /*
- * A CBLAS `cblas_sgemm` for the products a decoder step makes on the CPU, in front of the real BLAS.
+ * CPU kernels for the products and attention a decoder step makes, loaded by core/blas.py on Linux.
  *
- * MLX's CPU backend multiplies every float32 matrix through `cblas_sgemm`. A MusicGen decoder step multiplies a
- * few rows (2 per prompt with guidance) by every weight matrix, and its attention makes thousands of tiny
- * per-head products. General BLAS kernels pack their operands for large blocks: for a few rows that copies the
- * weights on every call, and for tiny products the threading and dispatch cost more than the arithmetic.
- * Measured on a 2-core x86-64 VM (bench/README figures): all of a musicgen-small step's weight products at 8 rows
- * took 93-144 ms in MKL, BLIS and OpenBLAS (70 ms here), against ~43 ms to stream the weights once.
+ * 1. A CBLAS `cblas_sgemm` in front of the real BLAS. MLX's CPU backend multiplies every float32 matrix through
+ *    `cblas_sgemm`. A MusicGen decoder step multiplies a few rows (2 per prompt with guidance) by every weight
+ *    matrix. General BLAS kernels pack their operands for large blocks: for a few rows that copies the weights on
+ *    every call, and for tiny products the threading and dispatch cost more than the arithmetic. Measured on a
+ *    2-core x86-64 VM (bench/README figures): all of a musicgen-small step's weight products at 8 rows took
+ *    93-144 ms in MKL, BLIS and OpenBLAS (70 ms here), against ~43 ms to stream the weights once.
+ *    This library is loaded globally before MLX, so MLX's `cblas_sgemm` resolves here:
+ *      - few rows (M <= SKINNY_MAX_ROWS) times a large matrix: the weights are streamed once, each element
+ *        multiplied with every row in registers; the output columns are split between a small pool of threads;
+ *      - small ones are computed on the calling thread, without waking any;
+ *      - everything else goes to the real BLAS (`skinny_set_fallback`), unchanged.
+ *    Sums are float32 with 16 partial sums per dot product (a different order than the BLAS, not less accurate).
  *
- * This library is loaded globally before MLX (core/blas.py), so MLX's `cblas_sgemm` resolves here:
- *   - few rows (M <= SKINNY_MAX_ROWS) times a large matrix: the weights are streamed once, each element
- *     multiplied with every row in registers; the output columns are split between a small pool of threads;
- *   - small ones (attention heads) are computed on the calling thread, without waking any;
- *   - everything else goes to the real BLAS (`skinny_set_fallback`), unchanged.
- * Sums are float32 with 16 partial sums per dot product (a different order than the BLAS, not less accurate).
+ * 2. `decode_attention`: one decoding step of self-attention for every (row, head) at once, against a key/value
+ *    cache in host memory, called by core/musicgen.py with ctypes. MLX on the CPU runs attention as two batched
+ *    products (one `cblas_sgemm` call per row and head, thousands per step) and a softmax with a scalar `exp`;
+ *    at 8 rows and 250 positions that was ~50 ms of a ~135 ms step, against ~14 ms to read the cache once.
+ *    Here each (row, head) streams its keys and values once, with a vectorised `exp`, on the same threads.
  */
 
 #define _GNU_SOURCE
 #include <Python.h>
 #include <dlfcn.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -33,10 +39,15 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
                          float *, int);
 
 #define SKINNY_MAX_ROWS 8
+#ifndef PREFETCH_FLOATS
 #define PREFETCH_FLOATS 1024 /* 4 KB ahead in each weight row: measured +5% at 8 rows, neutral at 1-4 */
+#endif
+#ifndef PREFETCH_LOCALITY
+#define PREFETCH_LOCALITY 3
+#endif
 #define THREAD_MIN_FLOATS (1 << 12) /* a matrix smaller than this (16 KB) is not worth waking threads for */
 #define MAX_THREADS 64
-#define SPIN_NS 200000             /* a worker spins this long for the next product before it sleeps */
+#define SPIN_NS 2000000            /* a worker spins this long for the next product before it sleeps */
 
 static sgemm_fn fallback;
 static int n_threads = 1;
@@ -73,7 +84,7 @@ dot_rows(int MB, int R, int K, const float *A, const float *B, int ldb, float *C
             v16 w[4];
             for (int r = 0; r < R; r++) {
                 const float *b = B + (size_t)(n + r) * ldb + k;
-                __builtin_prefetch(b + PREFETCH_FLOATS);
+                __builtin_prefetch(b + PREFETCH_FLOATS, 0, PREFETCH_LOCALITY);
                 w[r] = *(const v16 *)b;
             }
             for (int m = 0; m < MB; m++) {
@@ -178,14 +189,12 @@ CLONES static void skinny_columns(int transB, int M, int K, const float *A, cons
 
 /* ------------------------------------------------------------------------------------------------ threads */
 
-typedef struct {
-    int transB, M, N, K, ldb, ldc, parts, grain;
-    const float *A, *B;
-    float *C;
-    float alpha, beta;
-} job_t;
+/* One parallel job at a time: parts 0 .. parts-1 of `task`, part 0 on the calling thread. */
+typedef void (*task_fn)(const void *args, int part, int parts);
 
-static job_t job;
+static task_fn job_task;
+static const void *job_args;
+static int job_parts;
 static atomic_ulong job_seq;
 static atomic_int job_remaining;
 static atomic_int sleepers;
@@ -210,15 +219,6 @@ static uint64_t now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static void run_part(int part) {
-    /* contiguous column ranges, each a multiple of the grain so the kernels see whole blocks */
-    int blocks = (job.N + job.grain - 1) / job.grain;
-    int b0 = (int)((long)blocks * part / job.parts), b1 = (int)((long)blocks * (part + 1) / job.parts);
-    int n0 = b0 * job.grain, n1 = b1 * job.grain < job.N ? b1 * job.grain : job.N;
-    if (n0 < n1) skinny_columns(job.transB, job.M, job.K, job.A, job.B, job.ldb, job.C, job.ldc, n0, n1, job.alpha,
-                                job.beta);
-}
-
 static void *worker(void *arg) {
     int part = (int)(intptr_t)arg;
     unsigned long seen = pool_start_seq;
@@ -227,7 +227,8 @@ static void *worker(void *arg) {
         unsigned spins = 0;
         while (atomic_load(&job_seq) == seen) {
             cpu_relax();
-            if ((++spins & 255) == 0 && now_ns() - start > SPIN_NS) {
+            if ((++spins & 255) == 0) sched_yield();
+            if ((spins & 255) == 0 && now_ns() - start > SPIN_NS) {
                 pthread_mutex_lock(&pool_mutex);
                 atomic_fetch_add(&sleepers, 1);
                 while (atomic_load(&job_seq) == seen) pthread_cond_wait(&pool_cond, &pool_mutex);
@@ -236,7 +237,7 @@ static void *worker(void *arg) {
             }
         }
         seen = atomic_load(&job_seq);
-        if (part < job.parts) run_part(part);
+        if (part < job_parts) job_task(job_args, part, job_parts);
         atomic_fetch_sub(&job_remaining, 1);
     }
     return NULL;
@@ -267,10 +268,15 @@ static void start_pool(void) {
     }
 }
 
-static void run_job(void) {
+/* Run `task` in up to `parts` parts on the pool; on the calling thread alone if another caller holds the pool. */
+static void run_parallel(task_fn task, const void *args, int parts) {
+    if (parts <= 1 || atomic_flag_test_and_set(&pool_busy)) {
+        for (int part = 0; part < parts; part++) task(args, part, parts);
+        return;
+    }
     pthread_once(&pool_once, start_pool);
-    int workers = job.parts - 1 < pool_size ? job.parts - 1 : pool_size;
-    job.parts = workers + 1;
+    int workers = parts - 1 < pool_size ? parts - 1 : pool_size;
+    job_task = task, job_args = args, job_parts = workers + 1;
     atomic_store(&job_remaining, pool_size);
     atomic_fetch_add(&job_seq, 1);
     if (atomic_load(&sleepers) > 0) {
@@ -278,8 +284,116 @@ static void run_job(void) {
         pthread_cond_broadcast(&pool_cond);
         pthread_mutex_unlock(&pool_mutex);
     }
-    run_part(0);
-    while (atomic_load(&job_remaining) > 0) cpu_relax();
+    task(args, 0, job_parts);
+    for (unsigned spins = 0; atomic_load(&job_remaining) > 0;)
+        if ((++spins & 255) == 0) sched_yield(); else cpu_relax();
+    atomic_flag_clear(&pool_busy);
+}
+
+/* ------------------------------------------------------------------------------------------------ attention */
+
+#define ATTENTION_MAX_HEAD 256 /* head sizes up to this (MusicGen's are 64) */
+#define ATTENTION_STACK_POSITIONS 4096
+
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+
+/* exp(x) of 16 floats: x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts), e^r by a degree-7 polynomial
+ * (Cephes expf, relative error ~2e-7), 2^n put in the exponent bits; 0 below -87.3, where float32 exp underflows.
+ * Only ever called with x <= 0 (scores minus their maximum), so nothing overflows. */
+static inline v16 exp16(v16 x) {
+    v16i under = x < -87.3f;
+    x = (v16)((v16i)x & ~under);                      /* 0 there, masked out of the result below */
+    v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2), in float */
+    v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v16 p = (v16){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    v16 two_n = (v16)((__builtin_convertvector(n, v16i) + 127) << 23);
+    return (v16)((v16i)(p * two_n) & ~under);
+}
+
+typedef struct {
+    int BH, L, D;                  /* (row, head) pairs; positions with this step's; head size */
+    float scale;
+    const float *q, *k_new, *v_new; /* (BH, D) each: this step's query, key and value */
+    float *k_cache, *v_cache;       /* (BH, capacity, D): this step's key and value go to position L - 1 */
+    long capacity;
+    float *out;                    /* (BH, D) */
+} attention_t;
+
+/* softmax(q kᵀ · scale) v over positions 0 .. L-1 of one (row, head); D a constant in the hot instance. */
+static inline __attribute__((always_inline)) void
+attend(int D, int L, float scale, const float *q, const float *k, const float *v, float *scores, float *out) {
+    const int D16 = D / 16;
+    v16 qv[ATTENTION_MAX_HEAD / 16];
+    for (int c = 0; c < D16; c++) qv[c] = *(const v16 *)(q + 16 * c) * scale;
+    float best = -__builtin_inff();
+    for (int t = 0; t < L; t++) {
+        const float *kt = k + (size_t)t * D;
+        v16 acc = {0};
+        for (int c = 0; c < D16; c++) acc += qv[c] * *(const v16 *)(kt + 16 * c);
+        float x = hsum(acc);
+        for (int d = 16 * D16; d < D; d++) x += q[d] * scale * kt[d];
+        scores[t] = x;
+        best = x > best ? x : best;
+    }
+    int padded = (L + 15) & ~15;
+    for (int t = L; t < padded; t++) scores[t] = -__builtin_inff();
+    v16 total = {0};
+    for (int t = 0; t < padded; t += 16) {
+        v16 e = exp16(*(v16 *)(scores + t) - best);
+        *(v16 *)(scores + t) = e;
+        total += e;
+    }
+    float inv = 1.0f / hsum(total);
+    v16 o[ATTENTION_MAX_HEAD / 16];
+    float tail[16] = {0};
+    for (int c = 0; c < D16; c++) o[c] = (v16){0};
+    for (int t = 0; t < L; t++) {
+        const float *vt = v + (size_t)t * D;
+        float w = scores[t];
+        for (int c = 0; c < D16; c++) o[c] += w * *(const v16 *)(vt + 16 * c);
+        for (int d = 16 * D16; d < D; d++) tail[d - 16 * D16] += w * vt[d];
+    }
+    for (int c = 0; c < D16; c++) *(v16 *)(out + 16 * c) = o[c] * inv;
+    for (int d = 16 * D16; d < D; d++) out[d] = tail[d - 16 * D16] * inv;
+}
+
+CLONES static void attention_part(const void *args, int part, int parts) {
+    const attention_t *a = args;
+    int first = (int)((long)a->BH * part / parts), last = (int)((long)a->BH * (part + 1) / parts);
+    float stack[ATTENTION_STACK_POSITIONS + 16];
+    float *scores = a->L <= ATTENTION_STACK_POSITIONS ? stack : malloc(sizeof(float) * ((size_t)a->L + 16));
+    if (!scores) abort(); /* nothing sensible to hand MLX without it */
+    for (int bh = first; bh < last; bh++) {
+        size_t row = (size_t)bh * a->D;
+        float *k = a->k_cache + (size_t)bh * a->capacity * a->D, *v = a->v_cache + (size_t)bh * a->capacity * a->D;
+        for (int d = 0; d < a->D; d++) {
+            k[(size_t)(a->L - 1) * a->D + d] = a->k_new[row + d];
+            v[(size_t)(a->L - 1) * a->D + d] = a->v_new[row + d];
+        }
+        if (a->D == 64)
+            attend(64, a->L, a->scale, a->q + row, k, v, scores, a->out + row);
+        else
+            attend(a->D, a->L, a->scale, a->q + row, k, v, scores, a->out + row);
+    }
+    if (scores != stack) free(scores);
+}
+
+/* One decoding step of attention for BH (row, head) pairs: writes this step's keys and values into the cache at
+ * position L - 1, then out = softmax(q kᵀ · scale) v over positions 0 .. L-1. Arrays are C-contiguous float32.
+ * Returns 0, or -1 (computing nothing) for a head size over ATTENTION_MAX_HEAD or L outside 1 .. capacity. */
+int decode_attention(int BH, int L, int D, float scale, const float *q, const float *k_new, const float *v_new,
+                     float *k_cache, float *v_cache, long capacity, float *out) {
+    if (D < 1 || D > ATTENTION_MAX_HEAD || L < 1 || L > capacity || BH < 1) return -1;
+    attention_t a = {BH, L, D, scale, q, k_new, v_new, k_cache, v_cache, capacity, out};
+    long floats = (long)BH * L * D * 2;
+    run_parallel(attention_part, &a, n_threads > 1 && floats >= THREAD_MIN_FLOATS ? (BH < n_threads ? BH : n_threads) : 1);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------------ entry */
@@ -288,10 +402,26 @@ static void call_fallback(int order, int transA, int transB, int M, int N, int K
                           int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     if (!fallback) fallback = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
     if (!fallback) { /* computing nothing would hand MLX garbage: stop loudly instead */
-        fprintf(stderr, "_skinny_gemm: no BLAS to hand products to (skinny_set_fallback was not called)\n");
+        fprintf(stderr, "_cpu_kernels: no BLAS to hand products to (skinny_set_fallback was not called)\n");
         abort();
     }
     fallback(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+typedef struct {
+    int transB, M, N, K, ldb, ldc, grain;
+    const float *A, *B;
+    float *C;
+    float alpha, beta;
+} product_t;
+
+static void product_part(const void *args, int part, int parts) {
+    /* contiguous column ranges, each a multiple of the grain so the kernels see whole blocks */
+    const product_t *p = args;
+    int blocks = (p->N + p->grain - 1) / p->grain;
+    int b0 = (int)((long)blocks * part / parts), b1 = (int)((long)blocks * (part + 1) / parts);
+    int n0 = b0 * p->grain, n1 = b1 * p->grain < p->N ? b1 * p->grain : p->N;
+    if (n0 < n1) skinny_columns(p->transB, p->M, p->K, p->A, p->B, p->ldb, p->C, p->ldc, n0, n1, p->alpha, p->beta);
 }
 
 /* C = alpha * op(A) op(B) + beta * C, row-major, with M <= SKINNY_MAX_ROWS. A is packed contiguous first. */
@@ -311,12 +441,11 @@ static void skinny(int transA, int transB, int M, int N, int K, float alpha, con
             for (int k = 0; k < K; k++) packed[(size_t)m * K + k] = transA ? A[(size_t)k * lda + m] : A[(size_t)m * lda + k];
         a = packed;
     }
-    if (n_threads > 1 && (long)N * K >= THREAD_MIN_FLOATS && !atomic_flag_test_and_set(&pool_busy)) {
+    if (n_threads > 1 && (long)N * K >= THREAD_MIN_FLOATS) {
         /* columns are split in blocks the kernels take whole: 4 rows of B^T, or 16-64 columns of B (narrow
            products, like attention's probabilities times values, split in 16s so that every thread gets some) */
-        job = (job_t){transB, M, N, K, ldb, ldc, n_threads, transB ? 4 : (N < 256 ? 16 : 64), a, B, C, alpha, beta};
-        run_job();
-        atomic_flag_clear(&pool_busy);
+        product_t product = {transB, M, N, K, ldb, ldc, transB ? 4 : (N < 256 ? 16 : 64), a, B, C, alpha, beta};
+        run_parallel(product_part, &product, n_threads);
     } else {
         skinny_columns(transB, M, K, a, B, ldb, C, ldc, 0, N, alpha, beta);
     }
@@ -342,6 +471,6 @@ int skinny_max_rows(void) { return SKINNY_MAX_ROWS; }
 
 /* An importable module, so that setuptools builds this file like any extension; core/blas.py loads it with
  * ctypes (globally, before MLX) and never imports it. */
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_skinny_gemm",
-                                    "cblas_sgemm for few-row products (loaded by core.blas)", -1, NULL, NULL, NULL, NULL, NULL};
-PyMODINIT_FUNC PyInit__skinny_gemm(void) { return PyModule_Create(&module); }
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_kernels",
+                                    "CPU kernels: few-row cblas_sgemm, decode attention (loaded by core.blas)", -1, NULL, NULL, NULL, NULL, NULL};
+PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&module); }
