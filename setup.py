@@ -9,7 +9,8 @@ from setuptools import Extension, setup
 extensions = []
 if sys.platform.startswith("linux"):
     # optional: without a C compiler the package still installs and MLX uses the BLAS and its own attention
-    extensions.append(Extension("core._cpu_kernels", ["core/_cpu_kernels.c"], extra_compile_args=["-O3", "-Wno-psabi"],
+    extensions.append(Extension("core._cpu_kernels", ["core/_cpu_kernels.c"], depends=["core/_cpu_kernels_simd.h"],
+                                extra_compile_args=["-O3", "-Wno-psabi"],
                                 libraries=["pthread", "dl"], optional=True))
 
 setup(ext_modules=extensions)

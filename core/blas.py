@@ -58,6 +58,8 @@ SGEMM_ARGTYPES = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 # decode_attention(BH, L, D, scale, q, k_new, v_new, k_cache, v_cache, capacity, out)
 ATTENTION_ARGTYPES = [ctypes.c_int] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_void_p]
+# cross_attention(B, H, S, D, scale, q, k, v, mask, out)
+CROSS_ATTENTION_ARGTYPES = [ctypes.c_int] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 5
 
 
 def _cpu_count() -> int:
@@ -115,10 +117,13 @@ def _load_cpu_kernels(fallback: ctypes.CDLL | None) -> str | None:
     threads = os.environ.get("MUSICGEN_GEMM_THREADS", "").strip()
     threads = int(threads) if threads.isdigit() and int(threads) > 0 else _cpu_count()
     kernel.skinny_set_threads(threads)
-    kernel.decode_attention.argtypes = ATTENTION_ARGTYPES
-    kernel.decode_attention.restype = ctypes.c_int
+    kernel.decode_attention.argtypes, kernel.decode_attention.restype = ATTENTION_ARGTYPES, ctypes.c_int
+    kernel.cross_attention.argtypes, kernel.cross_attention.restype = CROSS_ATTENTION_ARGTYPES, ctypes.c_int
+    kernel.kernel_select.argtypes, kernel.kernel_select.restype = [ctypes.c_char_p], ctypes.c_int
+    kernel.kernel_instruction_set.restype = ctypes.c_char_p
     cpu_kernels = kernel
-    return f"skinny kernel ({threads} threads, up to {kernel.skinny_max_rows()} rows) + "
+    isa = kernel.kernel_instruction_set().decode()
+    return f"skinny kernel ({threads} threads, up to {kernel.skinny_max_rows()} rows, {isa}) + "
 
 
 def preload_blas() -> str:

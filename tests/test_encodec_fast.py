@@ -10,6 +10,7 @@ import torch
 import core  # noqa: F401  (before mlx: fast BLAS)
 from core.encodec import (
     LSTM,
+    EncodecLSTM,
     EncodecConvTranspose1d,
     EncodecModel,
     elu_numpy,
@@ -104,9 +105,24 @@ def test_decode_uses_the_chunked_path(codec, monkeypatch):
     calls = []
     original = type(model.decoder).decode_chunked
     monkeypatch.setattr(type(model.decoder), "decode_chunked",
-                        lambda self, x, n: calls.append(n) or original(self, x, n))
+                        lambda self, x, n, first=0: calls.append(n) or original(self, x, n, first))
     model.decode(mx.zeros((1, 1, model.config.num_quantizers, 5), dtype=mx.int32))
     assert calls == [model.decoder.chunk_length]
+
+
+def test_rows_decode_together_through_the_lstm_then_apart(codec, monkeypatch):
+    """Several rows: the layers up to the LSTM run once on all of them, the rest row by row, and every row's audio
+    is the audio it decodes to alone."""
+    model, _ = codec
+    codes = np.random.default_rng(1).integers(0, model.config.codebook_size, (3, 1, model.config.num_quantizers, 9))
+    alone = [np.array(model.decode(mx.array(codes[i:i + 1]))) for i in range(3)]
+    batches = []
+    original = EncodecLSTM.__call__
+    monkeypatch.setattr(EncodecLSTM, "__call__", lambda self, x: batches.append(x.shape[0]) or original(self, x))
+    together = np.array(model.decode(mx.array(codes)))
+    assert batches == [3]
+    for i in range(3):
+        np.testing.assert_allclose(together[i], alone[i][0], atol=1e-6)
 
 
 def test_receptive_radius_bounds_the_dependence(codec):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core import GenerationStopped, MusicGen
-from core.musicgen import HostKVCache, sample, top_k_mask
+from core.musicgen import HostCrossKV, HostKVCache, sample, top_k_mask
 from tests import tiny_models
 
 PROMPTS = ["warm synthwave with a driving bassline", "jazz"]
@@ -89,14 +89,16 @@ def test_decoder_logits_match_transformers(mono):
 
     # the same positions one at a time through the KV cache: MLX's, and the C kernel's in host memory
     assert isinstance(model.decoder.make_cache(2, 7)[0], HostKVCache) == sys.platform.startswith("linux")
+    # (and the text's keys/values in host memory too)
     for host in (False, True) if sys.platform.startswith("linux") else (False,):
+        text = [HostCrossKV(k, v, cross_mask) for k, v in cross_kv] if host else cross_kv
         cache = model.decoder.make_cache(2, 7, host=host)
-        stepped = [model.decoder(mx.array(codes[:, :, t:t + 1]), cross_kv, cross_mask, cache) for t in range(7)]
+        stepped = [model.decoder(mx.array(codes[:, :, t:t + 1]), text, cross_mask, cache) for t in range(7)]
         np.testing.assert_allclose(np.array(mx.concatenate(stepped, axis=2)), expected, atol=1e-4, rtol=1e-4)
         # a prefill of 3 positions, then steps
         cache = model.decoder.make_cache(2, 7, host=host)
-        first = model.decoder(mx.array(codes[:, :, :3]), cross_kv, cross_mask, cache)
-        stepped = [first] + [model.decoder(mx.array(codes[:, :, t:t + 1]), cross_kv, cross_mask, cache)
+        first = model.decoder(mx.array(codes[:, :, :3]), text, cross_mask, cache)
+        stepped = [first] + [model.decoder(mx.array(codes[:, :, t:t + 1]), text, cross_mask, cache)
                              for t in range(3, 7)]
         np.testing.assert_allclose(np.array(mx.concatenate(stepped, axis=2)), expected, atol=1e-4, rtol=1e-4)
 
@@ -215,8 +217,12 @@ def test_top_k_keeps_exactly_k():
         assert (keep[row].sum(-1) == kk).all()
         for codebook in range(4):
             assert set(np.flatnonzero(keep[row, codebook])) == set(order[row, codebook, :kk])
+    for k_max in (None, 2048, 4096):  # a bound on k, or none: the same mask
+        np.testing.assert_array_equal(np.array(top_k_mask(logits, k[:, None], k_max)), keep)
     ties = np.array(top_k_mask(mx.zeros((2, 10)), mx.array([3, 7])))
-    assert ties.sum(-1).tolist() == [3, 7]
+    assert ties.tolist() == [[True] * 3 + [False] * 7, [True] * 7 + [False] * 3]  # lowest index first
+    some = np.array(top_k_mask(mx.array([[0.0, 2.0, 1.0, 2.0, 1.0, 1.0]]), mx.array([3]), 3))
+    assert some.tolist() == [[False, True, True, True, False, False]]
 
 
 def test_sampler_follows_the_tempered_top_k_distribution():

@@ -1,0 +1,250 @@
+/*
+ * The arithmetic of core/_cpu_kernels.c for one vector width. That file includes this one once per instruction
+ * set (AVX-512, AVX2, and the baseline), with
+ *   LANES    floats per vector: 16, 8 or 4;
+ *   MAX_MB   rows of A one pass of the product kernels keeps in registers (8 with 32 vector registers, else 4);
+ *   SUFFIX   appended to every name defined here.
+ * It defines skinny_columns##SUFFIX and attention_part##SUFFIX.
+ *
+ * Every output of a product is summed in the same order whatever the number of rows and the blocking (LANES
+ * partial sums over K, then across), so a row's result does not depend on the rows it is multiplied with.
+ */
+
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(name, SUFFIX)
+
+#define vf FN(vf_)
+#define vi FN(vi_)
+typedef float vf __attribute__((vector_size(LANES * 4), aligned(4)));  /* unaligned vectors */
+typedef int32_t vi __attribute__((vector_size(LANES * 4), aligned(4)));
+
+#define COLUMN_BLOCK 96 /* B^T rows per block: all passes over A's rows take them from cache (a multiple of 2, 3, 4) */
+
+static inline float FN(hsum)(vf v) {
+    float s = 0.0f;
+    for (int i = 0; i < LANES; i += 4) s += (v[i] + v[i + 2]) + (v[i + 1] + v[i + 3]);
+    return s;
+}
+
+/* C[m, n] = sum_k A[m, k] * B[n, k] for n in [n0, n1): A is MB x K contiguous, B rows have stride ldb.
+ * MB rows of A and R rows of B at a time; MB and R are constants in every instance, so the accumulators stay in
+ * registers. */
+static inline __attribute__((always_inline)) void
+FN(dot_rows)(int MB, int R, int K, const float *A, const float *B, int ldb, float *C, int ldc, int n0, int n1,
+             float alpha, float beta) {
+    const int KV = K - K % LANES;
+    int n = n0;
+    for (; n + R <= n1; n += R) {
+        vf acc[MAX_MB][4] = {{{0}}};
+        for (int k = 0; k < KV; k += LANES) {
+            vf w[4];
+            for (int r = 0; r < R; r++) {
+                const float *b = B + (size_t)(n + r) * ldb + k;
+                __builtin_prefetch(b + PREFETCH_FLOATS, 0, PREFETCH_LOCALITY);
+                w[r] = *(const vf *)b;
+            }
+            for (int m = 0; m < MB; m++) {
+                vf a = *(const vf *)(A + (size_t)m * K + k);
+                for (int r = 0; r < R; r++) acc[m][r] += a * w[r];
+            }
+        }
+        for (int m = 0; m < MB; m++)
+            for (int r = 0; r < R; r++) {
+                float s = FN(hsum)(acc[m][r]);
+                for (int k = KV; k < K; k++) s += A[(size_t)m * K + k] * B[(size_t)(n + r) * ldb + k];
+                store(C + (size_t)m * ldc + n + r, s, alpha, beta);
+            }
+    }
+    for (; n < n1; n++) /* fewer than R columns left */
+        for (int m = 0; m < MB; m++) {
+            vf acc = {0};
+            for (int k = 0; k < KV; k += LANES)
+                acc += *(const vf *)(A + (size_t)m * K + k) * *(const vf *)(B + (size_t)n * ldb + k);
+            float s = FN(hsum)(acc);
+            for (int k = KV; k < K; k++) s += A[(size_t)m * K + k] * B[(size_t)n * ldb + k];
+            store(C + (size_t)m * ldc + n, s, alpha, beta);
+        }
+}
+
+/* C[m, n] = sum_k A[m, k] * B[k, n] for n in [n0, n1): B is K x N with row stride ldb (rows of B are axpy'd).
+ * V vectors of columns at a time (V LANES-wide vectors for each of MB <= 4 rows). */
+#define AXPY_V (LANES == 16 ? 4 : 2)
+static inline __attribute__((always_inline)) void
+FN(axpy_rows)(int MB, int K, const float *A, const float *B, int ldb, float *C, int ldc, int n0, int n1,
+              float alpha, float beta) {
+    const int width = AXPY_V * LANES;
+    int n = n0;
+    for (; n + width <= n1; n += width) {
+        vf acc[4][AXPY_V] = {{{0}}};
+        for (int k = 0; k < K; k++) {
+            const float *b = B + (size_t)k * ldb + n;
+            vf w[AXPY_V];
+            for (int j = 0; j < AXPY_V; j++) w[j] = *(const vf *)(b + j * LANES);
+            for (int m = 0; m < MB; m++) {
+                float a = A[(size_t)m * K + k];
+                for (int j = 0; j < AXPY_V; j++) acc[m][j] += a * w[j];
+            }
+        }
+        for (int m = 0; m < MB; m++)
+            for (int j = 0; j < width; j++)
+                store(C + (size_t)m * ldc + n + j, acc[m][j / LANES][j % LANES], alpha, beta);
+    }
+    for (; n + LANES <= n1; n += LANES) {
+        vf acc[4] = {{0}};
+        for (int k = 0; k < K; k++) {
+            vf w = *(const vf *)(B + (size_t)k * ldb + n);
+            for (int m = 0; m < MB; m++) acc[m] += A[(size_t)m * K + k] * w;
+        }
+        for (int m = 0; m < MB; m++)
+            for (int j = 0; j < LANES; j++) store(C + (size_t)m * ldc + n + j, acc[m][j], alpha, beta);
+    }
+    for (; n < n1; n++)
+        for (int m = 0; m < MB; m++) {
+            float s = 0.0f;
+            for (int k = 0; k < K; k++) s += A[(size_t)m * K + k] * B[(size_t)k * ldb + n];
+            store(C + (size_t)m * ldc + n, s, alpha, beta);
+        }
+}
+
+/* Rows [0, mb) of A against B^T columns [n0, n1), mb <= MAX_MB, as many B rows at a time as keep the MB x R
+ * accumulators in registers. */
+static inline __attribute__((always_inline)) void
+FN(dot_pass)(int mb, int K, const float *A, const float *B, int ldb, float *C, int ldc, int n0, int n1,
+             float alpha, float beta) {
+#if MAX_MB == 8 /* 32 registers; 4 B rows from 5 A rows on although the compiler then spills some accumulators:
+                  all of a musicgen-small step's products at 8 rows took 62-63 ms so, 69-72 ms with 3 B rows */
+    switch (mb) {
+    case 1: FN(dot_rows)(1, 4, K, A, B, ldb, C, ldc, n0, n1, alpha, beta); break;
+    case 2: FN(dot_rows)(2, 4, K, A, B, ldb, C, ldc, n0, n1, alpha, beta); break;
+    case 3: FN(dot_rows)(3, 4, K, A, B, ldb, C, ldc, n0, n1, alpha, beta); break;
+    case 4: FN(dot_rows)(4, 4, K, A, B, ldb, C, ldc, n0, n1, alpha, beta); break;
+    case 5: FN(dot_rows)(5, 4, K, A, B, ldb, C, ldc, n0, n1, alpha, beta); break;
+    case 6: FN(dot_rows)(6, 4, K, A, B, ldb, C, ldc, n0, n1, alpha, beta); break;
+    case 7: FN(dot_rows)(7, 4, K, A, B, ldb, C, ldc, n0, n1, alpha, beta); break;
+    default: FN(dot_rows)(8, 4, K, A, B, ldb, C, ldc, n0, n1, alpha, beta); break;
+    }
+#else /* 16 registers: at most 12 accumulators */
+    switch (mb) {
+    case 1: FN(dot_rows)(1, 4, K, A, B, ldb, C, ldc, n0, n1, alpha, beta); break;
+    case 2: FN(dot_rows)(2, 4, K, A, B, ldb, C, ldc, n0, n1, alpha, beta); break;
+    case 3: FN(dot_rows)(3, 3, K, A, B, ldb, C, ldc, n0, n1, alpha, beta); break;
+    default: FN(dot_rows)(4, 3, K, A, B, ldb, C, ldc, n0, n1, alpha, beta); break;
+    }
+#endif
+}
+
+/* Columns [n0, n1) of C = alpha * A B(^T) + beta * C, for M <= SKINNY_MAX_ROWS rows of contiguous A. More rows than
+ * one pass holds are taken in passes over a block of columns at a time, so B is streamed from memory once. */
+static void FN(skinny_columns)(int transB, int M, int K, const float *A, const float *B, int ldb, float *C, int ldc,
+                               int n0, int n1, float alpha, float beta) {
+    const int passes = transB ? MAX_MB : 4, block = M <= passes ? n1 - n0 : COLUMN_BLOCK;
+    for (int b0 = n0; b0 < n1; b0 += block) {
+        int b1 = n1 - b0 < block ? n1 : b0 + block;
+        for (int m0 = 0; m0 < M; m0 += passes) {
+            int mb = M - m0 < passes ? M - m0 : passes;
+            const float *a = A + (size_t)m0 * K;
+            float *c = C + (size_t)m0 * ldc;
+            if (transB) {
+                FN(dot_pass)(mb, K, a, B, ldb, c, ldc, b0, b1, alpha, beta);
+            } else {
+                switch (mb) {
+                case 1: FN(axpy_rows)(1, K, a, B, ldb, c, ldc, b0, b1, alpha, beta); break;
+                case 2: FN(axpy_rows)(2, K, a, B, ldb, c, ldc, b0, b1, alpha, beta); break;
+                case 3: FN(axpy_rows)(3, K, a, B, ldb, c, ldc, b0, b1, alpha, beta); break;
+                default: FN(axpy_rows)(4, K, a, B, ldb, c, ldc, b0, b1, alpha, beta); break;
+                }
+            }
+        }
+    }
+}
+
+/* exp(x): x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts), e^r by a degree-7 polynomial (Cephes expf,
+ * relative error ~2e-7), 2^n put in the exponent bits; 0 below -87.3, where float32 exp underflows.
+ * Only ever called with x <= 0 (scores minus their maximum), so nothing overflows. */
+static inline vf FN(exp_negative)(vf x) {
+    vi under = x < -87.3f;
+    x = (vf)((vi)x & ~under); /* 0 there, masked out of the result below */
+    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2), in float */
+    vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = (vf){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vf two_n = (vf)((__builtin_convertvector(n, vi) + 127) << 23);
+    return (vf)((vi)(p * two_n) & ~under);
+}
+
+/* softmax(q kᵀ · scale) v over positions 0 .. L-1 of one (row, head) where `mask` (if any) is nonzero; D a
+ * constant in the hot instance. `scores` holds L rounded up to LANES floats. */
+static inline __attribute__((always_inline)) void
+FN(attend)(int D, int L, float scale, const float *q, const float *k, const float *v, const uint8_t *mask,
+           float *scores, float *out) {
+    const int DV = D / LANES, tail_start = DV * LANES;
+    vf qv[ATTENTION_MAX_HEAD / LANES];
+    for (int c = 0; c < DV; c++) qv[c] = *(const vf *)(q + LANES * c) * scale;
+    float best = -__builtin_inff();
+    for (int t = 0; t < L; t++) {
+        const float *kt = k + (size_t)t * D;
+        vf acc = {0};
+        for (int c = 0; c < DV; c++) acc += qv[c] * *(const vf *)(kt + LANES * c);
+        float x = FN(hsum)(acc);
+        for (int d = tail_start; d < D; d++) x += q[d] * scale * kt[d];
+        if (mask && !mask[t]) x = -__builtin_inff();
+        scores[t] = x;
+        best = x > best ? x : best;
+    }
+    if (best == -__builtin_inff()) { /* attends nowhere: uniformly everywhere, as an additive mask would */
+        for (int t = 0; t < L; t++) scores[t] = 0.0f;
+        best = 0.0f;
+    }
+    int padded = (L + LANES - 1) / LANES * LANES;
+    for (int t = L; t < padded; t++) scores[t] = -__builtin_inff();
+    vf total = {0};
+    for (int t = 0; t < padded; t += LANES) {
+        vf e = FN(exp_negative)(*(vf *)(scores + t) - best);
+        *(vf *)(scores + t) = e;
+        total += e;
+    }
+    float inv = 1.0f / FN(hsum)(total);
+    vf o[ATTENTION_MAX_HEAD / LANES];
+    float tail[LANES] = {0};
+    for (int c = 0; c < DV; c++) o[c] = (vf){0};
+    for (int t = 0; t < L; t++) {
+        const float *vt = v + (size_t)t * D;
+        float w = scores[t];
+        for (int c = 0; c < DV; c++) o[c] += w * *(const vf *)(vt + LANES * c);
+        for (int d = tail_start; d < D; d++) tail[d - tail_start] += w * vt[d];
+    }
+    for (int c = 0; c < DV; c++) *(vf *)(out + LANES * c) = o[c] * inv;
+    for (int d = tail_start; d < D; d++) out[d] = tail[d - tail_start] * inv;
+}
+
+/* (row, head) pairs [first, last) of a decode_attention or cross_attention call. */
+static void FN(attention_rows)(const attention_t *a, int first, int last, float *scores) {
+    for (int bh = first; bh < last; bh++) {
+        size_t row = (size_t)bh * a->D;
+        float *k = a->k_cache + (size_t)bh * a->capacity * a->D, *v = a->v_cache + (size_t)bh * a->capacity * a->D;
+        const uint8_t *mask = a->mask ? a->mask + (size_t)(bh / a->heads) * a->capacity : NULL;
+        if (a->k_new)
+            for (int d = 0; d < a->D; d++) {
+                k[(size_t)(a->L - 1) * a->D + d] = a->k_new[row + d];
+                v[(size_t)(a->L - 1) * a->D + d] = a->v_new[row + d];
+            }
+        if (a->D == 64)
+            FN(attend)(64, a->L, a->scale, a->q + row, k, v, mask, scores, a->out + row);
+        else
+            FN(attend)(a->D, a->L, a->scale, a->q + row, k, v, mask, scores, a->out + row);
+    }
+}
+
+#undef AXPY_V
+#undef COLUMN_BLOCK
+#undef vf
+#undef vi
+#undef FN
+#undef CAT
+#undef CAT_
