@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from core import GenerationRequest, MusicGen
+from core.musicgen import HostKVCache
 from tests.test_musicgen import build
 
 LONG = "epic orchestral trailer music with a calm piano melody in the rain and heavy metal riff"
@@ -45,6 +46,18 @@ def test_greedy_batched_equals_alone(model):
     for request, clip in zip(requests, batched, strict=True):
         np.testing.assert_array_equal(clip.tokens, alone(model, request).tokens)
     assert not np.array_equal(batched[0].tokens[:, :6], batched[1].tokens[:, :6])
+
+
+def test_mlx_attention_gives_the_c_kernels_tokens(model, monkeypatch):
+    """Where the C kernels cannot attend (no compiler at install, another dtype, a GPU) MLX attends: same tokens."""
+    requests = [GenerationRequest(LONG, 0.2, top_k=1), GenerationRequest("jazz", 0.16, top_k=1),
+                GenerationRequest("lofi", 0.2, seed=5)]
+    with_kernels = model.generate_batch(requests)
+    monkeypatch.setattr(HostKVCache, "available", staticmethod(lambda dtype, head_dim: False))
+    assert not isinstance(model.decoder.make_cache(2, 4)[0], HostKVCache)
+    for clip, plain in zip(with_kernels, model.generate_batch(requests), strict=True):
+        np.testing.assert_array_equal(plain.tokens, clip.tokens)
+        np.testing.assert_allclose(plain.samples, clip.samples, atol=1e-6)
 
 
 def test_short_prompt_batched_with_long_one(model):

@@ -1,4 +1,5 @@
-"""The skinny matmul kernel (core/_cpu_kernels.c) against NumPy, called as MLX calls it: ``cblas_sgemm``."""
+"""The CPU kernels (core/_cpu_kernels.c) against NumPy: the skinny matmul called as MLX calls it (``cblas_sgemm``),
+and the decoder's step attention (``decode_attention``, ``cross_attention``), in every instruction set the CPU has."""
 
 from __future__ import annotations
 
@@ -23,6 +24,27 @@ def kernel() -> ctypes.CDLL:
         pytest.skip("the skinny kernel is built on Linux only")
     assert blas.cpu_kernels is not None, f"the skinny kernel is not loaded: {blas.active_blas}"
     return blas.cpu_kernels
+
+
+INSTRUCTION_SETS = ["avx512", "avx2", "baseline"]
+
+
+@pytest.fixture(params=INSTRUCTION_SETS)
+def isa(kernel, request):
+    """Run one test with the kernels of each instruction set this CPU has; put back the widest afterwards."""
+    if kernel.kernel_select(request.param.encode()) != 0:
+        pytest.skip(f"this CPU has no {request.param}")  # CI's x86-64 runners have AVX-512 or AVX2, and baseline
+    yield request.param
+    kernel.kernel_select(None)
+
+
+def test_the_widest_instruction_set_is_chosen(kernel):
+    chosen = kernel.kernel_instruction_set().decode()
+    assert chosen in INSTRUCTION_SETS
+    assert all(kernel.kernel_select(name.encode()) != 0 for name in INSTRUCTION_SETS[:INSTRUCTION_SETS.index(chosen)])
+    kernel.kernel_select(None)
+    assert kernel.kernel_instruction_set().decode() == chosen
+    assert kernel.kernel_select(b"sse9") == -1 and kernel.kernel_instruction_set().decode() == chosen
 
 
 @pytest.fixture
@@ -77,13 +99,28 @@ SHAPES = [(1, 1, 1), (1, 17, 3), (2, 1024, 1024), (3, 15, 100), (4, 16, 64), (5,
 
 @pytest.mark.parametrize("trans_b", [True, False], ids=["B^T", "B"])
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
-def test_products_match_numpy(kernel, threads, trans_b, n_threads):
+def test_products_match_numpy(kernel, isa, threads, trans_b, n_threads):
     threads(n_threads)
     rng = np.random.default_rng(n_threads)
     for M, K, N in SHAPES:
         a = rng.standard_normal((M, K), dtype=np.float32)
         b = rng.standard_normal((K, N), dtype=np.float32)
         check(sgemm(kernel, a, b, trans_b=trans_b), a, b)
+
+
+def test_a_row_does_not_depend_on_the_other_rows(kernel, isa, threads):
+    """Every row's product is summed in the same order whatever the rows around it (what makes a batched job's
+    output equal to the same job alone)."""
+    threads(2)
+    rng = np.random.default_rng(4)
+    for K, N in [(1024, 1024), (4096, 1000), (100, 4099)]:
+        a = rng.standard_normal((8, K), dtype=np.float32)
+        w = rng.standard_normal((K, N), dtype=np.float32)
+        for trans_b in (True, False):
+            every = sgemm(kernel, a, w, trans_b=trans_b)
+            for m in range(1, 9):
+                np.testing.assert_array_equal(sgemm(kernel, a[:m], w, trans_b=trans_b), every[:m])
+            np.testing.assert_array_equal(sgemm(kernel, a[5:6], w, trans_b=trans_b), every[5:6])
 
 
 @pytest.mark.parametrize("trans_a", [True, False], ids=["A^T", "A"])
@@ -159,3 +196,85 @@ def test_fork_after_the_pool_started(kernel):
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "child 0"
+
+
+# --------------------------------------------------------------------------------------------------- attention
+
+
+def attention_reference(q, k, v, scale, mask=None):
+    """softmax(q kᵀ · scale) v in float64, per (row, head); q (BH, D), k/v (BH, L, D), mask (BH, L) or None; a row
+    masked everywhere attends everywhere (as an additive mask gives)."""
+    scores = np.einsum("bd,btd->bt", q.astype(np.float64), k.astype(np.float64)) * scale
+    if mask is not None:
+        scores = np.where(mask | ~mask.any(-1, keepdims=True), scores, -np.inf)
+        scores = np.where(mask.any(-1, keepdims=True), scores, 0.0)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bt,btd->bd", p / p.sum(-1, keepdims=True), v.astype(np.float64))
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_decode_attention_matches_numpy(kernel, isa, threads, n_threads):
+    threads(n_threads)
+    rng = np.random.default_rng(5)
+    for B, H, D, capacity, L in [(2, 16, 64, 260, 1), (2, 16, 64, 260, 125), (8, 16, 64, 260, 260), (1, 2, 16, 9, 7),
+                                 (3, 4, 24, 40, 33), (2, 1, 7, 5000, 4500), (1, 3, 256, 20, 20)]:
+        keys = rng.standard_normal((B, H, capacity, D), dtype=np.float32)
+        values = rng.standard_normal((B, H, capacity, D), dtype=np.float32)
+        q, k_new, v_new = (rng.standard_normal((B, H, D), dtype=np.float32) * 3 for _ in range(3))
+        before = keys.copy()
+        out = np.full((B, H, D), np.nan, np.float32)
+        assert kernel.decode_attention(B * H, L, D, D ** -0.5, q.ctypes.data, k_new.ctypes.data, v_new.ctypes.data,
+                                       keys.ctypes.data, values.ctypes.data, capacity, out.ctypes.data) == 0
+        np.testing.assert_array_equal(keys[:, :, L - 1], k_new)  # this step's key and value were written
+        np.testing.assert_array_equal(values[:, :, L - 1], v_new)
+        np.testing.assert_array_equal(np.delete(keys, L - 1, axis=2), np.delete(before, L - 1, axis=2))
+        expected = attention_reference(q.reshape(B * H, D), keys[:, :, :L].reshape(B * H, L, D),
+                                       values[:, :, :L].reshape(B * H, L, D), D ** -0.5)
+        np.testing.assert_allclose(out.reshape(B * H, D), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_cross_attention_masks_keys(kernel, isa, threads):
+    threads(2)
+    rng = np.random.default_rng(6)
+    B, H, S, D = 4, 16, 12, 64
+    q = rng.standard_normal((B, H, D), dtype=np.float32)
+    k, v = (rng.standard_normal((B, H, S, D), dtype=np.float32) for _ in range(2))
+    mask = np.ones((B, S), np.uint8)
+    mask[0, 5:] = 0  # a short prompt
+    mask[1, ::2] = 0  # not only padding at the end
+    mask[2] = 0  # attends nowhere: uniformly everywhere
+    for m in (mask, None):
+        out = np.full((B, H, D), np.nan, np.float32)
+        assert kernel.cross_attention(B, H, S, D, 0.125, q.ctypes.data, k.ctypes.data, v.ctypes.data,
+                                      m.ctypes.data if m is not None else None, out.ctypes.data) == 0
+        per_head = None if m is None else np.repeat(m.astype(bool), H, axis=0)
+        expected = attention_reference(q.reshape(B * H, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D), 0.125,
+                                       per_head)
+        np.testing.assert_allclose(out.reshape(B * H, D), expected, rtol=2e-5, atol=2e-5)
+        if m is not None:  # the row masked everywhere averages its values
+            np.testing.assert_allclose(out[2], v[2].mean(axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_refuses_what_it_cannot_do(kernel):
+    x = np.zeros((1, 300 * 4), np.float32)
+    assert kernel.decode_attention(1, 5, 300, 1.0, *[x.ctypes.data] * 5, 4, x.ctypes.data) == -1  # head too big
+    assert kernel.decode_attention(1, 5, 16, 1.0, *[x.ctypes.data] * 5, 4, x.ctypes.data) == -1  # past the cache
+    assert kernel.cross_attention(1, 1, 4, 300, 1.0, *[x.ctypes.data] * 3, None, x.ctypes.data) == -1
+
+
+def test_exp_of_the_softmax_is_accurate(kernel, isa):
+    """The vectorised exp over its whole range (scores minus their maximum, down to underflow): one position with
+    score 0 and one with score s give weights 1 / (1 + e^s) and e^s / (1 + e^s)."""
+    s = np.concatenate([-np.geomspace(1e-6, 120, 3000), [0.0, -87.3, -87.4, -103.0]]).astype(np.float32)
+    n = len(s)
+    keys = np.zeros((n, 2, 1), np.float32)
+    keys[:, 1, 0] = s
+    values = np.zeros((n, 2, 1), np.float32)
+    values[:, 1, 0] = 1.0  # the output is the second position's weight
+    q = np.ones((n, 1), np.float32)
+    out = np.empty((n, 1), np.float32)
+    assert kernel.cross_attention(n, 1, 2, 1, 1.0, q.ctypes.data, keys.ctypes.data, values.ctypes.data, None,
+                                  out.ctypes.data) == 0
+    e = np.exp(s.astype(np.float64))
+    # below -87.3 (where float32 underflows to subnormals) the weight is 0 instead of at most 1.2e-38
+    np.testing.assert_allclose(out[:, 0], e / (1 + e), rtol=1e-6, atol=1.2e-38)

@@ -119,7 +119,7 @@ async def test_registered_schema(world: World) -> None:
 async def test_music_delivers_exact_clip_with_progress(world: World) -> None:
     fake = world.fake
     alice = world.member("alice")
-    seconds = 20  # long enough for the tiny model to take a few seconds, so progress is shown
+    seconds = 50  # two windows: long enough for the tiny model to take a few seconds (~4 s), so progress is shown
     interaction = await fake.invoke(alice, "music", {"prompt": "calm **piano** @everyone", "seconds": seconds,
                                                      "seed": 1234})
     callback = await interaction.wait_callback()

@@ -10,8 +10,8 @@ import torch
 import core  # noqa: F401  (before mlx: fast BLAS)
 from core.encodec import (
     LSTM,
-    EncodecLSTM,
     EncodecConvTranspose1d,
+    EncodecLSTM,
     EncodecModel,
     elu_numpy,
     elu_plain,
