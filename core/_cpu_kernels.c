@@ -6,10 +6,12 @@
  *    matrix. General BLAS kernels pack their operands for large blocks: for a few rows that copies the weights on
  *    every call, and for tiny products the threading and dispatch cost more than the arithmetic. Measured on a
  *    2-core x86-64 VM (bench/README figures): all of a musicgen-small step's weight products at 8 rows took
- *    93-144 ms in MKL, BLIS and OpenBLAS (70 ms here), against ~43 ms to stream the weights once.
+ *    93-144 ms in MKL, BLIS and OpenBLAS (63 ms here), at 16 rows 136 ms in OpenBLAS (102 ms here), against
+ *    ~44 ms to stream the weights once.
  *    This library is loaded globally before MLX, so MLX's `cblas_sgemm` resolves here:
  *      - few rows (M <= SKINNY_MAX_ROWS) times a large matrix: the weights are streamed once, each element
- *        multiplied with every row in registers; the output columns are split between a small pool of threads;
+ *        multiplied with every row in registers (more rows than the registers hold in passes over blocks of
+ *        columns that stay in cache); the output columns are split between a small pool of threads;
  *      - small ones are computed on the calling thread, without waking any;
  *      - everything else goes to the real BLAS (`skinny_set_fallback`), unchanged.
  *    Sums are float32 with 16 partial sums per dot product (a different order than the BLAS, not less accurate).
@@ -40,7 +42,7 @@ enum { NoTrans = 111, Trans = 112 };
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                          float *, int);
 
-#define SKINNY_MAX_ROWS 8
+#define SKINNY_MAX_ROWS 16
 #ifndef PREFETCH_FLOATS
 #define PREFETCH_FLOATS 1024 /* 4 KB ahead in each weight row: measured +5% at 8 rows, neutral at 1-4 */
 #endif

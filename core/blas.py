@@ -5,19 +5,19 @@ The ``mlx[cpu]`` wheel links the reference BLAS, ~30x slower for fp32 GEMM than 
 imported makes those calls resolve to them. Two layers are loaded:
 
 - the **CPU kernels** (``core/_cpu_kernels.c``, built at install). Their ``cblas_sgemm`` (the *skinny kernel*)
-  takes products with at most
-  8 rows, which a decoder step is made of (2 rows per prompt with guidance, and tiny per-head attention
-  products). It streams each weight matrix once for all rows, on a small thread pool, and hands every other
-  product to the BLAS below. Measured on a 2-core x86-64 VM, all of a musicgen-small step's weight products:
-  2 rows 48 ms and 8 rows 70 ms, against 51 and 93 ms (MKL), 96 and 119 ms (BLIS), 121 and 144 ms (OpenBLAS).
-  The same library has the decoder's step attention (``decode_attention``, used by core.musicgen), on the
-  same threads.
+  takes products with at most 16 rows, which a decoder step is made of (2 rows per prompt with guidance). It
+  streams each weight matrix once for all rows, on a small thread pool, and hands every other product to the BLAS
+  below. Measured on a 2-core x86-64 VM, all of a musicgen-small step's weight products: 2 rows 48 ms and 8 rows
+  70 ms at first (now 63 ms; 16 rows 102 ms), against 51 and 93 ms (MKL), 96 and 119 ms (BLIS), 121 and 144 ms
+  (OpenBLAS). The same library has the decoder's step attention (``decode_attention``, ``cross_attention``, used
+  by core.musicgen) on the same threads, and picks AVX-512, AVX2 or baseline code for the CPU at load.
 - an optimised **BLAS** for everything else (T5, EnCodec, prefill): OpenBLAS (Debian ``libopenblas0-pthread``),
   else BLIS (``libblis4-pthread``). OpenBLAS decoded EnCodec fastest there (671 ms for 5 s, BLIS 939 ms).
 
 ``MUSICGEN_BLAS`` chooses the BLAS: ``auto`` (default), ``openblas``, ``blis``, ``reference`` (opt out of both
-layers), or a library path. ``MUSICGEN_SKINNY_GEMM=off`` keeps the BLAS alone (and MLX's attention). ``MUSICGEN_GEMM_THREADS`` sets the
-kernel's threads (default: the cores this process may run on); BLIS threads follow ``BLIS_NUM_THREADS``.
+layers), or a library path. ``MUSICGEN_SKINNY_GEMM=off`` keeps the BLAS alone (and MLX's attention).
+``MUSICGEN_GEMM_THREADS`` sets the kernels' threads (default: the cores this process may run on); BLIS threads
+follow ``BLIS_NUM_THREADS``.
 """
 
 from __future__ import annotations

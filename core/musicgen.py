@@ -105,7 +105,7 @@ class Linear(nn.Linear):
     """``nn.Linear`` without bias that, on the CPU with BLIS for a few rows, multiplies as ``(W @ xᵀ)ᵀ``.
 
     A decoder step multiplies 2 × prompts rows by every weight matrix, so it is bound by streaming the weights.
-    Up to 8 rows the skinny kernel (:mod:`core.blas`) streams them once in ``x @ Wᵀ``. Past it (or from 4 rows
+    Up to 16 rows the skinny kernel (:mod:`core.blas`) streams them once in ``x @ Wᵀ``. Past it (or from 4 rows
     without it) BLIS streams them faster as ``W @ xᵀ`` (all of a musicgen-small step's products at 16 rows: 152
     vs 160 ms; before the kernel, 8 rows: 104 vs 114 ms), OpenBLAS slower (16 rows: 180 vs 147 ms), so
     ``transposed_rows`` (the row range that takes ``W @ xᵀ``, or None) follows the BLAS in use.

@@ -94,7 +94,8 @@ def check(result, a, b, alpha=1.0, beta=0.0, c=None):
 
 
 SHAPES = [(1, 1, 1), (1, 17, 3), (2, 1024, 1024), (3, 15, 100), (4, 16, 64), (5, 33, 130), (6, 64, 200),
-          (7, 1000, 257), (8, 4096, 40), (8, 100, 4099), (1, 64, 1500), (2, 1500, 64), (8, 3, 5)]
+          (7, 1000, 257), (8, 4096, 40), (8, 100, 4099), (1, 64, 1500), (2, 1500, 64), (8, 3, 5), (9, 1024, 1030),
+          (12, 77, 333), (13, 2048, 100), (16, 1024, 4096), (16, 5, 49), (11, 300, 97)]
 
 
 @pytest.mark.parametrize("trans_b", [True, False], ids=["B^T", "B"])
@@ -114,11 +115,11 @@ def test_a_row_does_not_depend_on_the_other_rows(kernel, isa, threads):
     threads(2)
     rng = np.random.default_rng(4)
     for K, N in [(1024, 1024), (4096, 1000), (100, 4099)]:
-        a = rng.standard_normal((8, K), dtype=np.float32)
+        a = rng.standard_normal((16, K), dtype=np.float32)
         w = rng.standard_normal((K, N), dtype=np.float32)
         for trans_b in (True, False):
             every = sgemm(kernel, a, w, trans_b=trans_b)
-            for m in range(1, 9):
+            for m in range(1, 17):
                 np.testing.assert_array_equal(sgemm(kernel, a[:m], w, trans_b=trans_b), every[:m])
             np.testing.assert_array_equal(sgemm(kernel, a[5:6], w, trans_b=trans_b), every[5:6])
 
