@@ -14,7 +14,7 @@ import sys
 import discord
 from dotenv import load_dotenv
 
-import core  # first: preloads the skinny matmul kernel and a fast BLAS before mlx on Linux
+import core  # first: preloads the CPU kernels and a fast BLAS before mlx on Linux
 
 from .client import MusicBot
 from .queue import JobQueue, Limits

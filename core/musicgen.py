@@ -1003,8 +1003,9 @@ class MusicGen:
 
         Sums the weights, the self-attention KV cache (preallocated for 2 rows per request with guidance, for the
         longest row), the cross-attention K/V of the padded prompts, the per-step sampling work, and EnCodec
-        decoding of the longest row (decoded one row at a time): every upsampling stage's activations, times the
-        widest convolution's unfolded input. It errs on the high side.
+        decoding: every row through the LSTM together (its gates and states), then the longest row alone through
+        the upsampling stages (every stage's activations, times the widest convolution's unfolded input). It errs
+        on the high side.
         """
         requests = [GenerationRequest.coerce(r) for r in requests]
         if not requests:
@@ -1021,14 +1022,17 @@ class MusicGen:
         audio = self.audio_encoder_config()
         ratios = list(audio.get("upsampling_ratios") or [8, 5, 4, 4])
         width = int(audio.get("num_filters") or 64) * 2 ** len(ratios)
+        width_lstm = width  # the LSTM's width: gates (4×), input, output and states
         length = max(self.frames_for(r.seconds) for r in requests)
         activations = width * length
         for ratio in ratios:
             width, length = width // 2, length * ratio
             activations += width * length
         kernel = int(audio.get("kernel_size") or 7)
-        decode = 4 * activations * (kernel + 3) * (2 if self.channels == 2 else 1)
-        return int(weights + kv + cross + sampling + decode)
+        streams = 2 if self.channels == 2 else 1
+        decode = 4 * activations * (kernel + 3) * streams
+        lstm = 4 * len(requests) * streams * max(self.frames_for(r.seconds) for r in requests) * width_lstm * 12
+        return int(weights + kv + cross + sampling + decode + lstm)
 
     def audio_encoder_config(self) -> dict:
         return dict(self.config.get("audio_encoder") or {})
