@@ -14,7 +14,8 @@
  *        columns that stay in cache); the output columns are split between a small pool of threads;
  *      - small ones are computed on the calling thread, without waking any;
  *      - everything else goes to the real BLAS (`skinny_set_fallback`), unchanged.
- *    Sums are float32 with 16 partial sums per dot product (a different order than the BLAS, not less accurate).
+ *    Sums are float32 with one partial sum per vector lane (16, 8 or 4) per dot product: a different order than
+ *    the BLAS, not less accurate, and the same for a row whatever the rows around it.
  *
  * 2. `decode_attention` and `cross_attention`: one decoding step of self-attention for every (row, head) at once,
  *    against a key/value cache in host memory, and of cross-attention over the text, called by core/musicgen.py
