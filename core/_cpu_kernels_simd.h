@@ -43,7 +43,7 @@ FN(dot_rows)(int MB, int R, int K, const float *A, const float *B, int ldb, floa
             vf w[4];
             for (int r = 0; r < R; r++) {
                 const float *b = B + (size_t)(n + r) * ldb + k;
-                __builtin_prefetch(b + PREFETCH_FLOATS, 0, PREFETCH_LOCALITY);
+                __builtin_prefetch(b + PREFETCH_FLOATS);
                 w[r] = *(const vf *)b;
             }
             for (int m = 0; m < MB; m++) {

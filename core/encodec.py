@@ -575,7 +575,9 @@ class EncodecDecoder(nn.Module):
         # The last upsampling stages work on long signals (160 000 x 64 floats for 5 s at 32 kHz). Run them in
         # time chunks so every temporary stays in cache: see `decode_chunked`. Group norm has statistics over the
         # whole signal, so only weight-norm models chunk.
-        self.tail_start = 2 + max(0, len(config.upsampling_ratios) - CHUNKED_STAGES) * (2 + config.num_residual_layers)
+        self.lstm_end = 2  # the convolution and the LSTM: batched rows go through these together (see __call__)
+        stages = max(0, len(config.upsampling_ratios) - CHUNKED_STAGES)
+        self.tail_start = self.lstm_end + stages * (2 + config.num_residual_layers)
         self.chunk_length: int | None = DEFAULT_CHUNK_LENGTH if config.norm_type == "weight_norm" else None
 
     def __call__(self, x: mx.array) -> mx.array:  # (B, F, hidden) -> (B, F * hop, channels)
@@ -586,25 +588,22 @@ class EncodecDecoder(nn.Module):
             # for all rows: 4 rows of 5 s took 270 ms there, against 190-250 ms for each one alone), then one at a
             # time: the upsampling convolutions of several long rows fall out of cache (4 rows 5.1-6.2 s, one
             # by one 4 x 0.3-0.5 s).
-            lstm = next(i for i, layer in enumerate(self.layers) if isinstance(layer, EncodecLSTM)) + 1
-            for layer in self.layers[:lstm]:
-                x = layer(x)
+            x = self.decode_plain(x, last=self.lstm_end)
             mx.eval(x)
-            rows = [self._decode_layers(x[i:i + 1], lstm) for i in range(x.shape[0])]
+            rows = [self._decode_layers(x[i:i + 1], self.lstm_end) for i in range(x.shape[0])]
             return mx.concatenate(rows, axis=0)
         return self._decode_layers(x, 0)
 
     def _decode_layers(self, x: mx.array, first: int) -> mx.array:
         """Layers ``first`` … on ``x``: in time chunks where the model allows (see :meth:`decode_chunked`)."""
         if self.chunk_length is None:
-            for layer in self.layers[first:]:
-                x = layer(x)
-            return x
+            return self.decode_plain(x, first)
         return self.decode_chunked(x, self.chunk_length, first)
 
-    def decode_plain(self, x: mx.array) -> mx.array:
-        """Every layer on the whole signal (the reference's order of operations)."""
-        for layer in self.layers:
+    def decode_plain(self, x: mx.array, first: int = 0, last: int | None = None) -> mx.array:
+        """Layers ``first`` … ``last - 1`` (every layer by default) on the whole signal (the reference's order of
+        operations)."""
+        for layer in self.layers[first:last]:
             x = layer(x)
         return x
 

@@ -189,8 +189,7 @@ class HostKVCache:
         B, heads, capacity, head_dim = self.keys.shape
         if self.offset >= capacity:
             raise ValueError(f"the KV cache holds {capacity} positions")
-        mx.eval(q, k, v)
-        q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
+        q, k, v = _host_float32(q, k, v)
         out = np.empty_like(q)
         self.offset += 1
         status = blas.cpu_kernels.decode_attention(
@@ -208,6 +207,13 @@ class HostKVCache:
     @property
     def state(self) -> list[mx.array]:
         return []  # nothing for MLX to evaluate: every step has written it already
+
+
+def _host_float32(*arrays: mx.array) -> list[np.ndarray]:
+    """``arrays`` evaluated (together) as C-contiguous float32 NumPy arrays, for the C kernels (no copy where MLX's
+    buffer already is one)."""
+    mx.eval(*arrays)
+    return [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
 
 
 def _lazy_float32(shape: tuple[int, ...]) -> np.ndarray:
@@ -233,14 +239,13 @@ class HostCrossKV:
     def __init__(self, keys: mx.array, values: mx.array, mask: mx.array):
         self.arrays = (keys, values)  # (B, H, S, D)
         self.mask = mask  # (B, 1, 1, S) bool
-        self.host_keys, self.host_values = (np.ascontiguousarray(a.astype(mx.float32)) for a in self.arrays)
+        self.host_keys, self.host_values = _host_float32(*self.arrays)
         self.host_mask = np.ascontiguousarray(np.asarray(mask).reshape(mask.shape[0], -1), dtype=np.uint8)
 
     def attend(self, q: mx.array, scale: float) -> mx.array:
         """``q`` ``(B, 1, H·D)`` -> the attention output ``(B, 1, H·D)``."""
         B, heads, length, head_dim = self.host_keys.shape
-        mx.eval(q)
-        q = np.ascontiguousarray(q, dtype=np.float32)
+        (q,) = _host_float32(q)
         out = np.empty_like(q)
         status = blas.cpu_kernels.cross_attention(
             B, heads, length, head_dim, scale, q.ctypes.data, self.host_keys.ctypes.data,
@@ -1013,7 +1018,8 @@ class MusicGen:
         weights = sum(v.nbytes for _, v in tree_flatten(self.parameters()))
         cfg = self.decoder.config
         rows = len(requests) * (2 if any(r.guidance_scale > 1 for r in requests) else 1)
-        steps = max(self.frames_for(r.seconds) for r in requests) + cfg.channel_codebooks - 1
+        frames = max(self.frames_for(r.seconds) for r in requests)
+        steps = frames + cfg.channel_codebooks - 1
         tokens = max(len(ids) for ids in self.tokenizer([r.prompt for r in requests])[0]) if requests else 1
         item = self.decoder.layer_norm.weight.dtype.size
         kv = cfg.num_hidden_layers * 2 * rows * steps * cfg.hidden_size * item
@@ -1022,16 +1028,14 @@ class MusicGen:
         audio = self.audio_encoder_config()
         ratios = list(audio.get("upsampling_ratios") or [8, 5, 4, 4])
         width = int(audio.get("num_filters") or 64) * 2 ** len(ratios)
-        width_lstm = width  # the LSTM's width: gates (4×), input, output and states
-        length = max(self.frames_for(r.seconds) for r in requests)
-        activations = width * length
+        streams = 2 if self.channels == 2 else 1
+        lstm = 4 * len(requests) * streams * frames * width * 12  # gates (4×), input, output and states
+        activations, length = width * frames, frames
         for ratio in ratios:
             width, length = width // 2, length * ratio
             activations += width * length
         kernel = int(audio.get("kernel_size") or 7)
-        streams = 2 if self.channels == 2 else 1
         decode = 4 * activations * (kernel + 3) * streams
-        lstm = 4 * len(requests) * streams * max(self.frames_for(r.seconds) for r in requests) * width_lstm * 12
         return int(weights + kv + cross + sampling + decode + lstm)
 
     def audio_encoder_config(self) -> dict:
