@@ -14,7 +14,7 @@ import sys
 import discord
 from dotenv import load_dotenv
 
-import core  # first: preloads the CPU kernels and a fast BLAS before mlx on Linux
+import core
 
 from .client import MusicBot
 from .queue import JobQueue, Limits
@@ -56,7 +56,8 @@ async def run(settings: Settings) -> None:
                               job_timeout=settings.job_timeout_seconds, memory_limit=memory_limit,
                               extend_stride=settings.extend_stride_seconds)
     queue = JobQueue(store, Limits.from_settings(settings), batch_size=settings.max_batch)
-    log.info("loading model %s (%s); BLAS: %s", settings.musicgen_model, settings.musicgen_dtype, core.blas.active_blas)
+    backend = core.preload_backend()  # before the worker thread imports MLX
+    log.info("loading model %s (%s); BLAS: %s", settings.musicgen_model, settings.musicgen_dtype, backend)
     worker.start()
     try:
         await worker.wait_ready()

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import preload_backend
 from .generation import GenerationRequest, GenerationStopped
-from .loading import CheckpointError
 
 log = logging.getLogger("core")
 
@@ -67,12 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m core`` and the ``musicgen`` console script."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    backend = preload_backend()  # before anything imports MLX
     import soundfile as sf
 
-    from . import blas
+    from .loading import CheckpointError
     from .musicgen import MusicGen
 
-    log.info("BLAS: %s", blas.active_blas)
+    log.info("BLAS: %s", backend)
     request = GenerationRequest(args.prompt, args.seconds, args.seed, args.top_k, args.temperature, args.guidance,
                                 extend_stride=args.extend_stride)
     try:

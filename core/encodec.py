@@ -26,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import blas
+from .cpu import blas
 from .loading import (
     BaseConfig,
     CheckpointError,
@@ -399,7 +399,7 @@ def lstm_recurrence_numpy(gates_x: np.ndarray, w_hh: np.ndarray, *, kernel: bool
 
     Each step is dominated by reading ``w_hh`` (16 MB for D = 1024). MLX's CPU matmul sends a single row to
     ``sgemm``, which repacks the whole matrix every step; here every row's product goes straight to the skinny
-    kernel (:mod:`core.blas`), which streams the matrix once for all rows on its threads (measured on 2 cores,
+    kernel (:mod:`core.cpu.blas`), which streams the matrix once for all rows on its threads (measured on 2 cores,
     250 steps of D = 1024: 86 ms for one row, 99 ms for four), or, without it (``kernel=False``), to one
     ``sgemv`` of NumPy's bundled BLAS per row (159 ms for one row, 596 ms for four). NumPy's ``tanh`` is
     vectorised. Sigmoids are ``0.5 * tanh(x / 2) + 0.5`` so nothing can overflow.

@@ -25,9 +25,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import blas
+from .cpu import blas
 from .encodec import EncodecConfig, EncodecModel
-from .fast_ops import LayerNorm, gelu
+from .cpu.fast_ops import LayerNorm, gelu
 from .generation import Clip, GenerationRequest, GenerationStopped
 from .loading import (
     BaseConfig,
@@ -106,13 +106,13 @@ class Linear(nn.Linear):
     """``nn.Linear`` without bias that, on the CPU with BLIS for a few rows, multiplies as ``(W @ xᵀ)ᵀ``.
 
     A decoder step multiplies 2 × prompts rows by every weight matrix, so it is bound by streaming the weights.
-    Up to 16 rows the skinny kernel (:mod:`core.blas`) streams them once in ``x @ Wᵀ``. Past it (or from 4 rows
+    Up to 16 rows the skinny kernel (:mod:`core.cpu.blas`) streams them once in ``x @ Wᵀ``. Past it (or from 4 rows
     without it) BLIS streams them faster as ``W @ xᵀ`` (all of a musicgen-small step's products at 16 rows: 152
     vs 160 ms; before the kernel, 8 rows: 104 vs 114 ms), OpenBLAS slower (16 rows: 180 vs 147 ms), so
     ``transposed_rows`` (the row range that takes ``W @ xᵀ``, or None) follows the BLAS in use.
     """
 
-    transposed_rows: tuple[int, int] | None = None  # set below, from the BLAS that core.blas loaded
+    transposed_rows: tuple[int, int] | None = None  # set below, from the BLAS that core.cpu.blas loaded
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
@@ -154,7 +154,7 @@ class KVCache:
 
 class HostKVCache:
     """A float32 KV cache in NumPy memory whose one-position steps the C kernel attends (``decode_attention`` of
-    core/_cpu_kernels.c), on the CPU.
+    core/cpu/_cpu_kernels.c), on the CPU.
 
     MLX's CPU attention is one ``cblas_sgemm`` per row and head and a scalar ``exp``: at 8 rows and 250 positions
     ~50 ms of a ~135 ms musicgen-small step. The kernel reads each row's keys and values once, on the product
@@ -231,7 +231,7 @@ def _lazy_float32(shape: tuple[int, ...]) -> np.ndarray:
 
 class HostCrossKV:
     """One layer's cross-attention keys/values and key mask, also in NumPy memory, for the C kernel's one-position
-    steps (``cross_attention`` of core/_cpu_kernels.c); longer inputs (the prefill) use the MLX arrays.
+    steps (``cross_attention`` of core/cpu/_cpu_kernels.c); longer inputs (the prefill) use the MLX arrays.
 
     MLX attends the text one ``cblas_sgemm`` per row and head: 10-14 ms of a 105 ms step at 8 rows, 4 at 2.
     """

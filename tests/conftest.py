@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import core  # noqa: F401  (before any test module imports mlx, so a fast BLAS is preloaded)
+import core
+
+core.preload_backend()  # before any test module imports mlx, so the CPU kernels and a fast BLAS are used
 from tests.fake_discord import FakeDiscord
 from tests.fake_discord.process import BotProcess, bot_env
 

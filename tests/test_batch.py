@@ -1,7 +1,7 @@
 """Batched generation: a row's result does not depend on what it was batched with.
 
 Float caveat: a row batched with others goes through matrix products of another shape than alone. On the CPU the
-decoder step's products (up to 16 rows, core/_cpu_kernels.c) and its attention compute every row exactly as alone;
+decoder step's products (up to 16 rows, core/cpu/_cpu_kernels.c) and its attention compute every row exactly as alone;
 the rest (the prompt through T5 and the prefill in the BLAS, EnCodec's LSTM input) may round differently in the
 last bit, and on a GPU everything may. On these models the tokens (greedy and sampled) come out identical, which is
 what the tests require, and the audio within 1e-6.

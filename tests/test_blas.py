@@ -1,4 +1,4 @@
-"""The BLAS preload (core.blas): every choice, with and without the skinny kernel in front, computes the same
+"""The BLAS preload (core.cpu.blas): every choice, with and without the skinny kernel in front, computes the same
 products as the reference BLAS alone."""
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ import sys
 
 import pytest
 
-from core.blas import LIBRARIES
+from core.cpu.blas import LIBRARIES
 
 PROBE = """
 import json, numpy as np
 {first}
-import core, mlx.core as mx
+import core
+core.preload_backend()
+import mlx.core as mx
 rng = np.random.default_rng(0)
 out = {{}}
 for m, k, n in [(1, 64, 200), (2, 1024, 3072), (8, 4096, 1024), (9, 512, 1024), (37, 300, 53)]:
@@ -27,7 +29,7 @@ q, k = rng.standard_normal((3, 4, 1, 16)).astype(np.float32), rng.standard_norma
 out["attention"] = np.array(mx.fast.scaled_dot_product_attention(mx.array(q), mx.array(k), mx.array(k),
                                                                   scale=0.25)).tolist()
 from core.musicgen import Linear
-print(json.dumps({{"blas": core.blas.active_blas, "transposed_rows": Linear.transposed_rows, "products": out}}))
+print(json.dumps({{"blas": core.cpu.blas.active_blas, "transposed_rows": Linear.transposed_rows, "products": out}}))
 """
 
 

@@ -1,4 +1,4 @@
-"""The CPU kernels (core/_cpu_kernels.c) against NumPy: the skinny matmul called as MLX calls it (``cblas_sgemm``),
+"""The CPU kernels (core/cpu/_cpu_kernels.c) against NumPy: the skinny matmul called as MLX calls it (``cblas_sgemm``),
 and the decoder's step attention (``decode_attention``, ``cross_attention``), in every instruction set the CPU has."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import blas
-from core.blas import NO_TRANS, ROW_MAJOR, TRANS
+from core.cpu import blas
+from core.cpu.blas import NO_TRANS, ROW_MAJOR, TRANS
 
 COL_MAJOR = 102
 
@@ -49,7 +49,7 @@ def test_the_widest_instruction_set_is_chosen(kernel):
 
 @pytest.fixture
 def threads(kernel):
-    """Set the kernel's threads for one test (``threads(n)``); put back to what core.blas chose afterwards."""
+    """Set the kernel's threads for one test (``threads(n)``); put back to what core.cpu.blas chose afterwards."""
     chosen = blas._cpu_count()
     yield kernel.skinny_set_threads
     kernel.skinny_set_threads(chosen)
@@ -179,7 +179,9 @@ FORK_PROBE = """
 import os, sys, numpy as np
 sys.path.insert(0, {root!r})
 from tests.test_cpu_kernels import sgemm
-from core import blas
+import core
+core.preload_backend()
+from core.cpu import blas
 kernel = blas.cpu_kernels
 kernel.skinny_set_threads(2)
 x, w = np.ones((2, 1024), np.float32), np.ones((1024, 4096), np.float32)

@@ -13,7 +13,6 @@ from transformers import EncodecFeatureExtractor
 from transformers import EncodecModel as HFEncodec
 from transformers.models.encodec.modeling_encodec import EncodecConv1d as HFConv1d
 
-import core  # noqa: F401  (before mlx: OpenBLAS)
 from core.encodec import (
     LSTM,
     EncodecConfig,

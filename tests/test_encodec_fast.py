@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import core  # noqa: F401  (before mlx: fast BLAS)
 from core.encodec import (
     LSTM,
     EncodecConvTranspose1d,

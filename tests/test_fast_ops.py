@@ -1,4 +1,4 @@
-"""The decoder's fused CPU functions (core.fast_ops) against MLX's built-ins."""
+"""The decoder's fused CPU functions (core.cpu.fast_ops) against MLX's built-ins."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from core.fast_ops import LayerNorm, erf_rational, gelu, layer_norm
+from core.cpu.fast_ops import LayerNorm, erf_rational, gelu, layer_norm
 
 
 def test_erf_and_gelu_match_the_exact_functions():

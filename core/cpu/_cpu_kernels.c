@@ -75,7 +75,7 @@ typedef void (*columns_fn)(int transB, int M, int K, const float *A, const float
                            int n0, int n1, float alpha, float beta);
 typedef void (*attention_rows_fn)(const attention_t *a, int first, int last, float *scores);
 
-/* The kernels once per vector width (core/_cpu_kernels_simd.h), each compiled for its instruction set: the
+/* The kernels once per vector width (core/cpu/_cpu_kernels_simd.h), each compiled for its instruction set: the
  * registers decide the blocking, so one 16-wide source compiled for AVX2 would spill (measured 7x slower). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
@@ -359,5 +359,5 @@ const char *kernel_instruction_set(void) { return instruction_set; }
 /* An importable module, so that setuptools builds this file like any extension; core/blas.py loads it with
  * ctypes (globally, before MLX) and never imports it. */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_kernels",
-                                    "CPU kernels: few-row cblas_sgemm, decode attention (loaded by core.blas)", -1, NULL, NULL, NULL, NULL, NULL};
+                                    "CPU kernels: few-row cblas_sgemm, decode attention (loaded by core.cpu.blas)", -1, NULL, NULL, NULL, NULL, NULL};
 PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&module); }

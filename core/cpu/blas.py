@@ -4,7 +4,7 @@ The ``mlx[cpu]`` wheel links the reference BLAS, ~30x slower for fp32 GEMM than 
 ``cblas_sgemm`` for every float32 product, so loading libraries into the global symbol scope *before* MLX is
 imported makes those calls resolve to them. Two layers are loaded:
 
-- the **CPU kernels** (``core/_cpu_kernels.c``, built at install). Their ``cblas_sgemm`` (the *skinny kernel*)
+- the **CPU kernels** (``core/cpu/_cpu_kernels.c``, built at install). Their ``cblas_sgemm`` (the *skinny kernel*)
   takes products with at most 16 rows, which a decoder step is made of (2 rows per prompt with guidance). It
   streams each weight matrix once for all rows, on a small thread pool, and hands every other product to the BLAS
   below. Measured on a 2-core x86-64 VM, all of a musicgen-small step's weight products: 2 rows 48 ms and 8 rows

@@ -1,5 +1,5 @@
 /*
- * The arithmetic of core/_cpu_kernels.c for one vector width. That file includes this one once per instruction
+ * The arithmetic of core/cpu/_cpu_kernels.c for one vector width. That file includes this one once per instruction
  * set (AVX-512, AVX2, and the baseline), with
  *   LANES    floats per vector: 16, 8 or 4;
  *   MAX_MB   rows of A one pass of the product kernels keeps in registers (8 with 32 vector registers, else 4);
