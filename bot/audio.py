@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
-from core.generation import Clip
+from .jobs import ClipData
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def pcm16(samples: np.ndarray) -> np.ndarray:
     return np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype("<i2")
 
 
-def wav_bytes(clip: Clip) -> bytes:
+def wav_bytes(clip: ClipData) -> bytes:
     """The clip as a 16-bit PCM WAV file with exactly ``clip.samples.shape[0]`` frames."""
     return _wav(clip.samples, clip.sampling_rate)
 
@@ -34,7 +34,7 @@ def wav_size(frames: int, channels: int) -> int:
     return WAV_HEADER_BYTES + frames * channels * 2
 
 
-def fit_wav(clip: Clip, max_bytes: int) -> list[bytes]:
+def fit_wav(clip: ClipData, max_bytes: int) -> list[bytes]:
     """One WAV when it fits in ``max_bytes``, else stereo folded to mono, else the clip split into parts that fit.
 
     Every part keeps the original sampling rate; together the parts hold every sample exactly once.

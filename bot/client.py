@@ -1,10 +1,10 @@
-"""The bot: discord.py client, the dispatcher that feeds the worker, progress edits and delivery of results.
+"""The bot: the discord.py client, its command tree, and the Discord side of the dispatcher (status messages,
+progress edits, delivery of results: :class:`bot.dispatcher.Outbox`).
 
 ``MusicBot`` gets everything it works with passed in (settings, store, queue, worker) so tests can build it with a
-fake generator. ``setup_hook`` loads the cogs, waits for the model, recovers jobs left by a previous run, syncs
-the commands deliberately (guild sync when ``DISCORD_GUILD_IDS`` is set) and starts the dispatcher: whenever the
-worker is idle and the queue is not paused it takes up to ``MAX_BATCH`` jobs in fair order and generates them
-together; deliveries run as their own tasks so the next batch starts at once.
+fake generator. ``setup_hook`` waits for the model (its longest clip becomes the queue's ceiling), loads the cogs,
+recovers jobs left by a previous run, syncs the commands deliberately (guild sync when ``DISCORD_GUILD_IDS`` is
+set) and starts the :class:`~bot.dispatcher.Dispatcher`.
 """
 
 from __future__ import annotations
@@ -20,17 +20,18 @@ from discord.ext import commands
 
 from . import formatting
 from .checks import UserError
-from .delivery import Deliverer, DeliveryError, Undeliverable
-from .jobs import Job, JobStatus
+from .delivery import Deliverer
+from .dispatcher import BATCH_WINDOW_SECONDS, Delivered, Dispatcher
+from .jobs import ClipData, Job, JobStatus
 from .queue import JobQueue, Limits, QueueRefused
+from .replies import OUR_FAULT, RESTARTING, SERVERS_ONLY, reply
 from .settings import Settings
 from .store import JobStore
-from .worker import GenerationWorker, JobResult
+from .worker import GenerationWorker
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ("bot.cogs.music", "bot.cogs.sessions", "bot.cogs.admin")
-BATCH_WINDOW_SECONDS = 0.3  # after the first job arrives at an idle worker, wait this long for more to batch
 
 
 class MusicTree(app_commands.CommandTree):
@@ -38,11 +39,11 @@ class MusicTree(app_commands.CommandTree):
 
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
         if interaction.guild_id is None:
-            await _reply(interaction, "I make music in servers only; please use my commands in a server channel.")
+            await reply(interaction, SERVERS_ONLY)
             return False
         bot = interaction.client
         if isinstance(bot, MusicBot) and bot.shutting_down:
-            await _reply(interaction, "I'm restarting right now; please try again in a minute.")
+            await reply(interaction, RESTARTING)
             return False
         return True
 
@@ -64,20 +65,8 @@ class MusicTree(app_commands.CommandTree):
         else:
             command = interaction.command.qualified_name if interaction.command else "?"
             log.error("command /%s failed", command, exc_info=original)
-            message = "Sorry, something went wrong on my side (it has been logged). Please try again."
-        await _reply(interaction, message)
-
-
-async def _reply(interaction: discord.Interaction, message: str) -> None:
-    """An ephemeral answer, whether or not the interaction was already answered."""
-    try:
-        if interaction.response.is_done():
-            await interaction.followup.send(message, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
-        else:
-            await interaction.response.send_message(message, ephemeral=True,
-                                                    allowed_mentions=discord.AllowedMentions.none())
-    except discord.HTTPException as exc:
-        log.warning("could not answer interaction %s: %s", interaction.id, exc)
+            message = OUR_FAULT
+        await reply(interaction, message)
 
 
 class MusicBot(commands.Bot):
@@ -93,16 +82,11 @@ class MusicBot(commands.Bot):
         self.store = store
         self.queue = queue
         self.worker = worker
-        self.deliverer = Deliverer(self)
-        self.batch_window = batch_window
+        self.deliverer = Deliverer(self, files_dir=store.files_dir, normalize=settings.normalize_audio)
+        self.dispatcher = Dispatcher(queue, store, worker, self, batch_window=batch_window)
         self.shutting_down = False
-        self.max_seconds_ceiling = settings.max_seconds
-        self._wake = asyncio.Event()
-        self._dispatcher: asyncio.Task | None = None
-        self._batch_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self._last_edit: dict[int, float] = {}
-        queue.stop_running = worker.cancel
 
     # -- start-up ---------------------------------------------------------------------------------------------
     async def setup_hook(self) -> None:
@@ -112,21 +96,15 @@ class MusicBot(commands.Bot):
             except RuntimeError:  # already started by the caller
                 pass
             await self.worker.wait_ready()
-        model_max = self.worker.max_seconds
-        self.max_seconds_ceiling = max(1, min(self.settings.max_seconds, int(model_max)))
-        if self.queue.max_seconds_ceiling > self.max_seconds_ceiling:
-            self.queue.max_seconds_ceiling = self.max_seconds_ceiling
-            if self.queue.limits.max_seconds > self.max_seconds_ceiling:
-                self.queue.set_limits(max_seconds=self.max_seconds_ceiling)
+        self.queue.set_model_max(self.worker.max_seconds)
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         for job in self.queue.recover():
             if job.status is JobStatus.FAILED:
                 self.spawn(self.deliverer.notify(job, f"Sorry, your clip could not be made: {job.error}"))
         await self.sync_commands()
-        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="dispatcher")
-        self.wake()
-        log.info("ready: model max %d s, MAX_BATCH %d, %d job(s) waiting%s", self.max_seconds_ceiling,
+        self.dispatcher.start()
+        log.info("ready: clips up to %d s, MAX_BATCH %d, %d job(s) waiting%s", self.queue.max_seconds_ceiling,
                  self.worker.max_batch, len(self.queue), " (queue paused)" if self.queue.paused else "")
 
     async def sync_commands(self) -> None:
@@ -157,10 +135,6 @@ class MusicBot(commands.Bot):
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
 
-    def wake(self) -> None:
-        """Tell the dispatcher that there may be work (a job was queued, the queue resumed)."""
-        self._wake.set()
-
     def position_text(self, job: Job) -> str:
         """"Queued: position 3, about 40 s" for a queued job, or what it is doing now."""
         position = self.queue.position(job.id)
@@ -176,97 +150,39 @@ class MusicBot(commands.Bot):
 
     def status_text(self, job: Job, state: str) -> str:
         """The status message: what was asked for, then ``state`` (position, progress, done)."""
-        return formatting.fit_message(f"**{formatting.display(job.prompt, 300)}** · {job.seconds} s · "
+        return formatting.fit_message(f"**{formatting.display(job.prompt, 300)}** · {job.new_seconds} s · "
                                       f"seed `{job.seed}`\n{state}")
 
-    def cancel_job(self, job: Job, reason: str) -> Job | None:
-        """Cancel a queued job (recorded now) or stop a running one (recorded, with ``reason``, when the worker
-        lets go of it). None when the job had already ended."""
-        current = self.store.get(job.id)
-        if current is not None and current.status is JobStatus.RUNNING:
-            self.store.update(job.id, error=reason)
-        return self.queue.cancel(job.id, reason=reason)
+    # -- the Discord side of the dispatcher (bot.dispatcher.Outbox) ----------------------------------------
+    def started(self, job: Job) -> None:
+        self._last_edit[job.id] = time.monotonic()  # progress edits start one interval after this one
+        self.spawn(self.deliverer.edit_status(job, self.status_text(job, f"Generating… {_bar(0)} 0%")))
 
-    # -- the dispatcher ---------------------------------------------------------------------------------------
-    async def _dispatch_loop(self) -> None:
-        while not self.shutting_down:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=5.0)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            while not self.shutting_down and not self.queue.paused and len(self.queue):
-                if self.batch_window and len(self.queue) < self.worker.max_batch:
-                    await asyncio.sleep(self.batch_window)  # let requests sent together share one batch
-                    if self.shutting_down or self.queue.paused:
-                        break
-                size = self.worker.fit_batch(self.queue.ordered()[:self.worker.max_batch])
-                batch = self.queue.next_batch(size)
-                if not batch:
-                    break
-                self._batch_task = asyncio.create_task(self._run_batch(batch))
-                try:
-                    await asyncio.shield(self._batch_task)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("batch %s failed unexpectedly", [j.id for j in batch])
-                finally:
-                    self._batch_task = None
-
-    async def _run_batch(self, batch: list[Job]) -> None:
-        now = time.monotonic()
-        for job in batch:
-            self._last_edit[job.id] = now  # progress edits start one interval after this one
-            self.spawn(self.deliverer.edit_status(self._fresh(job), self.status_text(job, f"Generating… {_bar(0)} 0%")))
-        started = time.monotonic()
-        results = await self.worker.run_batch(batch, on_progress=self._on_progress)
-        elapsed = time.monotonic() - started
-        if any(r.status is JobStatus.DONE for r in results):
-            self.queue.record_timing(max(r.job.seconds for r in results), elapsed)
-        for result in results:
-            self._last_edit.pop(result.job.id, None)
-            self.spawn(self._finish(result))
-
-    def _fresh(self, job: Job) -> Job:
-        return self.store.get(job.id) or job
-
-    def _on_progress(self, job: Job, step: int, total: int) -> None:
+    def progress(self, job: Job, step: int, total: int) -> None:
         now = time.monotonic()
         last = self._last_edit.get(job.id)
         if step >= total or (last is not None and now - last < self.settings.progress_interval_seconds):
             return
         self._last_edit[job.id] = now
         percent = int(100 * step / max(total, 1))
-        self.spawn(self.deliverer.edit_status(self._fresh(job), self.status_text(job, f"Generating… {_bar(percent)} {percent}%")))
+        self.spawn(self.deliverer.edit_status(job, self.status_text(job, f"Generating… {_bar(percent)} {percent}%")))
 
-    async def _finish(self, result: JobResult) -> None:
-        job = self._fresh(result.job)
-        if result.status is JobStatus.CANCELLED:
-            job = self.queue.finish(job.id, JobStatus.CANCELLED, error=job.error or result.error)
-            await self.deliverer.notify(job, job.error or "Cancelled.")
-            return
-        if result.status is JobStatus.FAILED or result.clip is None:
-            error = result.error or "The generator returned no audio."
-            job = self.queue.finish(job.id, JobStatus.FAILED, error=error)
-            await self.deliverer.notify(job, f"Sorry, your clip could not be made: {error}")
-            return
-        try:  # the member's format (or a smaller one that fits), a PNG of the waveform, the buttons
-            delivered = await self.deliverer.deliver_clip(job, result.clip, generated_in=result.elapsed)
-        except Undeliverable as exc:
-            log.warning("job %d undeliverable: %s", job.id, exc)
-            self.queue.finish(job.id, JobStatus.UNDELIVERABLE, error=str(exc))
-            return
-        except DeliveryError as exc:
-            log.warning("job %d delivery failed: %s", job.id, exc)
-            job = self.queue.finish(job.id, JobStatus.FAILED, error=f"The clip could not be uploaded: {exc}")
-            await self.deliverer.notify(job, f"Sorry, your clip was made but could not be uploaded: {exc}")
-            return
-        job = self.queue.finish(job.id, JobStatus.DONE, delivered_message_id=delivered.message_id,
-                                delivered_url=delivered.url)
-        log.info("job %d delivered via %s in %.1f s of generation: %s", job.id, delivered.via, result.elapsed,
-                 delivered.url)
-        await self.deliverer.edit_status(job, self.status_text(job, f"Done — your clip is here: {delivered.url}"))
+    def interrupted(self, job: Job) -> None:
+        self._last_edit.pop(job.id, None)
+        self.spawn(self.deliverer.edit_status(job, self.status_text(
+            job, "Interrupted by a restart: your clip will be made as soon as I'm back.")))
+
+    async def notify(self, job: Job, text: str) -> None:
+        self._last_edit.pop(job.id, None)
+        await self.deliverer.notify(job, text)
+
+    async def deliver(self, job: Job, clip: ClipData, *, generated_in: float) -> Delivered:
+        """The member's format (or a smaller one that fits), a PNG of the waveform, the buttons."""
+        self._last_edit.pop(job.id, None)
+        return await self.deliverer.deliver_clip(job, clip, generated_in=generated_in)
+
+    async def delivered(self, job: Job) -> None:
+        await self.deliverer.edit_status(job, self.status_text(job, f"Done — your clip is here: {job.delivered_url}"))
 
     # -- shutdown ---------------------------------------------------------------------------------------------
     async def shutdown(self, grace: float | None = None) -> None:
@@ -276,27 +192,8 @@ class MusicBot(commands.Bot):
         if self.shutting_down:
             return
         self.shutting_down = True
-        self.wake()
         log.info("shutting down (grace %.0f s)", grace)
-        batch = self._batch_task
-        if batch is not None and not batch.done():
-            done, _ = await asyncio.wait({batch}, timeout=grace)
-            if not done:
-                interrupted = [j.id for j in self.queue.running()]
-                log.warning("jobs %s interrupted by shutdown; they will be generated again on the next start",
-                            interrupted)
-                batch.cancel()
-                await asyncio.gather(batch, return_exceptions=True)
-                for job_id in interrupted:
-                    self.queue.requeue(job_id, count_attempt=False)
-                    log.info("job %d interrupted by shutdown: queued again for the next start", job_id)
-                    job = self.store.get(job_id)
-                    if job is not None:
-                        self.spawn(self.deliverer.edit_status(job, self.status_text(
-                            job, "Interrupted by a restart: your clip will be made as soon as I'm back.")))
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        await self.dispatcher.stop(grace)
         if self._background:
             await asyncio.wait(set(self._background), timeout=max(grace, 5.0))
         self.worker.stop(timeout=5.0, cancel_running=True)

@@ -1,4 +1,4 @@
-"""Getting clips and notices to members.
+"""Getting clips and notices to members (the Discord side of :class:`bot.dispatcher.Outbox`).
 
 A job remembers the interaction it came from. While that interaction's token lives (15 minutes) the clip is sent
 as a followup and the status message is edited through it; once the token is gone — by the clock, or because
@@ -15,7 +15,7 @@ import asyncio
 import io
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -23,11 +23,10 @@ import discord
 import numpy as np
 import soundfile as sf
 
-from core.generation import Clip
-
 from . import audio
+from .dispatcher import Delivered, DeliveryError, Undeliverable
 from .formatting import display, fit_message, format_seconds
-from .jobs import TOKEN_SAFETY_MARGIN, Job, JobKind, save_tokens
+from .jobs import TOKEN_SAFETY_MARGIN, ClipData, Job, JobKind, save_tokens
 from .picture import waveform_png
 from .views import clip_view
 
@@ -41,23 +40,6 @@ UNKNOWN_MESSAGE = 10008
 PAYLOAD_TOO_LARGE = 40005
 
 T = TypeVar("T")
-
-
-class DeliveryError(Exception):
-    """The clip could not be delivered; the message is fit to record as the job's error."""
-
-
-class Undeliverable(DeliveryError):
-    """The destination is gone or closed to the bot (deleted channel or thread, missing permission)."""
-
-
-@dataclass(frozen=True)
-class Delivered:
-    """Where a message landed."""
-
-    message_id: int
-    url: str
-    via: str  # "interaction" or "channel"
 
 
 def token_alive(job: Job, *, margin: float = TOKEN_SAFETY_MARGIN) -> bool:
@@ -106,12 +88,12 @@ def _with_suffix(filename: str, suffix: str) -> str:
 _KIND_NOTES = {
     JobKind.REGENERATE: "a new take on clip #{parent} (new seed)",
     JobKind.VARIATION: "a variation of clip #{parent} (same seed, temperature {temperature:g})",
-    JobKind.EXTEND: "clip #{parent} extended by {seconds} s",
-    JobKind.CONTINUE: "your audio continued by {seconds} s",
+    JobKind.EXTEND: "clip #{parent} extended by {new_seconds} s",
+    JobKind.CONTINUE: "your audio continued by {new_seconds} s",
 }
 
 
-def clip_message(job: Job, clip: Clip, *, generated_in: float | None = None, fmt: str | None = None) -> str:
+def clip_message(job: Job, clip: ClipData, *, generated_in: float | None = None, fmt: str | None = None) -> str:
     """The text that goes with a delivered clip: the requester mentioned, the prompt (escaped), seed and duration,
     what the clip was made from, and a note when it was sent in another format than asked (``fmt``)."""
     took = "" if generated_in is None else (f"{generated_in:.1f} s" if generated_in < 10 else format_seconds(generated_in))
@@ -121,7 +103,8 @@ def clip_message(job: Job, clip: Clip, *, generated_in: float | None = None, fmt
         lines.append(f"**As generated:** {display(job.model_prompt, 800)}")
     note = _KIND_NOTES.get(job.kind)
     if note:
-        lines.append(f"**From:** {note.format(parent=job.parent_id, temperature=job.temperature, seconds=job.seconds)}")
+        made_from = note.format(parent=job.parent_id, temperature=job.temperature, new_seconds=job.new_seconds)
+        lines.append(f"**From:** {made_from}")
     lines.append(f"**Seed:** `{job.seed}` · **Duration:** {clip.seconds:g} s{made}")
     if fmt is not None and fmt != job.format:
         lines.append(f"*Sent as {fmt.upper()} instead of {job.format.upper()}: the {job.format.upper()} file would be "
@@ -132,9 +115,12 @@ def clip_message(job: Job, clip: Clip, *, generated_in: float | None = None, fmt
 class Deliverer:
     """Sends a job's clip and notices through its interaction or its channel (see the module docstring)."""
 
-    def __init__(self, client: discord.Client, *, retries: int = 4, backoff: float = 1.0,
+    def __init__(self, client: discord.Client, *, files_dir: Path | None = None, normalize: bool = True,
+                 retries: int = 4, backoff: float = 1.0,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         self.client = client
+        self.files_dir = files_dir  # where a clip's tokens are kept for Extend (None: nowhere)
+        self.normalize = normalize
         self.retries = retries
         self.backoff = backoff
         self._sleep = sleep
@@ -169,7 +155,8 @@ class Deliverer:
                 if not _retryable(error) or attempt == self.retries:
                     raise
                 delay = self.backoff * 2**attempt
-                retry_after = getattr(getattr(error, "response", None), "headers", {}).get("Retry-After")
+                retry_after = (error.response.headers.get("Retry-After")
+                               if isinstance(error, discord.HTTPException) else None)
                 if retry_after:
                     try:
                         delay = max(delay, float(retry_after))
@@ -200,20 +187,17 @@ class Deliverer:
         except discord.HTTPException as error:
             raise self._as_delivery_error(job, error) from error
 
-    async def deliver_clip(self, job: Job, clip: Clip, *, generated_in: float | None = None) -> Delivered:
+    async def deliver_clip(self, job: Job, clip: ClipData, *, generated_in: float | None = None) -> Delivered:
         """Deliver a finished clip as a member expects it: normalised with a fade-out (unless ``NORMALIZE_AUDIO`` is
         off), in the format they asked for (or a smaller one that fits the upload limit, said in the message), with
         a PNG of the waveform and the Regenerate / Extend / Variation buttons. The clip's tokens are kept next to
         the database first so Extend works on it later, across restarts."""
-        settings = getattr(self.client, "settings", None)
-        normalize = getattr(settings, "normalize_audio", True)
-        files_dir = getattr(getattr(self.client, "store", None), "files_dir", None)
-        if files_dir is not None and clip.tokens is not None:
+        if self.files_dir is not None and clip.tokens is not None:
             try:
-                save_tokens(files_dir, job.id, clip.tokens)
+                save_tokens(self.files_dir, job.id, clip.tokens)
             except OSError as exc:
                 log.warning("job %s: could not keep the clip's tokens: %s", job.id, exc)
-        samples = audio.finish(clip.samples, clip.sampling_rate, normalize=normalize)
+        samples = audio.finish(clip.samples, clip.sampling_rate, normalize=self.normalize)
         picture = waveform_png(samples, clip.sampling_rate, job.prompt)
         wanted = job.format if job.format in audio.FORMATS else "wav"
         limit = self.upload_limit(job)

@@ -63,25 +63,6 @@ def model_prompt(prompt: str, theme: str = "") -> str:
     return text[:MAX_MODEL_PROMPT_CHARS].rstrip()
 
 
-def parse_seconds(value: object, max_seconds: int) -> int:
-    """A length in whole seconds from 1 to ``max_seconds``, from whatever a client sent; PromptError otherwise."""
-    bad = PromptError(f"The length must be a whole number of seconds from 1 to {max_seconds}.")
-    if isinstance(value, bool):
-        raise bad
-    if isinstance(value, str):
-        value = value.strip()
-        if not value.isascii() or not value.isdigit() or len(value) > 12:
-            raise bad
-        value = int(value)
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise bad
-        value = int(value)
-    if not isinstance(value, int) or not 1 <= value <= max_seconds:
-        raise bad
-    return value
-
-
 def truncate(text: str, limit: int) -> str:
     """Cut ``text`` to at most ``limit`` characters, ending with an ellipsis when cut."""
     if limit < 1:

@@ -1,20 +1,20 @@
-"""Jobs and community sessions as the bot stores them."""
+"""Jobs, their results and community sessions as the bot stores them (no MLX, no discord.py, no core).
+
+Two lengths, two names: a job's ``new_seconds`` is the new audio the member asked for (all of a /music clip, what
+Extend and /continue add); ``prompt_seconds`` is the audio it continues (0 for a fresh clip); ``total_seconds`` is
+both, the length the model generates (:class:`core.GenerationRequest`'s ``seconds``).
+"""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-
-from core.generation import Clip, GenerationRequest, GenerationStopped
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ class JobKind(str, Enum):
     MUSIC = "music"  # /music
     REGENERATE = "regenerate"  # same prompt as the parent, a new seed
     VARIATION = "variation"  # same prompt and seed as the parent, temperature x VARIATION_TEMPERATURE
-    EXTEND = "extend"  # the parent's tokens continued by ``seconds``
-    CONTINUE = "continue"  # a member's uploaded audio continued by ``seconds``
+    EXTEND = "extend"  # the parent's tokens continued by ``new_seconds``
+    CONTINUE = "continue"  # a member's uploaded audio continued by ``new_seconds``
 
 
 # A variation keeps the parent's prompt *and seed* (so the same random draws) and samples 10% hotter: it stays close
@@ -74,7 +74,7 @@ class Job:
     user_name: str
     prompt: str
     model_prompt: str
-    seconds: int
+    new_seconds: int  # new audio asked for (the whole clip for /music)
     seed: int
     session_id: int | None = None
     status: JobStatus = JobStatus.QUEUED
@@ -97,6 +97,7 @@ class Job:
     prompt_tokens_path: str | None = None  # EXTEND: the parent's tokens (codebooks, frames), an .npy file
     prompt_audio_path: str | None = None  # CONTINUE: the decoded upload, an .npz file (samples, sampling_rate)
     upload_limit: int | None = None  # bytes a file may have where the clip is delivered (interaction.filesize_limit)
+    prompt_seconds: float = 0.0  # EXTEND/CONTINUE: length of the audio continued (0 for a fresh clip)
     id: int = 0
 
     def __post_init__(self) -> None:
@@ -109,6 +110,11 @@ class Job:
             return False
         now = time.time() if now is None else now
         return now < self.interaction_created_at + INTERACTION_TOKEN_LIFETIME - margin
+
+    @property
+    def total_seconds(self) -> float:
+        """The length of the clip the model makes: the audio continued plus the new part."""
+        return self.prompt_seconds + self.new_seconds
 
     @property
     def lane(self) -> tuple[str, int]:
@@ -144,7 +150,33 @@ class Session:
         return self.status is SessionStatus.OPEN
 
 
-# -- from a job to what the model is asked ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClipData:
+    """A finished clip as the worker hands it back: ``samples`` ``(n, channels)`` float32 at ``sampling_rate``,
+    the seed it was made with and its EnCodec ``tokens`` ``(codebooks, frames)`` (kept for Extend)."""
+
+    samples: np.ndarray
+    sampling_rate: int
+    seed: int | None = None
+    tokens: np.ndarray | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.samples.shape[0] / self.sampling_rate
+
+
+@dataclass
+class JobResult:
+    """How one job of a batch ended: ``DONE`` with a clip, ``FAILED`` with an error, or ``CANCELLED``."""
+
+    job: Job
+    status: JobStatus
+    clip: ClipData | None = None
+    error: str | None = None
+    elapsed: float = 0.0
+
+
+# -- the files a job continues from ---------------------------------------------------------------------
 class ClipDataGone(LookupError):
     """The files a job needs (an earlier clip's tokens, an upload) are no longer on disk."""
 
@@ -194,102 +226,3 @@ def load_upload(path: str | Path | None) -> tuple[np.ndarray, int]:
             return np.asarray(data["samples"], dtype=np.float32), int(data["sampling_rate"])
     except (OSError, ValueError, KeyError) as exc:
         raise ClipDataGone(f"the uploaded audio is gone ({exc})") from exc
-
-
-@dataclass(frozen=True)
-class JobRequest(GenerationRequest):
-    """A :class:`GenerationRequest` that still names the files it needs; :func:`run_requests` loads them on the
-    worker thread (so a missing file fails that job, not the event loop). With ``tokens_path`` (Extend, and
-    Regenerate/Variation of an extended clip) or ``audio_path`` (/continue) ``seconds`` is the length of the *new*
-    part; ``kind`` only records where the job came from."""
-
-    job_id: int = 0
-    kind: JobKind = JobKind.MUSIC
-    tokens_path: str | None = None
-    audio_path: str | None = None
-
-
-def generation_request(job: Job, **extras: Any) -> JobRequest:
-    """The request for ``job``: its prompt, length, seed and temperature, and the files it continues from."""
-    return JobRequest(prompt=job.model_prompt, seconds=job.seconds, seed=job.seed, temperature=job.temperature,
-                      job_id=job.id, kind=job.kind, tokens_path=job.prompt_tokens_path,
-                      audio_path=job.prompt_audio_path, **extras)
-
-
-def run_requests(generator: Any, requests: Sequence[GenerationRequest], *,
-                 on_progress: Callable[[int, int, int], Any] | None = None,
-                 should_stop: Callable[[int], bool] | None = None, **options: Any) -> list[Clip | None]:
-    """Generate ``requests`` on the worker thread: rows with ``tokens_path`` get those tokens as ``prompt_tokens``
-    and go with the others through ``generate_batch``; rows with ``audio_path`` run one at a time through
-    ``continue_audio``.
-
-    A row whose files are gone gives ``None`` (the worker reports it as failed) while the others go on.
-    """
-    clips: list[Clip | None] = [None] * len(requests)
-    batch_rows: list[int] = []
-    batch: list[GenerationRequest] = []
-    continued: list[int] = []
-    for row, request in enumerate(requests):
-        try:
-            if getattr(request, "audio_path", None):
-                continued.append(row)
-                continue
-            if getattr(request, "tokens_path", None):
-                tokens = load_tokens(getattr(request, "tokens_path", None))
-                prompt_seconds = tokens.shape[1] / float(generator.frame_rate)
-                request = replace(request, prompt_tokens=tokens, seconds=prompt_seconds + request.seconds)
-        except ClipDataGone as exc:
-            log.warning("job %s: %s", getattr(request, "job_id", "?"), exc)
-            continue
-        batch_rows.append(row)
-        batch.append(_plain(request))
-    if batch:
-        def progress(row: int, step: int, total: int) -> None:
-            if on_progress is not None:
-                on_progress(batch_rows[row], step, total)
-
-        def stop(row: int) -> bool:
-            return should_stop is not None and should_stop(batch_rows[row])
-
-        for row, clip in zip(batch_rows, generator.generate_batch(batch, on_progress=progress, should_stop=stop,
-                                                                  **options), strict=True):
-            clips[row] = clip
-    for row in continued:
-        clips[row] = _continue(generator, row, requests[row], on_progress, should_stop)
-    return clips
-
-
-def _plain(request: GenerationRequest) -> GenerationRequest:
-    """The core request without the bot's bookkeeping fields."""
-    if type(request) is GenerationRequest:
-        return request
-    return GenerationRequest(prompt=request.prompt, seconds=request.seconds, seed=request.seed, top_k=request.top_k,
-                             temperature=request.temperature, guidance_scale=request.guidance_scale,
-                             prompt_tokens=request.prompt_tokens, extend_stride=request.extend_stride)
-
-
-def _continue(generator: Any, row: int, request: GenerationRequest, on_progress: Callable[[int, int, int], Any] | None,
-              should_stop: Callable[[int], bool] | None) -> Clip | None:
-    try:
-        samples, rate = load_upload(getattr(request, "audio_path", None))
-    except ClipDataGone as exc:
-        log.warning("job %s: %s", getattr(request, "job_id", "?"), exc)
-        return None
-    options: dict[str, Any] = dict(seed=request.seed, temperature=request.temperature, top_k=request.top_k,
-                                   guidance_scale=request.guidance_scale)
-    if on_progress is not None:
-        options["on_progress"] = lambda step, total: on_progress(row, step, total)
-    if should_stop is not None:
-        options["should_stop"] = lambda: should_stop(row)
-    if request.extend_stride is not None:
-        options["extend_stride"] = request.extend_stride
-    try:  # pass only what this generator's continue_audio takes (core's takes every generate() option)
-        accepted = inspect.signature(generator.continue_audio).parameters
-    except (TypeError, ValueError):
-        accepted = {}
-    if accepted and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-        options = {k: v for k, v in options.items() if k in accepted}
-    try:
-        return generator.continue_audio(samples, rate, request.prompt, request.seconds, **options)
-    except GenerationStopped:
-        return None

@@ -68,11 +68,33 @@ class Limits:
             raise ValueError("The cooldown must be from 0 to 86400 seconds.")
 
 
+def parse_seconds(value: object, max_seconds: int) -> int:
+    """A length in whole seconds from 1 to ``max_seconds`` from whatever a client sent (an int, a whole float, a
+    string of ASCII digits); :class:`QueueRefused` with a polite reason otherwise."""
+    bad = QueueRefused(f"The length must be a whole number of seconds from 1 to {max_seconds}.")
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, str):
+        value = value.strip()
+        if not value.isascii() or not value.isdigit() or len(value) > 12:
+            raise bad
+        value = int(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise bad
+        value = int(value)
+    if not isinstance(value, int) or not 1 <= value <= max_seconds:
+        raise bad
+    return value
+
+
 class JobQueue:
     """Fair scheduling, limits, pause and positions over a :class:`~bot.store.JobStore`.
 
     Use it only from the event-loop thread. ``limits`` are the configured defaults: an admin's changes stored
-    earlier take precedence, and ``limits.max_seconds`` is the ceiling nobody can raise ``max_seconds`` above.
+    earlier take precedence, and ``limits.max_seconds`` is the ceiling nobody can raise ``max_seconds`` above;
+    :meth:`set_model_max` lowers that ceiling to the model's longest clip. :meth:`check_length` is the one check of
+    a requested length, used by every way in (commands, buttons, :meth:`submit`).
     ``stop_running``, when set (e.g. to ``worker.cancel``), is called with the id of a running job that is
     cancelled so its generation stops.
     """
@@ -84,7 +106,8 @@ class JobQueue:
         self.batch_size = batch_size
         self.stop_running: Callable[[int], Any] | None = None
         defaults = limits or Limits()
-        self.max_seconds_ceiling = defaults.max_seconds
+        self.max_seconds_ceiling = defaults.max_seconds  # settings ∧ model: admins choose limits up to it
+        self.model_max_seconds: float | None = None  # the longest clip (continued audio included) the model makes
         saved = store.get_value(_LIMITS_KEY) or {}
         known = {f.name for f in fields(Limits)}
         merged = replace(defaults, **{k: v for k, v in saved.items() if k in known})
@@ -121,6 +144,38 @@ class JobQueue:
         self.limits = replace(self._limits, **changes)
         return self._limits
 
+    def set_model_max(self, model_max_seconds: float) -> None:
+        """The model is loaded: no clip may be longer than ``model_max_seconds`` in all (the continued audio
+        included), and the ceiling of ``max_seconds`` becomes the lower of the configured one and the model's."""
+        self.model_max_seconds = float(model_max_seconds)
+        self.max_seconds_ceiling = max(1, min(self.max_seconds_ceiling, int(model_max_seconds)))
+        if self._limits.max_seconds > self.max_seconds_ceiling:
+            self.set_limits(max_seconds=self.max_seconds_ceiling)
+
+    @property
+    def max_seconds(self) -> int:
+        """The most new seconds a member may ask for now (settings ∧ model ∧ the admins' limit)."""
+        return self._limits.max_seconds
+
+    def room(self, prompt_seconds: float = 0.0) -> int:
+        """The most new seconds a clip continuing ``prompt_seconds`` of audio may get (below 1: none)."""
+        if self.model_max_seconds is None:
+            return self.max_seconds
+        return min(self.max_seconds, int(self.model_max_seconds - prompt_seconds + 1e-6))
+
+    def check_length(self, new_seconds: object, prompt_seconds: float = 0.0) -> int:
+        """``new_seconds`` as whole seconds if a clip may add that much to ``prompt_seconds`` of audio (the one
+        length check); :class:`QueueRefused` with a polite reason otherwise."""
+        room = self.room(prompt_seconds)
+        if prompt_seconds > 0 and room < 1:
+            raise QueueRefused(f"That audio is already {prompt_seconds:.1f} s long; I can make clips of at most "
+                               f"{self.model_max_seconds:g} s in all, so there is no room to continue it.")
+        seconds = parse_seconds(new_seconds, self.max_seconds)
+        if seconds > room:
+            raise QueueRefused(f"That audio is {prompt_seconds:.1f} s long, so I can add at most {room} s to it "
+                               f"(at most {self.model_max_seconds:g} s in all).")
+        return seconds
+
     @property
     def paused(self) -> bool:
         return bool(self.store.get_value(_PAUSED_KEY, False))
@@ -143,8 +198,7 @@ class JobQueue:
         limits = self._limits
         if self.paused:
             raise QueueRefused("The queue is paused by an admin right now. Please try again a bit later.")
-        if isinstance(job.seconds, bool) or not isinstance(job.seconds, int) or not 1 <= job.seconds <= limits.max_seconds:
-            raise QueueRefused(f"The length must be a whole number of seconds from 1 to {limits.max_seconds}.")
+        job.new_seconds = self.check_length(job.new_seconds, job.prompt_seconds)
         now = self.clock()
         if not exempt:
             if self.store.count(JobStatus.QUEUED) >= limits.max_queue_size:
@@ -164,7 +218,7 @@ class JobQueue:
         job.created_at = now
         job.started_at = job.finished_at = None
         self.store.add(job)
-        log.info("job %d queued: user=%s seconds=%d seed=%d session=%s", job.id, job.user_id, job.seconds,
+        log.info("job %d queued: user=%s new_seconds=%d seed=%d session=%s", job.id, job.user_id, job.new_seconds,
                  job.seed, job.session_id)
         return job
 
@@ -225,7 +279,8 @@ class JobQueue:
             self._lane_served[job.lane] = now
             if job.session_id is not None:
                 self._member_served[(job.session_id, job.user_id)] = now
-            log.info("job %d started: user=%s seconds=%d attempt=%d", job.id, job.user_id, job.seconds, job.attempts)
+            log.info("job %d started: user=%s new_seconds=%d attempt=%d", job.id, job.user_id, job.new_seconds,
+                     job.attempts)
         return batch
 
     def finish(self, job_id: int, status: JobStatus, *, error: str | None = None, **changes: Any) -> Job:
@@ -323,7 +378,7 @@ class JobQueue:
         wait = 0.0
         if running:
             started = min(j.started_at or now for j in running)
-            wait = max(0.0, rate * max(j.seconds for j in running) - (now - started))
+            wait = max(0.0, rate * max(j.total_seconds for j in running) - (now - started))
         order = self.ordered()
         if job_id is not None:
             ids = [j.id for j in order]
@@ -333,7 +388,7 @@ class JobQueue:
         else:
             order = order[:len(order) - len(order) % self.batch_size]
         for i in range(0, len(order), self.batch_size):
-            wait += rate * max(j.seconds for j in order[i:i + self.batch_size])
+            wait += rate * max(j.total_seconds for j in order[i:i + self.batch_size])
         return wait
 
 

@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     user_name TEXT NOT NULL,
     prompt TEXT NOT NULL,
     model_prompt TEXT NOT NULL,
-    seconds INTEGER NOT NULL,
+    new_seconds INTEGER NOT NULL,
     seed INTEGER NOT NULL,
     session_id INTEGER REFERENCES sessions(id),
     status TEXT NOT NULL,
@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     temperature REAL NOT NULL DEFAULT 1.0,
     prompt_tokens_path TEXT,
     prompt_audio_path TEXT,
-    upload_limit INTEGER
+    upload_limit INTEGER,
+    prompt_seconds REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, id);
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, id);
@@ -89,6 +90,11 @@ ADDED_JOB_COLUMNS = {
     "prompt_tokens_path": "TEXT",
     "prompt_audio_path": "TEXT",
     "upload_limit": "INTEGER",
+    "prompt_seconds": "REAL NOT NULL DEFAULT 0",
+}
+# Columns renamed since: old name -> new name (RENAME COLUMN keeps the values).
+RENAMED_JOB_COLUMNS = {
+    "seconds": "new_seconds",  # the new audio a member asked for, not the clip's total length
 }
 
 
@@ -142,6 +148,11 @@ class SQLiteJobStore:
 
     def _migrate(self) -> None:
         have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for old, new in RENAMED_JOB_COLUMNS.items():
+            if old in have and new not in have:
+                self._db.execute(f"ALTER TABLE jobs RENAME COLUMN {old} TO {new}")
+                have = (have - {old}) | {new}
+                log.info("job store: renamed column %s to %s", old, new)
         for name, declaration in ADDED_JOB_COLUMNS.items():
             if name not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")

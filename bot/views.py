@@ -3,15 +3,21 @@
 They are :class:`discord.ui.DynamicItem` buttons whose custom_id holds the action and the clip's job id
 (``clip:extend:42``), registered once with ``bot.add_dynamic_items``: a click is understood from the custom_id
 alone, so the buttons keep working after a restart without any view being stored. What a click does is in
-:func:`bot.cogs.music.follow_up` (same queue and limits as /music).
+:func:`bot.intake.follow_up` (same queue and limits as /music).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from typing import TYPE_CHECKING, cast
 
 import discord
+
+from . import intake
+
+if TYPE_CHECKING:
+    from .client import MusicBot
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +52,8 @@ class ClipButton(discord.ui.DynamicItem[discord.ui.Button], template=TEMPLATE):
         return cls(match["action"], int(match["job_id"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        from .cogs.music import follow_up  # the cog imports this module; import at call time
-
-        await follow_up(interaction, self.action, self.job_id)
+        # the buttons are registered by the bot itself (cogs/music.py), so the client is always a MusicBot
+        await intake.follow_up(cast("MusicBot", interaction.client), interaction, self.action, self.job_id)
 
 
 def clip_view(job_id: int) -> discord.ui.View:

@@ -9,8 +9,6 @@ Cancelling a job sets its :class:`threading.Event`, which the generator polls th
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import inspect
 import logging
 import queue
 import sys
@@ -20,9 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from core.generation import Clip, GenerationRequest, GenerationStopped
+import numpy as np
 
-from .jobs import Job, JobStatus, generation_request, run_requests
+from core import Clip, GenerationRequest, GenerationStopped
+
+from .jobs import ClipData, ClipDataGone, Job, JobResult, JobStatus, load_tokens, load_upload
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,30 @@ MEMORY_HEADROOM = 0.9  # use at most this share of the memory that is free (the 
 
 
 class Generator(Protocol):
-    """What the worker needs from a model: exactly :class:`core.MusicGen`'s batch API."""
+    """Everything the worker uses of a model: :class:`core.MusicGen` implements it (tests/fakes.py too)."""
 
-    sampling_rate: int
-    max_seconds: float
-    channels: int
+    @property
+    def sampling_rate(self) -> int: ...
+    @property
+    def max_seconds(self) -> float: ...
+    @property
+    def channels(self) -> int: ...
+    @property
+    def frame_rate(self) -> float: ...
+
+    def encode_audio(self, audio: np.ndarray, sampling_rate: int) -> np.ndarray:
+        """Audio ``(samples, channels)`` at any rate -> EnCodec codes ``(codebooks, frames)``."""
+        ...
+
+    def estimate_batch_bytes(self, requests: Sequence[GenerationRequest]) -> int:
+        """Rough peak memory in bytes to generate ``requests`` together."""
+        ...
 
     def generate_batch(self, requests: Sequence[GenerationRequest], *,
                        on_progress: Callable[[int, int, int], Any] | None = None,
-                       should_stop: Callable[[int], bool] | None = None) -> list[Clip | None]: ...
+                       should_stop: Callable[[int], bool] | None = None) -> list[Clip | None]:
+        """One clip per request (None for a row ``should_stop(row)`` stopped); ``on_progress(row, step, total)``."""
+        ...
 
 
 class WorkerError(RuntimeError):
@@ -48,20 +63,8 @@ class WorkerError(RuntimeError):
 
 
 @dataclass
-class JobResult:
-    """How one job of a batch ended: ``DONE`` with a clip, ``FAILED`` with an error, or ``CANCELLED``."""
-
-    job: Job
-    status: JobStatus
-    clip: Clip | None = None
-    error: str | None = None
-    elapsed: float = 0.0
-
-
-@dataclass
 class _Batch:
     jobs: list[Job]
-    requests: list[GenerationRequest]
     events: list[threading.Event]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -79,7 +82,8 @@ class GenerationWorker:
     Memory: :meth:`fit_batch` shrinks a batch whose ``generator.estimate_batch_bytes(requests)`` exceeds
     ``memory_limit`` bytes, or (without a limit) what ``available_memory()`` reports: by default Linux's
     ``MemAvailable`` plus what MLX already holds (the weights, its cache).
-    ``extend_stride`` (seconds) is passed to generators that take it (clips longer than the model's window).
+    ``extend_stride`` (seconds) goes into every request (how far each window moves in clips longer than the
+    model's window). :func:`generation_request` is the one place a :class:`Job` becomes what the model is asked.
     """
 
     def __init__(self, model_factory: Callable[[], Generator], *, max_batch: int = 4, job_timeout: float = 600.0,
@@ -95,8 +99,6 @@ class GenerationWorker:
         self.memory_limit = memory_limit
         self.available_memory = available_memory or system_memory_available
         self.extend_stride = extend_stride
-        self._request_extras: dict[str, Any] = {}
-        self._batch_options: dict[str, Any] = {}
         self._clear_cache = clear_cache
         self._inbox: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -157,6 +159,11 @@ class GenerationWorker:
     def channels(self) -> int:
         return int(self.generator.channels)
 
+    @property
+    def frame_rate(self) -> float:
+        """EnCodec frames per second (a clip's tokens are this many frames per second of audio)."""
+        return float(self.generator.frame_rate)
+
     def stop(self, timeout: float | None = None, *, cancel_running: bool = False) -> bool:
         """Ask the thread to exit after the current batch (or stop that batch too); True if it has exited."""
         if cancel_running:
@@ -168,10 +175,6 @@ class GenerationWorker:
         return not self._thread.is_alive()
 
     # -- the asyncio side ---------------------------------------------------------------------------------------
-    def requests_for(self, jobs: Sequence[Job]) -> list[GenerationRequest]:
-        """The generation requests for these jobs (each with its own prompt, length and seed)."""
-        return [generation_request(j, **self._request_extras) for j in jobs]
-
     def memory_budget(self) -> int | None:
         """Bytes a batch may need: ``memory_limit``, else a share of the free memory; None when unknown."""
         if self.memory_limit is not None:
@@ -184,15 +187,16 @@ class GenerationWorker:
         memory, by the generator's ``estimate_batch_bytes``; at least 1 (a single job that does not fit is tried
         anyway and fails with a clear message if memory really runs out)."""
         n = min(len(jobs), self.max_batch)
-        estimate = getattr(self._generator, "estimate_batch_bytes", None)
-        if n <= 1 or estimate is None:
+        if n <= 1 or self._generator is None:
             return n
         budget = self.memory_budget()
         if budget is None:
             return n
-        requests = self.requests_for(jobs[:n])
+        # lengths are all the estimate needs: no files are read on the event loop
+        requests = [GenerationRequest(j.model_prompt, j.total_seconds, seed=j.seed, temperature=j.temperature,
+                                      extend_stride=self.extend_stride) for j in jobs[:n]]
         try:
-            while n > 1 and estimate(requests[:n]) > budget:
+            while n > 1 and self._generator.estimate_batch_bytes(requests[:n]) > budget:
                 n -= 1
         except Exception:  # noqa: BLE001 - an estimate must never stop the queue
             log.exception("could not estimate the memory of a batch; generating one job at a time")
@@ -224,11 +228,10 @@ class GenerationWorker:
         if not self._thread.is_alive():
             raise WorkerError("the generation worker has stopped")
         loop = asyncio.get_running_loop()
-        requests = self.requests_for(jobs)
         events = [threading.Event() for _ in jobs]
         for job, event in zip(jobs, events, strict=True):
             self._events[job.id] = event
-        batch = _Batch(jobs, requests, events, loop, loop.create_future(), on_progress)
+        batch = _Batch(jobs, events, loop, loop.create_future(), on_progress)
         self._busy = True
         self._inbox.put(batch)
         try:
@@ -259,7 +262,6 @@ class GenerationWorker:
         try:
             started = time.monotonic()
             self._generator = self.model_factory()
-            self._request_extras = self._extras(self._generator)
             log.info("model loaded in %.1f s on thread %s", time.monotonic() - started, threading.current_thread().name)
         except BaseException as exc:  # noqa: BLE001 - any failure to load is reported to wait_ready
             self._load_error = exc
@@ -283,20 +285,6 @@ class GenerationWorker:
             self._release_memory()  # before answering, so the next batch never starts on a full cache
             _post(batch.loop, _resolve, batch.future, results)
         log.info("generation worker stopped")
-
-    def _extras(self, generator: Generator) -> dict[str, Any]:
-        """Request options this generator understands beyond the basic ones (``extend_stride`` for long clips)."""
-        if self.extend_stride is None:
-            return {}
-        if "extend_stride" in {f.name for f in dataclasses.fields(GenerationRequest)}:
-            return {"extend_stride": self.extend_stride}
-        try:
-            takes = "extend_stride" in inspect.signature(generator.generate_batch).parameters
-        except (TypeError, ValueError):
-            takes = False
-        if takes:
-            self._batch_options = {"extend_stride": self.extend_stride}
-        return {}
 
     def _generate(self, batch: _Batch) -> list[JobResult]:
         jobs, events = batch.jobs, batch.events
@@ -323,14 +311,30 @@ class GenerationWorker:
             _post(batch.loop, _call_progress, batch.on_progress, jobs[row], step, total)
 
         log.info("batch of %d started: jobs %s", len(jobs), [j.id for j in jobs])
-        clips: list[Clip | None]
+        clips: list[Clip | None] = [None] * len(jobs)
+        gone: dict[int, str] = {}
+        rows: list[int] = []
+        requests: list[GenerationRequest] = []
         error: str | None = None
         try:
-            # run_requests: plain rows batched through generate_batch; Extend/Continue rows load their files here
-            clips = list(run_requests(self.generator, batch.requests, on_progress=on_progress,
-                                      should_stop=should_stop, **self._batch_options))
-            if len(clips) != len(jobs):
-                raise RuntimeError(f"the generator returned {len(clips)} clips for {len(jobs)} requests")
+            for row, job in enumerate(jobs):  # the files a row continues are read here, on the model's thread
+                try:
+                    requests.append(generation_request(self.generator, job, extend_stride=self.extend_stride))
+                    rows.append(row)
+                except ClipDataGone as exc:
+                    log.warning("job %d: %s", job.id, exc)
+                    gone[row] = f"The audio this clip continues is gone ({exc})."
+                except ValueError as exc:  # an upload the model cannot encode: the message is fit for a member
+                    log.warning("job %d: %s", job.id, exc)
+                    gone[row] = str(exc)[:300]
+            if requests:
+                made = list(self.generator.generate_batch(
+                    requests, on_progress=lambda i, step, total: on_progress(rows[i], step, total),
+                    should_stop=lambda i: should_stop(rows[i])))
+                if len(made) != len(requests):
+                    raise RuntimeError(f"the generator returned {len(made)} clips for {len(requests)} requests")
+                for row, clip in zip(rows, made, strict=True):
+                    clips[row] = clip
         except GenerationStopped:
             clips = [None] * len(jobs)
         except MemoryError:
@@ -349,10 +353,10 @@ class GenerationWorker:
                 results.append(JobResult(job, JobStatus.FAILED, elapsed=elapsed,
                                          error=f"Generation took longer than {self.job_timeout:g} s and was stopped."))
             elif clip is not None and error is None:
-                results.append(JobResult(job, JobStatus.DONE, clip=clip, elapsed=elapsed))
+                results.append(JobResult(job, JobStatus.DONE, clip=_clip_data(clip), elapsed=elapsed))
             else:
-                results.append(JobResult(job, JobStatus.FAILED, elapsed=elapsed,
-                                         error=error or "The generator returned no audio for this request."))
+                results.append(JobResult(job, JobStatus.FAILED, elapsed=elapsed, error=error or gone.get(row)
+                                         or "The generator returned no audio for this request."))
         for result in results:
             if result.status is JobStatus.DONE:
                 self.completed += 1
@@ -367,9 +371,8 @@ class GenerationWorker:
 
     def _release_memory(self) -> None:
         clear = self._clear_cache
-        if clear is None:
-            mx = sys.modules.get("mlx.core")
-            clear = getattr(mx, "clear_cache", None)
+        if clear is None and "mlx.core" in sys.modules:  # the model imported MLX; no model, nothing to free
+            clear = sys.modules["mlx.core"].clear_cache
         if clear is not None:
             try:
                 clear()
@@ -387,12 +390,29 @@ def system_memory_available() -> int | None:
     except (OSError, KeyError, ValueError):
         return None
     mx = sys.modules.get("mlx.core")
-    for name in ("get_active_memory", "get_cache_memory"):
-        try:
-            available += int(getattr(mx, name)())
-        except Exception:  # noqa: BLE001 - not MLX, or an MLX without this query
-            pass
+    if mx is not None:  # MLX is loaded (by the model): what it holds is reused for the next batch
+        available += int(mx.get_active_memory()) + int(mx.get_cache_memory())
     return available
+
+
+def generation_request(generator: Generator, job: Job, *, extend_stride: float | None = None) -> GenerationRequest:
+    """What the model is asked for ``job``: the one translation of a job. ``GenerationRequest.seconds`` is the
+    total: the audio continued (the parent's tokens for Extend, the member's upload encoded for /continue) plus
+    ``job.new_seconds``. Reads the job's files: call it on the model's thread; :class:`ClipDataGone` when they
+    are missing."""
+    prompt_tokens = None
+    if job.prompt_tokens_path:
+        prompt_tokens = load_tokens(job.prompt_tokens_path)
+    elif job.prompt_audio_path:
+        samples, rate = load_upload(job.prompt_audio_path)
+        prompt_tokens = generator.encode_audio(samples, rate)
+    prompt_seconds = 0.0 if prompt_tokens is None else prompt_tokens.shape[1] / float(generator.frame_rate)
+    return GenerationRequest(job.model_prompt, prompt_seconds + job.new_seconds, seed=job.seed,
+                             temperature=job.temperature, prompt_tokens=prompt_tokens, extend_stride=extend_stride)
+
+
+def _clip_data(clip: Clip) -> ClipData:
+    return ClipData(clip.samples, clip.sampling_rate, seed=clip.seed, tokens=clip.tokens)
 
 
 def _post(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:

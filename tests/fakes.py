@@ -1,4 +1,5 @@
-"""A fake generator with :class:`core.MusicGen`'s batch API, for bot tests that must not load a model."""
+"""A fake generator implementing :class:`bot.worker.Generator` (what the worker uses of :class:`core.MusicGen`),
+for bot tests that must not load a model."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from core.generation import Clip, GenerationRequest
+from core import Clip, GenerationRequest
 
 
 class FakeGenerator:
@@ -21,6 +22,9 @@ class FakeGenerator:
     the call waits on without polling anything, like a stuck native call). ``calls`` records each batch's requests
     and ``thread_ids`` the thread of every call (and of construction).
     """
+
+    NUM_CODEBOOKS = 4
+    BYTES_PER_SECOND = 1 << 20  # what the memory estimate counts per second of audio per row
 
     def __init__(self, *, sampling_rate: int = 8000, max_seconds: float = 30.0, channels: int = 1,
                  frame_rate: int = 50, step_delay: float = 0.0, steps: int | None = None) -> None:
@@ -35,6 +39,22 @@ class FakeGenerator:
         self.block: threading.Event | None = None
         self.calls: list[list[GenerationRequest]] = []
         self.thread_ids: list[int] = [threading.get_ident()]
+
+    def encode_audio(self, audio: np.ndarray, sampling_rate: int) -> np.ndarray:
+        """Codes ``(codebooks, frames)`` of the audio's whole frames (the first codebook holds the frame index)."""
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim not in (1, 2) or audio.shape[0] == 0:
+            raise ValueError("The audio is empty.")
+        if audio.shape[0] / sampling_rate > self.max_seconds:
+            raise ValueError(f"The audio is too long ({audio.shape[0] / sampling_rate:.1f} s; at most "
+                             f"{self.max_seconds:g} s).")
+        frames = int(audio.shape[0] * self.frame_rate // sampling_rate)
+        codes = np.zeros((self.NUM_CODEBOOKS, frames), dtype=np.int32)
+        codes[0] = np.arange(frames)
+        return codes
+
+    def estimate_batch_bytes(self, requests: Sequence[GenerationRequest]) -> int:
+        return int(sum(r.seconds for r in requests) * self.BYTES_PER_SECOND)
 
     def generate_batch(self, requests: Sequence[GenerationRequest | dict], *,
                        on_progress: Callable[[int, int, int], Any] | None = None,
@@ -79,4 +99,8 @@ class FakeGenerator:
         freq = 220.0 + seed % 440
         t = np.arange(n, dtype=np.float32) / self.sampling_rate
         wave = 0.5 * np.sin(2 * np.pi * freq * t).astype(np.float32)
-        return Clip(np.repeat(wave[:, None], self.channels, axis=1), self.sampling_rate, seed=seed)
+        frames = max(1, round(request.seconds * self.frame_rate))
+        tokens = np.zeros((self.NUM_CODEBOOKS, frames), dtype=np.int32)
+        if request.prompt_tokens is not None:  # a continuation starts with exactly its prompt's codes
+            tokens[:, :request.prompt_tokens.shape[1]] = request.prompt_tokens
+        return Clip(np.repeat(wave[:, None], self.channels, axis=1), self.sampling_rate, seed=seed, tokens=tokens)

@@ -16,7 +16,7 @@ from discord import app_commands
 from bot.audio import wav_bytes
 from bot.delivery import Deliverer, DeliveryError, Undeliverable, clip_message, only_mention
 from bot.jobs import Job
-from core.generation import Clip
+from bot.jobs import ClipData as Clip
 from tests.fake_discord import FakeDiscord, Interaction, Member
 from tests.fake_discord.client import use_fake
 
@@ -41,7 +41,7 @@ class Harness:
 
     def job(self, interaction: Interaction | None = None, *, age: float = 0.0, prompt: str = "warm piano") -> Job:
         return Job(guild_id=self.fake.guild.id, channel_id=self.fake.channel.id, user_id=self.member.id,
-                   user_name=self.member.name, prompt=prompt, model_prompt=prompt, seconds=2, seed=42, id=7,
+                   user_name=self.member.name, prompt=prompt, model_prompt=prompt, new_seconds=2, seed=42, id=7,
                    interaction_id=interaction.id if interaction else None,
                    interaction_token=interaction.token if interaction else None,
                    application_id=self.fake.application_id, interaction_created_at=time.time() - age)
@@ -124,8 +124,9 @@ async def test_rate_limited_followup_is_retried(harness: Harness) -> None:
 
 
 async def test_server_errors_are_retried_with_backoff(harness: Harness) -> None:
-    class Response:
+    class Response:  # the parts of aiohttp's response that discord.py and the bot read
         status, reason = 503, "Service Unavailable"
+        headers: dict[str, str] = {}
 
     calls = []
 
@@ -199,7 +200,7 @@ def test_only_the_requester_can_be_pinged() -> None:
 
 def test_clip_message_escapes_the_prompt() -> None:
     job = Job(guild_id=1, channel_id=2, user_id=3, user_name="x", prompt="@everyone **loud** <@&123456789012345678>",
-              model_prompt="@everyone **loud** <@&123456789012345678>", seconds=2, seed=99)
+              model_prompt="@everyone **loud** <@&123456789012345678>", new_seconds=2, seed=99)
     text = clip_message(job, clip(), generated_in=1.25)
     assert text.startswith("<@3> ") and "`99`" in text and "2 s" in text and "1.2 s" in text
     assert "@everyone" not in text and "<@&123456789012345678>" not in text and "\\*\\*loud\\*\\*" in text

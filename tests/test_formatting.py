@@ -18,7 +18,6 @@ from bot.formatting import (
     display,
     format_seconds,
     model_prompt,
-    parse_seconds,
     truncate,
 )
 
@@ -102,24 +101,6 @@ def test_non_text_prompts_are_refused():
     for value in (None, 5, b"bytes", ["list"]):
         with pytest.raises(PromptError, match="must be text"):
             clean_prompt(value)
-
-
-@given(st.integers(1, 30))
-def test_parse_seconds_accepts_whole_seconds_in_range(n):
-    assert parse_seconds(n, 30) == n
-    assert parse_seconds(str(n), 30) == n
-    assert parse_seconds(float(n), 30) == n
-
-
-@example("+5")
-@example("٥")
-@given(st.one_of(st.integers(max_value=0), st.integers(min_value=31), st.floats().filter(lambda f: not (
-        f.is_integer() and 1 <= f <= 30)), st.booleans(), st.none(), st.text().filter(
-        lambda s: not (s.strip().isascii() and s.strip().isdigit() and 1 <= int(s.strip()) <= 30)),
-        st.just(10**100), st.just("9" * 5000)))
-def test_parse_seconds_refuses_everything_else_politely(value):
-    with pytest.raises(PromptError, match="whole number of seconds from 1 to 30"):
-        parse_seconds(value, 30)
 
 
 def test_truncate_and_durations():

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from bot.jobs import Job, JobStatus, Session
-from bot.queue import MAX_ATTEMPTS, JobQueue, Limits, QueueRefused
+from bot.queue import MAX_ATTEMPTS, JobQueue, Limits, QueueRefused, parse_seconds
 from bot.store import SQLiteJobStore
 
 
@@ -39,7 +41,7 @@ def store(tmp_path):
 def make_job(user: int, prompt: str = "", *, session: int | None = None, seconds: int = 5, seed: int = 1) -> Job:
     prompt = prompt or f"u{user}"
     return Job(guild_id=1, channel_id=10, user_id=user, user_name=f"user{user}", prompt=prompt, model_prompt=prompt,
-               seconds=seconds, seed=seed, session_id=session)
+               new_seconds=seconds, seed=seed, session_id=session)
 
 
 def submit(queue: JobQueue, clock: Clock, user: int, prompt: str = "", **kw) -> Job:
@@ -333,3 +335,43 @@ def test_estimated_wait_uses_the_measured_rate_and_batches(store, clock):
     assert q.estimated_wait(c.id) == pytest.approx(15.0)
     q.record_timing(10.0, 40.0)
     assert q.rate == pytest.approx(0.7 * 2.0 + 0.3 * 4.0)
+
+
+def test_the_model_lowers_the_ceiling_and_bounds_the_total_length(store, clock):
+    q = JobQueue(store, Limits(max_seconds=60, cooldown_seconds=0, max_pending_per_user=10), clock=clock)
+    assert q.max_seconds == 60 and q.room(50.0) == 60  # no model yet: only the limit
+    q.set_model_max(30.5)
+    assert (q.max_seconds_ceiling, q.max_seconds, q.model_max_seconds) == (30, 30, 30.5)
+    assert q.check_length(30) == 30 and q.check_length("12") == 12 and q.check_length(4.0) == 4
+    assert q.room(25.0) == 5 and q.room(30.0) == 0
+    assert q.check_length(5, 25.0) == 5
+    with pytest.raises(QueueRefused, match="add at most 5 s"):
+        q.check_length(6, 25.0)
+    with pytest.raises(QueueRefused, match="no room to continue"):
+        q.check_length(1, 30.0)
+    with pytest.raises(ValueError):
+        q.set_limits(max_seconds=31)
+    extend = make_job(1, seconds=6)
+    extend.prompt_seconds = 25.0
+    with pytest.raises(QueueRefused, match="add at most 5 s"):
+        q.submit(extend)
+    extend.new_seconds = 5
+    assert q.submit(extend).total_seconds == 30.0
+
+
+@given(st.integers(1, 30))
+def test_parse_seconds_accepts_whole_seconds_in_range(n):
+    assert parse_seconds(n, 30) == n
+    assert parse_seconds(str(n), 30) == n
+    assert parse_seconds(float(n), 30) == n
+
+
+@example("+5")
+@example("٥")
+@given(st.one_of(st.integers(max_value=0), st.integers(min_value=31), st.floats().filter(lambda f: not (
+        f.is_integer() and 1 <= f <= 30)), st.booleans(), st.none(), st.text().filter(
+        lambda s: not (s.strip().isascii() and s.strip().isdigit() and 1 <= int(s.strip()) <= 30)),
+        st.just(10**100), st.just("9" * 5000)))
+def test_parse_seconds_refuses_everything_else_politely(value):
+    with pytest.raises(QueueRefused, match="whole number of seconds from 1 to 30"):
+        parse_seconds(value, 30)

@@ -12,7 +12,7 @@ from bot.store import SQLiteJobStore
 
 def make_job(user: int = 1, **kw) -> Job:
     fields = dict(guild_id=5, channel_id=10, user_id=user, user_name="Ada", prompt="lofi beats",
-                  model_prompt="rain, lofi beats", seconds=8, seed=2**63 - 1)
+                  model_prompt="rain, lofi beats", new_seconds=8, seed=2**63 - 1)
     fields.update(kw)
     return Job(**fields)
 
@@ -106,30 +106,54 @@ def test_the_interaction_token_is_not_in_a_jobs_repr():
     assert "secret-token-value" not in repr(job)
 
 
-def test_a_database_from_before_the_extras_keeps_working(tmp_path):
+# The jobs table as the first release wrote it (``seconds``, none of the columns added since), kept verbatim.
+FIRST_SCHEMA = """
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, guild_id INTEGER, channel_id INTEGER NOT NULL, user_id INTEGER NOT NULL,
+    user_name TEXT NOT NULL, prompt TEXT NOT NULL, model_prompt TEXT NOT NULL, seconds INTEGER NOT NULL,
+    seed INTEGER NOT NULL, session_id INTEGER REFERENCES sessions(id), status TEXT NOT NULL, created_at REAL NOT NULL,
+    started_at REAL, finished_at REAL, interaction_id INTEGER, interaction_token TEXT, application_id INTEGER,
+    interaction_created_at REAL, status_message_id INTEGER, delivered_message_id INTEGER, delivered_url TEXT,
+    error TEXT, format TEXT NOT NULL DEFAULT 'wav'
+);
+CREATE INDEX jobs_by_status ON jobs (status, id);
+CREATE INDEX jobs_by_user ON jobs (user_id, id);
+CREATE TABLE sessions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, guild_id INTEGER, channel_id INTEGER NOT NULL, thread_id INTEGER,
+    host_id INTEGER NOT NULL, theme TEXT NOT NULL DEFAULT '', default_seconds INTEGER, status TEXT NOT NULL,
+    created_at REAL NOT NULL, closed_at REAL
+);
+CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def test_a_database_written_by_the_first_schema_keeps_working(tmp_path):
     path = tmp_path / "old.sqlite3"
-    old_schema = "\n".join(line for line in __import__("bot.store", fromlist=["SCHEMA"]).SCHEMA.splitlines()
-                           if not any(f"    {c} " in line for c in ("kind", "parent_id", "temperature",
-                                                                     "prompt_tokens_path", "prompt_audio_path",
-                                                                     "upload_limit", "attempts")))
-    old_schema = old_schema.replace("format TEXT NOT NULL DEFAULT 'wav',", "format TEXT NOT NULL DEFAULT 'wav'")
     db = sqlite3.connect(path)
-    db.executescript(old_schema)
-    assert "kind" not in {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+    db.executescript(FIRST_SCHEMA)
     db.execute("INSERT INTO jobs (channel_id, user_id, user_name, prompt, model_prompt, seconds, seed, status, "
                "created_at) VALUES (10, 1, 'Ada', 'old', 'old', 5, 7, 'done', 1.0)")
+    db.execute("INSERT INTO jobs (channel_id, user_id, user_name, prompt, model_prompt, seconds, seed, status, "
+               "created_at) VALUES (10, 2, 'Bo', 'waiting', 'waiting', 12, 8, 'queued', 2.0)")
     db.commit()
     db.close()
     store = SQLiteJobStore(path)
+    columns = {r[1] for r in store._db.execute("PRAGMA table_info(jobs)")}  # noqa: SLF001
+    assert "seconds" not in columns and {"new_seconds", "prompt_seconds", "kind"} <= columns
     old = store.get(1)
     assert old is not None and old.prompt == "old" and old.status is JobStatus.DONE
+    assert old.new_seconds == 5 and old.prompt_seconds == 0.0 and old.total_seconds == 5
     assert old.kind is JobKind.MUSIC and old.temperature == 1.0 and old.parent_id is None and old.attempts == 0
+    waiting = store.get(2)
+    assert waiting is not None and waiting.new_seconds == 12 and store.by_status(JobStatus.QUEUED) == [waiting]
     new = store.add(make_job(kind=JobKind.EXTEND, parent_id=1, temperature=1.1, prompt_tokens_path="clips/1.npy",
-                             upload_limit=1024, format="flac"))
-    assert store.get(new.id) == new
+                             upload_limit=1024, format="flac", prompt_seconds=4.5))
+    assert store.get(new.id) == new and new.total_seconds == 12.5
     assert store.recent_done(1) == [old]
     store.close()
-    SQLiteJobStore(path).close()  # opening a migrated database again changes nothing
+    again = SQLiteJobStore(path)  # opening a migrated database again changes nothing
+    assert again.get(1) == old and again.get(new.id) == new
+    again.close()
 
 
 def test_recent_done_lists_a_members_clips_newest_first(tmp_path):

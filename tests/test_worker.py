@@ -20,7 +20,7 @@ from tests.fakes import FakeGenerator
 
 def make_job(job_id: int, user: int = 1, seconds: int = 1, seed: int = 7) -> Job:
     return Job(guild_id=1, channel_id=10, user_id=user, user_name=f"u{user}", prompt=f"p{job_id}",
-               model_prompt=f"theme, p{job_id}", seconds=seconds, seed=seed, id=job_id)
+               model_prompt=f"theme, p{job_id}", new_seconds=seconds, seed=seed, id=job_id)
 
 
 @pytest.fixture
@@ -277,10 +277,12 @@ async def test_a_failing_estimate_means_one_job_at_a_time(make_worker):
     assert worker.fit_batch([make_job(i) for i in range(1, 5)]) == 1
 
 
-async def test_a_generator_without_an_estimate_is_not_shrunk(make_worker):
-    worker = make_worker(max_batch=3, memory_limit=1)
+async def test_a_batch_that_fits_is_not_shrunk(make_worker, fake):
+    worker = make_worker(max_batch=3, memory_limit=3 * fake.BYTES_PER_SECOND)  # three 1 s clips fit exactly
     await worker.wait_ready()
     assert worker.fit_batch([make_job(i) for i in range(1, 6)]) == 3
+    assert worker.fit_batch([make_job(1, seconds=2), make_job(2, seconds=1)]) == 2
+    assert worker.fit_batch([make_job(1, seconds=2), make_job(2, seconds=2)]) == 1
 
 
 def test_system_memory_available_reads_meminfo():
@@ -292,25 +294,45 @@ def test_system_memory_available_reads_meminfo():
     assert free is not None and 0 < free < 2 * total
 
 
-class StridingGenerator(FakeGenerator):
-    """A fake that takes ``extend_stride`` like a model that makes clips longer than its window."""
-
-    def __init__(self, **kw) -> None:
-        super().__init__(**kw)
-        self.strides: list[float | None] = []
-
-    def generate_batch(self, requests, *, on_progress=None, should_stop=None, extend_stride=None):
-        # the stride comes as an option of the call, or (newer core) as a field of every request
-        self.strides.append(extend_stride if extend_stride is not None
-                            else getattr(requests[0], "extend_stride", None))
-        return super().generate_batch(requests, on_progress=on_progress, should_stop=should_stop)
+async def test_extend_stride_goes_into_every_request(make_worker, fake):
+    worker = make_worker(extend_stride=18.0)
+    results = await worker.run_batch([make_job(1), make_job(2, user=2)])
+    assert [r.status for r in results] == [JobStatus.DONE] * 2
+    assert [r.extend_stride for r in fake.calls[0]] == [18.0, 18.0]
 
 
-async def test_extend_stride_reaches_a_generator_that_takes_it(make_worker, fake):
-    striding = StridingGenerator(sampling_rate=8000)
-    worker = make_worker(lambda: striding, extend_stride=18.0)
-    [result] = await worker.run_batch([make_job(1)])
-    assert result.status is JobStatus.DONE and striding.strides == [18.0]
-    plain = make_worker(extend_stride=18.0)  # the plain fake has no such option: it is not passed
-    [result] = await plain.run_batch([make_job(2)])
-    assert result.status is JobStatus.DONE
+async def test_extend_and_continue_rows_are_asked_for_their_total_length(make_worker, fake, tmp_path):
+    """The one translation of a job: ``GenerationRequest.seconds`` is the audio continued plus the new part, and
+    the continued audio's codes are the request's ``prompt_tokens`` (an upload is encoded on the model's thread)."""
+    from bot.jobs import JobKind, save_tokens, save_upload
+
+    tokens = np.arange(4 * 100, dtype=np.int32).reshape(4, 100) % 7  # 2 s at 50 frames/s
+    extend = make_job(1, seconds=3)
+    extend.kind, extend.prompt_tokens_path = JobKind.EXTEND, str(save_tokens(tmp_path, 99, tokens))
+    upload = save_upload(tmp_path, np.zeros((8000 * 3 // 2, 1), np.float32), 8000)  # 1.5 s
+    cont = make_job(2, user=2, seconds=1)
+    cont.kind, cont.prompt_audio_path = JobKind.CONTINUE, str(upload)
+    plain = make_job(3, user=3, seconds=2)
+    results = await worker_run(make_worker, [extend, cont, plain])
+    assert [r.status for r in results] == [JobStatus.DONE] * 3
+    (requests,) = fake.calls
+    assert [r.seconds for r in requests] == [5.0, 2.5, 2.0]
+    np.testing.assert_array_equal(requests[0].prompt_tokens, tokens)
+    assert requests[1].prompt_tokens.shape == (fake.NUM_CODEBOOKS, 75) and requests[2].prompt_tokens is None
+    assert [r.clip.seconds for r in results] == [5.0, 2.5, 2.0]
+    np.testing.assert_array_equal(results[0].clip.tokens[:, :100], tokens)
+
+
+async def worker_run(make_worker, jobs):
+    worker = make_worker(max_batch=len(jobs))
+    return await worker.run_batch(jobs)
+
+
+async def test_a_row_whose_files_are_gone_fails_alone(make_worker, fake, tmp_path):
+    from bot.jobs import JobKind
+
+    gone = make_job(1)
+    gone.kind, gone.prompt_tokens_path = JobKind.EXTEND, str(tmp_path / "missing.npy")
+    results = await worker_run(make_worker, [gone, make_job(2, user=2)])
+    assert [r.status for r in results] == [JobStatus.FAILED, JobStatus.DONE]
+    assert "gone" in results[0].error and len(fake.calls[0]) == 1

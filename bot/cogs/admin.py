@@ -59,7 +59,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Control th
     async def resume(self, interaction: discord.Interaction) -> None:
         """Start generating and taking requests again."""
         self.bot.queue.resume()
-        self.bot.wake()
+        self.bot.dispatcher.wake()
         log.info("queue resumed by %s", interaction.user.id)
         await self._answer(interaction, f"Resumed: {len(self.bot.queue)} request(s) waiting.")
 
@@ -98,7 +98,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Control th
         if not running:
             raise UserError("Nothing is being generated right now.")
         for target in running:
-            self.bot.cancel_job(target, "Your clip was stopped by an admin.")
+            self.bot.dispatcher.cancel(target, "Your clip was stopped by an admin.")
         log.info("jobs %s skipped by %s", [j.id for j in running], interaction.user.id)
         await self._answer(interaction, "Stopping " + ", ".join(f"`#{j.id}`" for j in running) + ".")
 

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import discord
-import numpy as np
 from discord import app_commands
 from discord.ext import commands
 
-from .. import audio, formatting
+from .. import formatting, intake
 from ..checks import UserError
-from ..jobs import (
-    MAX_TEMPERATURE,
-    SEED_LIMIT,
-    VARIATION_TEMPERATURE,
-    Job,
-    JobKind,
-    JobStatus,
-    new_seed,
-    save_upload,
-    tokens_file,
-)
-from ..queue import QueueRefused
+from ..jobs import SEED_LIMIT, Job, JobKind, JobStatus
 from ..views import ClipButton
 from . import set_max_value
 
@@ -35,21 +21,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SECONDS = 10
-EXTEND_SECONDS = 10  # what one click on Extend adds (less when the clip is near the model's longest)
 QUEUE_PAGE = 10
 HISTORY_SIZE = 10
-READ_UPLOAD_SECONDS = 2.4  # download + decode must finish before Discord's 3 s deadline for the first answer
 Format = Literal["wav", "flac", "ogg", "mp3"]
-GONE = ("Sorry, the data of that clip is gone (it was made before I kept it, or it was cleaned up), so I can't "
-        "{what} it. Use /music to make a new one!")
-
-
-def parse_seed(value: object) -> int:
-    """A seed from 0 to 2**32 - 1 from whatever the client sent (UserError otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
-        raise UserError(f"The seed must be a whole number from 0 to {SEED_LIMIT - 1}.")
-    return value
 
 
 class Music(commands.Cog):
@@ -57,8 +31,8 @@ class Music(commands.Cog):
 
     def __init__(self, bot: MusicBot) -> None:
         self.bot = bot
-        set_max_value(self.music, "seconds", bot.max_seconds_ceiling)
-        set_max_value(self.continue_, "seconds", bot.max_seconds_ceiling)
+        set_max_value(self.music, "seconds", bot.queue.max_seconds_ceiling)
+        set_max_value(self.continue_, "seconds", bot.queue.max_seconds_ceiling)
 
     async def cog_load(self) -> None:
         # Buttons under clips delivered by this or any earlier run are understood from their custom_id alone.
@@ -80,27 +54,8 @@ class Music(commands.Cog):
                     seed: app_commands.Range[int, 0, SEED_LIMIT - 1] | None = None,
                     format: Format = "wav") -> None:  # noqa: A002 - the option's name members see
         """Turn a text prompt into a music clip."""
-        bot = self.bot
-        # The client enforces the schema, but a client that ignores it must get a clear answer too.
-        if isinstance(prompt, str) and len(prompt) > formatting.MAX_PROMPT_CHARS:
-            raise UserError(f"The prompt is too long ({len(prompt)} characters; at most "
-                            f"{formatting.MAX_PROMPT_CHARS}).")
-        text = formatting.clean_prompt(prompt)
-        session = bot.store.session_for_thread(interaction.channel_id) if interaction.channel_id else None
-        limits = bot.queue.limits
-        if seconds is None:
-            default = session.default_seconds if session is not None and session.default_seconds else DEFAULT_SECONDS
-            seconds = min(default, limits.max_seconds)
-        seconds = formatting.parse_seconds(seconds, limits.max_seconds)
-        user = interaction.user
-        job = Job(
-            guild_id=interaction.guild_id, channel_id=interaction.channel_id or 0, user_id=user.id,
-            user_name=formatting.strip_unsafe(user.display_name)[:100] or str(user.id), prompt=text,
-            model_prompt=formatting.model_prompt(text, session.theme if session else ""), seconds=seconds,
-            seed=new_seed() if seed is None else parse_seed(seed), session_id=session.id if session else None,
-            format=parse_format(format), **interaction_fields(interaction),
-        )
-        await enqueue(bot, interaction, job)
+        await intake.enqueue(self.bot, interaction, intake.music_job(self.bot, interaction, prompt, seconds, seed,
+                                                                     format))
 
     @app_commands.command(name="continue")
     @app_commands.guild_only()
@@ -115,35 +70,8 @@ class Music(commands.Cog):
                         seconds: app_commands.Range[int, 1, 30] | None = None,
                         format: Format = "wav") -> None:  # noqa: A002
         """Continue your own audio clip with music from a text prompt."""
-        bot = self.bot
-        text = formatting.clean_prompt(prompt)
-        limits = bot.queue.limits
-        seconds = formatting.parse_seconds(DEFAULT_SECONDS if seconds is None else seconds, limits.max_seconds)
-        samples, rate = await read_upload(audio)
-        upload_seconds = samples.shape[0] / rate
-        room = int(bot.worker.max_seconds - upload_seconds)
-        if room < 1:
-            raise UserError(f"Your clip is {upload_seconds:.1f} s long; I can make clips of at most "
-                            f"{bot.worker.max_seconds:g} s in all, so there is no room to continue it.")
-        if seconds > room:
-            raise UserError(f"Your clip is {upload_seconds:.1f} s long, so I can add at most {room} s to it "
-                            f"(at most {bot.worker.max_seconds:g} s in all).")
-        files_dir = files_dir_of(bot)
-        path = save_upload(files_dir, samples, rate)
-        session = bot.store.session_for_thread(interaction.channel_id) if interaction.channel_id else None
-        user = interaction.user
-        job = Job(
-            guild_id=interaction.guild_id, channel_id=interaction.channel_id or 0, user_id=user.id,
-            user_name=formatting.strip_unsafe(user.display_name)[:100] or str(user.id), prompt=text,
-            model_prompt=formatting.model_prompt(text, session.theme if session else ""), seconds=seconds,
-            seed=new_seed(), session_id=session.id if session else None, kind=JobKind.CONTINUE,
-            prompt_audio_path=str(path), format=parse_format(format), **interaction_fields(interaction),
-        )
-        try:
-            await enqueue(bot, interaction, job)
-        except QueueRefused:
-            path.unlink(missing_ok=True)
-            raise
+        job = await intake.continue_job(self.bot, interaction, audio, prompt, seconds, format)
+        await intake.enqueue(self.bot, interaction, job)
 
     @app_commands.command(name="history")
     @app_commands.guild_only()
@@ -157,7 +85,7 @@ class Music(commands.Cog):
         for job in jobs:
             when = formatting.format_seconds(max(0.0, now - (job.finished_at or job.created_at)))
             link = f" — [open]({job.delivered_url})" if job.delivered_url else ""
-            lines.append(f"`#{job.id}` {formatting.display(job.prompt, 80)} — seed `{job.seed}` — {job.seconds} s "
+            lines.append(f"`#{job.id}` {formatting.display(job.prompt, 80)} — seed `{job.seed}` — {job.new_seconds} s "
                          f"{_KIND_LABEL.get(job.kind, '')}— {when} ago{link}")
         await interaction.response.send_message(formatting.fit_message("\n".join(lines)), ephemeral=True,
                                                 allowed_mentions=discord.AllowedMentions.none())
@@ -197,7 +125,7 @@ class Music(commands.Cog):
             raise UserError("You have no queued or running requests.")
         cancelled = []
         for job in mine:
-            result = bot.cancel_job(job, "Cancelled by you.")
+            result = bot.dispatcher.cancel(job, "Cancelled by you.")
             if result is None:
                 continue
             cancelled.append(result)
@@ -213,130 +141,8 @@ _KIND_LABEL = {JobKind.REGENERATE: "(regenerated) ", JobKind.VARIATION: "(variat
                JobKind.EXTEND: "(extended) ", JobKind.CONTINUE: "(continued) "}
 
 
-def parse_format(value: object) -> str:
-    """One of the formats members can ask for (UserError otherwise: a client may ignore the choices)."""
-    if value not in audio.FORMATS:
-        raise UserError(f"I can send {', '.join(audio.FORMATS)}; please pick one of those formats.")
-    return str(value)
-
-
-def interaction_fields(interaction: discord.Interaction) -> dict:
-    """What a job keeps of the interaction that asked for it: how to answer, and the upload limit there."""
-    return dict(interaction_id=interaction.id, interaction_token=interaction.token,
-                application_id=interaction.application_id, interaction_created_at=time.time(),
-                upload_limit=interaction.filesize_limit)
-
-
-def files_dir_of(bot: MusicBot) -> Path:
-    files_dir = bot.store.files_dir
-    if files_dir is None:
-        raise UserError("I have nowhere to keep audio files right now, so I can't do that.")
-    return files_dir
-
-
-async def enqueue(bot: MusicBot, interaction: discord.Interaction, job: Job) -> None:
-    """Queue ``job`` (written to the store before the member hears anything; QueueRefused → ephemeral), answer
-    within 3 s, and show the position in the answer, which becomes the job's status message."""
-    bot.queue.submit(job)
-    await interaction.response.defer(thinking=True)
-    bot.wake()
-    try:
-        message = await interaction.edit_original_response(
-            content=bot.status_text(job, bot.position_text(job)), allowed_mentions=discord.AllowedMentions.none())
-    except discord.HTTPException as exc:
-        log.warning("job %d: could not show the position: %s", job.id, exc)
-        return
-    current = bot.store.update(job.id, status_message_id=message.id)
-    if current.status is JobStatus.CANCELLED:
-        # cancelled (by the member or an admin) while this answer was on its way: the cancel found no status
-        # message to edit then, and the answer just said "Queued", so show why it is not
-        await bot.deliverer.edit_status(current, current.error or "Cancelled.")
-
-
-async def read_upload(attachment: discord.Attachment) -> tuple[np.ndarray, int]:
-    """Download and decode a member's audio file, or raise UserError with a polite reason."""
-    if attachment.size > audio.MAX_UPLOAD_AUDIO_BYTES:
-        raise UserError(f"That file is too large ({attachment.size / 1e6:.1f} MB; at most "
-                        f"{audio.MAX_UPLOAD_AUDIO_BYTES / 1e6:.0f} MB).")
-
-    async def read() -> tuple[np.ndarray, int]:
-        data = await attachment.read()
-        return await asyncio.to_thread(audio.decode, data)  # numpy/ffmpeg only: no MLX on this thread
-
-    try:
-        return await asyncio.wait_for(read(), READ_UPLOAD_SECONDS)
-    except audio.AudioError as exc:
-        raise UserError(str(exc)) from exc
-    except asyncio.TimeoutError:
-        raise UserError("That file took too long to read; please send a shorter or smaller clip.") from None
-    except (discord.HTTPException, OSError) as exc:
-        log.warning("could not download attachment %s: %s", attachment.id, exc)
-        raise UserError("I couldn't download that file; please try again.") from exc
-
-
-async def follow_up(interaction: discord.Interaction, action: str, job_id: int) -> None:
-    """A click on Regenerate / Extend / Variation under clip ``job_id``: queue the new job for the member who
-    clicked, through the same queue and limits as /music. Refusals are short ephemeral answers."""
-    from ..client import _reply  # one way to answer politely, shared with the command tree
-
-    bot = interaction.client
-    try:
-        if getattr(bot, "shutting_down", False):
-            raise UserError("I'm restarting right now; please try again in a minute.")
-        await enqueue(bot, interaction, _follow_up_job(bot, interaction, action, job_id))
-    except QueueRefused as exc:
-        await _reply(interaction, exc.reason)
-    except (UserError, formatting.PromptError) as exc:
-        await _reply(interaction, str(exc))
-    except Exception:
-        log.exception("button %s on clip %d failed", action, job_id)
-        await _reply(interaction, "Sorry, something went wrong on my side (it has been logged). Please try again.")
-
-
-def _follow_up_job(bot: MusicBot, interaction: discord.Interaction, action: str, job_id: int) -> Job:
-    what = {"regen": "regenerate", "extend": "extend", "vary": "make a variation of"}[action]
-    parent = bot.store.get(job_id)
-    if parent is None:
-        raise UserError(GONE.format(what=what))
-    for path in (parent.prompt_tokens_path, parent.prompt_audio_path):
-        if path and not Path(path).exists():  # a clip made from files that are gone cannot be made again
-            raise UserError(GONE.format(what=what))
-    limits = bot.queue.limits
-    kind, seed, temperature, seconds = JobKind.REGENERATE, new_seed(), parent.temperature, parent.seconds
-    tokens_path, audio_path = parent.prompt_tokens_path, parent.prompt_audio_path
-    if action == "vary":
-        kind, seed = JobKind.VARIATION, parent.seed
-        temperature = min(round(parent.temperature * VARIATION_TEMPERATURE, 4), MAX_TEMPERATURE)
-    elif action == "extend":
-        files_dir = bot.store.files_dir
-        path = tokens_file(files_dir, parent.id) if files_dir is not None else None
-        if path is None or not path.exists():
-            raise UserError(GONE.format(what=what))
-        try:
-            frames = np.load(path, mmap_mode="r").shape[1]
-        except (OSError, ValueError, IndexError):
-            raise UserError(GONE.format(what=what)) from None
-        have = frames / float(getattr(bot.worker.generator, "frame_rate", 50))
-        room = int(bot.worker.max_seconds - have + 1e-6)
-        if room < 1:
-            raise UserError(f"That clip is already {have:.0f} s long, as long as I can make a clip "
-                            f"({bot.worker.max_seconds:g} s).")
-        kind, seconds, tokens_path, audio_path = JobKind.EXTEND, min(EXTEND_SECONDS, room, limits.max_seconds), \
-            str(path), None
-    seconds = min(seconds, limits.max_seconds)
-    session = bot.store.session_for_thread(interaction.channel_id) if interaction.channel_id else None
-    user = interaction.user
-    return Job(
-        guild_id=interaction.guild_id, channel_id=interaction.channel_id or parent.channel_id, user_id=user.id,
-        user_name=formatting.strip_unsafe(user.display_name)[:100] or str(user.id), prompt=parent.prompt,
-        model_prompt=parent.model_prompt, seconds=seconds, seed=seed, session_id=session.id if session else None,
-        kind=kind, parent_id=parent.id, temperature=temperature, prompt_tokens_path=tokens_path,
-        prompt_audio_path=audio_path, format=parent.format, **interaction_fields(interaction),
-    )
-
-
 def _describe(job: Job) -> str:
-    return (f"`#{job.id}` {formatting.display(job.user_name, 60)} — {job.seconds} s — "
+    return (f"`#{job.id}` {formatting.display(job.user_name, 60)} — {job.new_seconds} s — "
             f"{formatting.display(job.prompt, 80)}")
 
 

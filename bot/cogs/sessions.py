@@ -29,7 +29,7 @@ class Sessions(commands.GroupCog, group_name="session", group_description="Commu
     def __init__(self, bot: MusicBot) -> None:
         self.bot = bot
         super().__init__()
-        set_max_value(self.start, "seconds", bot.max_seconds_ceiling)
+        set_max_value(self.start, "seconds", bot.queue.max_seconds_ceiling)
 
     @app_commands.command(name="start")
     @app_commands.describe(theme="A theme added to every prompt in the session, e.g. 'dreamy 80s synthwave'",
@@ -40,7 +40,7 @@ class Sessions(commands.GroupCog, group_name="session", group_description="Commu
         bot = self.bot
         theme_text = formatting.clean_theme(theme)
         if seconds is not None:
-            seconds = formatting.parse_seconds(seconds, bot.queue.limits.max_seconds)
+            seconds = bot.queue.check_length(seconds)
         channel = interaction.channel
         if isinstance(channel, discord.Thread) or bot.store.session_for_thread(interaction.channel_id or 0):
             raise UserError("Start a session from a text channel, not inside a thread.")
@@ -132,7 +132,7 @@ class Sessions(commands.GroupCog, group_name="session", group_description="Commu
         for number, job in enumerate(done, 1):
             link = f" — [listen]({job.delivered_url})" if job.delivered_url else ""
             lines.append(f"{number}. {formatting.display(job.prompt, 120)} — by {_author(job)} — "
-                         f"{job.seconds} s{link}")
+                         f"{job.new_seconds} s{link}")
         if waiting:
             lines.append("**Still waiting**" if not final else "**Still being made (they will be posted here)**")
             lines += [f"• {_author(job)} — {formatting.display(job.prompt, 80)}" for job in waiting]

@@ -1,0 +1,238 @@
+"""The dispatch loop: takes batches from the queue, hands them to a worker, records how each job ended and hands
+the outcome to delivery. No MLX, no discord.py, no core: the worker and the delivery side are interfaces
+(:class:`Runner`, :class:`Outbox`), so the loop can run in a process that never generates and never talks to
+Discord itself.
+
+Whenever the worker is idle and the queue is not paused it takes up to ``runner.max_batch`` jobs in fair order
+(fewer when :meth:`Runner.fit_batch` says memory is short) and runs them together; each finished job is delivered
+in its own task so the next batch starts at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .jobs import ClipData, Job, JobResult, JobStatus
+from .queue import JobQueue
+from .store import JobStore
+
+log = logging.getLogger(__name__)
+
+BATCH_WINDOW_SECONDS = 0.3  # after the first job arrives at an idle worker, wait this long for more to batch
+IDLE_POLL_SECONDS = 5.0  # look at the queue this often even without a wake-up
+
+
+class Runner(Protocol):
+    """What the dispatcher needs of a worker (:class:`bot.worker.GenerationWorker`)."""
+
+    @property
+    def max_batch(self) -> int: ...
+
+    def fit_batch(self, jobs: Sequence[Job]) -> int:
+        """How many of the first ``jobs`` fit in one batch (at least 1)."""
+        ...
+
+    async def run_batch(self, jobs: Sequence[Job], *,
+                        on_progress: Callable[[Job, int, int], Any] | None = None) -> list[JobResult]:
+        """Generate ``jobs`` together; one result per job, in order. ``on_progress`` runs on the event loop."""
+        ...
+
+    def cancel(self, job_id: int) -> bool:
+        """Ask a running job to stop at its next step; False if the worker does not have it."""
+        ...
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """Where a delivered clip landed."""
+
+    message_id: int
+    url: str
+    via: str  # "interaction" or "channel"
+
+
+class DeliveryError(Exception):
+    """The clip could not be delivered; the message is fit to record as the job's error."""
+
+
+class Undeliverable(DeliveryError):
+    """The destination is gone or closed to the bot (deleted channel or thread, missing permission)."""
+
+
+class Outbox(Protocol):
+    """Where the dispatcher tells members what happens to their jobs (Discord in the bot)."""
+
+    def started(self, job: Job) -> None:
+        """The job's generation starts (best effort, must not block)."""
+        ...
+
+    def progress(self, job: Job, step: int, total: int) -> None:
+        """``step`` of ``total`` decoder steps are done (best effort, must not block; may be dropped)."""
+        ...
+
+    def interrupted(self, job: Job) -> None:
+        """A shutdown stopped the job; it is queued again for the next start (best effort)."""
+        ...
+
+    async def notify(self, job: Job, text: str) -> None:
+        """Tell the requester how the job ended when there is no clip (failed, cancelled). Never raises."""
+        ...
+
+    async def deliver(self, job: Job, clip: ClipData, *, generated_in: float) -> Delivered:
+        """Send the finished clip; :class:`DeliveryError` (or :class:`Undeliverable`) when it cannot."""
+        ...
+
+    async def delivered(self, job: Job) -> None:
+        """The clip was delivered and recorded (``job.delivered_url`` is set). Never raises."""
+        ...
+
+
+class Dispatcher:
+    """Feeds ``runner`` from ``queue`` and hands outcomes to ``outbox``; :meth:`start`, :meth:`wake`, :meth:`stop`.
+
+    Use it only from the event-loop thread. ``batch_window`` (seconds) lets requests sent together share a batch.
+    """
+
+    def __init__(self, queue: JobQueue, store: JobStore, runner: Runner, outbox: Outbox, *,
+                 batch_window: float = BATCH_WINDOW_SECONDS) -> None:
+        self.queue = queue
+        self.store = store
+        self.runner = runner
+        self.outbox = outbox
+        self.batch_window = batch_window
+        self.stopping = False
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._batch_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+        queue.stop_running = runner.cancel
+
+    def start(self) -> None:
+        """Start the loop (in the running event loop) and look at the queue at once."""
+        self._loop_task = asyncio.create_task(self._run(), name="dispatcher")
+        self.wake()
+
+    def wake(self) -> None:
+        """There may be work (a job was queued, the queue resumed)."""
+        self._wake.set()
+
+    def cancel(self, job: Job, reason: str) -> Job | None:
+        """Cancel a queued job (recorded now) or stop a running one (recorded, with ``reason``, when the worker
+        lets go of it). None when the job had already ended."""
+        current = self.store.get(job.id)
+        if current is not None and current.status is JobStatus.RUNNING:
+            self.store.update(job.id, error=reason)
+        return self.queue.cancel(job.id, reason=reason)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("finishing a job failed", exc_info=task.exception())
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while not self.stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=IDLE_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            while not self.stopping and not self.queue.paused and len(self.queue):
+                if self.batch_window and len(self.queue) < self.runner.max_batch:
+                    await asyncio.sleep(self.batch_window)  # let requests sent together share one batch
+                    if self.stopping or self.queue.paused:
+                        break
+                size = self.runner.fit_batch(self.queue.ordered()[:self.runner.max_batch])
+                batch = self.queue.next_batch(size)
+                if not batch:
+                    break
+                self._batch_task = asyncio.create_task(self._run_batch(batch))
+                try:
+                    await asyncio.shield(self._batch_task)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("batch %s failed unexpectedly", [j.id for j in batch])
+                finally:
+                    self._batch_task = None
+
+    async def _run_batch(self, batch: list[Job]) -> None:
+        for job in batch:
+            self.outbox.started(self._fresh(job))
+        started = time.monotonic()
+        results = await self.runner.run_batch(batch, on_progress=self._progress)
+        elapsed = time.monotonic() - started
+        if any(r.status is JobStatus.DONE for r in results):
+            self.queue.record_timing(max(r.job.total_seconds for r in results), elapsed)
+        for result in results:
+            self._spawn(self._finish(result))
+
+    def _fresh(self, job: Job) -> Job:
+        return self.store.get(job.id) or job
+
+    def _progress(self, job: Job, step: int, total: int) -> None:
+        self.outbox.progress(self._fresh(job), step, total)
+
+    async def _finish(self, result: JobResult) -> None:
+        """Record how the job ended, then hand it to the outbox (a clip is delivered before DONE is recorded)."""
+        job = self._fresh(result.job)
+        if result.status is JobStatus.CANCELLED:
+            job = self.queue.finish(job.id, JobStatus.CANCELLED, error=job.error or result.error)
+            await self.outbox.notify(job, job.error or "Cancelled.")
+            return
+        if result.status is JobStatus.FAILED or result.clip is None:
+            error = result.error or "The generator returned no audio."
+            job = self.queue.finish(job.id, JobStatus.FAILED, error=error)
+            await self.outbox.notify(job, f"Sorry, your clip could not be made: {error}")
+            return
+        try:
+            delivered = await self.outbox.deliver(job, result.clip, generated_in=result.elapsed)
+        except Undeliverable as exc:
+            log.warning("job %d undeliverable: %s", job.id, exc)
+            self.queue.finish(job.id, JobStatus.UNDELIVERABLE, error=str(exc))
+            return
+        except DeliveryError as exc:
+            log.warning("job %d delivery failed: %s", job.id, exc)
+            job = self.queue.finish(job.id, JobStatus.FAILED, error=f"The clip could not be uploaded: {exc}")
+            await self.outbox.notify(job, f"Sorry, your clip was made but could not be uploaded: {exc}")
+            return
+        job = self.queue.finish(job.id, JobStatus.DONE, delivered_message_id=delivered.message_id,
+                                delivered_url=delivered.url)
+        log.info("job %d delivered via %s in %.1f s of generation: %s", job.id, delivered.via, result.elapsed,
+                 delivered.url)
+        await self.outbox.delivered(job)
+
+    # -- stopping -----------------------------------------------------------------------------------------------
+    async def stop(self, grace: float) -> None:
+        """Take no new batch; let the running one finish within ``grace`` seconds (else its jobs are queued again
+        for the next start, without counting the attempt), then wait for deliveries in progress."""
+        self.stopping = True
+        self.wake()
+        batch = self._batch_task
+        if batch is not None and not batch.done():
+            done, _ = await asyncio.wait({batch}, timeout=grace)
+            if not done:
+                interrupted = [j.id for j in self.queue.running()]
+                log.warning("jobs %s interrupted by shutdown; they will be generated again on the next start",
+                            interrupted)
+                batch.cancel()
+                await asyncio.gather(batch, return_exceptions=True)
+                for job_id in interrupted:
+                    job = self.queue.requeue(job_id, count_attempt=False)
+                    log.info("job %d interrupted by shutdown: queued again for the next start", job_id)
+                    self.outbox.interrupted(job)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=max(grace, 5.0))
