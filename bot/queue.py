@@ -48,12 +48,9 @@ class Limits:
     cooldown_seconds: float = 10.0
 
     @classmethod
-    def from_settings(cls, settings: Any, model_max_seconds: float | None = None) -> Limits:
-        """Limits from :class:`bot.settings.Settings`, with ``max_seconds`` never above the model's maximum."""
-        max_seconds = settings.max_seconds
-        if model_max_seconds is not None:
-            max_seconds = max(1, min(max_seconds, int(model_max_seconds)))
-        return cls(max_seconds=max_seconds, max_pending_per_user=settings.max_pending_per_user,
+    def from_settings(cls, settings: Any) -> Limits:
+        """The configured limits (:meth:`JobQueue.set_model_max` lowers ``max_seconds`` to the model's)."""
+        return cls(max_seconds=settings.max_seconds, max_pending_per_user=settings.max_pending_per_user,
                    max_queue_size=settings.max_queue_size, cooldown_seconds=settings.cooldown_seconds)
 
     def check(self, ceiling: int | None = None) -> None:
