@@ -48,7 +48,7 @@ class MusicTree(app_commands.CommandTree):
         return True
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError, /) -> None:
-        original = getattr(error, "original", error)
+        original = error.original if isinstance(error, app_commands.CommandInvokeError) else error
         if isinstance(original, QueueRefused):
             message = original.reason
         elif isinstance(original, (UserError, formatting.PromptError)):

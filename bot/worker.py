@@ -192,9 +192,9 @@ class GenerationWorker:
         budget = self.memory_budget()
         if budget is None:
             return n
-        # lengths are all the estimate needs: no files are read on the event loop
-        requests = [GenerationRequest(j.model_prompt, j.total_seconds, seed=j.seed, temperature=j.temperature,
-                                      extend_stride=self.extend_stride) for j in jobs[:n]]
+        # lengths and prompts are all the estimate needs: no file is read on the event loop
+        requests = [generation_request(j, frame_rate=self.frame_rate, extend_stride=self.extend_stride)
+                    for j in jobs[:n]]
         try:
             while n > 1 and self._generator.estimate_batch_bytes(requests[:n]) > budget:
                 n -= 1
@@ -319,7 +319,9 @@ class GenerationWorker:
         try:
             for row, job in enumerate(jobs):  # the files a row continues are read here, on the model's thread
                 try:
-                    requests.append(generation_request(self.generator, job, extend_stride=self.extend_stride))
+                    requests.append(generation_request(
+                        job, prompt_tokens=prompt_tokens(self.generator, job), frame_rate=self.frame_rate,
+                        extend_stride=self.extend_stride))
                     rows.append(row)
                 except ClipDataGone as exc:
                     log.warning("job %d: %s", job.id, exc)
@@ -395,18 +397,24 @@ def system_memory_available() -> int | None:
     return available
 
 
-def generation_request(generator: Generator, job: Job, *, extend_stride: float | None = None) -> GenerationRequest:
-    """What the model is asked for ``job``: the one translation of a job. ``GenerationRequest.seconds`` is the
-    total: the audio continued (the parent's tokens for Extend, the member's upload encoded for /continue) plus
-    ``job.new_seconds``. Reads the job's files: call it on the model's thread; :class:`ClipDataGone` when they
-    are missing."""
-    prompt_tokens = None
+def prompt_tokens(generator: Generator, job: Job) -> np.ndarray | None:
+    """The codes ``(codebooks, frames)`` of the audio ``job`` continues: the parent's tokens (Extend, and
+    Regenerate/Variation of an extended clip) or the member's upload encoded (/continue); None for a fresh clip.
+    Reads files and runs the model: call it on the model's thread. :class:`ClipDataGone` when the files are gone."""
     if job.prompt_tokens_path:
-        prompt_tokens = load_tokens(job.prompt_tokens_path)
-    elif job.prompt_audio_path:
+        return load_tokens(job.prompt_tokens_path)
+    if job.prompt_audio_path:
         samples, rate = load_upload(job.prompt_audio_path)
-        prompt_tokens = generator.encode_audio(samples, rate)
-    prompt_seconds = 0.0 if prompt_tokens is None else prompt_tokens.shape[1] / float(generator.frame_rate)
+        return generator.encode_audio(samples, rate)
+    return None
+
+
+def generation_request(job: Job, *, frame_rate: float, prompt_tokens: np.ndarray | None = None,
+                       extend_stride: float | None = None) -> GenerationRequest:
+    """What the model is asked for ``job``: the one translation of a job. ``GenerationRequest.seconds`` is the
+    total: the audio continued (``prompt_tokens``' length; without them the job's own record of it) plus
+    ``job.new_seconds``."""
+    prompt_seconds = job.prompt_seconds if prompt_tokens is None else prompt_tokens.shape[1] / frame_rate
     return GenerationRequest(job.model_prompt, prompt_seconds + job.new_seconds, seed=job.seed,
                              temperature=job.temperature, prompt_tokens=prompt_tokens, extend_stride=extend_stride)
 

@@ -283,6 +283,9 @@ async def test_a_batch_that_fits_is_not_shrunk(make_worker, fake):
     assert worker.fit_batch([make_job(i) for i in range(1, 6)]) == 3
     assert worker.fit_batch([make_job(1, seconds=2), make_job(2, seconds=1)]) == 2
     assert worker.fit_batch([make_job(1, seconds=2), make_job(2, seconds=2)]) == 1
+    extend = make_job(2, seconds=1)
+    extend.prompt_seconds = 1.0  # the estimate counts the audio a row continues too
+    assert worker.fit_batch([make_job(1), extend]) == 2 and worker.fit_batch([make_job(1, seconds=2), extend]) == 1
 
 
 def test_system_memory_available_reads_meminfo():
