@@ -100,7 +100,7 @@ def music_job(bot: MusicBot, interaction: discord.Interaction, prompt: object, s
 async def continue_job(bot: MusicBot, interaction: discord.Interaction, attachment: discord.Attachment,
                        prompt: object, seconds: object | None, fmt: object) -> Job:
     """The job for /continue: the upload is checked and decoded first, and kept on disk for the worker."""
-    text = formatting.clean_prompt(prompt)
+    text, file_format = formatting.clean_prompt(prompt), parse_format(fmt)
     bot.queue.check_length(DEFAULT_SECONDS if seconds is None else seconds)  # before the download
     samples, rate = await read_upload(attachment)
     upload_seconds = samples.shape[0] / rate
@@ -111,7 +111,7 @@ async def continue_job(bot: MusicBot, interaction: discord.Interaction, attachme
                model_prompt=formatting.model_prompt(text, session.theme if session else ""),
                new_seconds=new_seconds, prompt_seconds=upload_seconds, seed=new_seed(),
                session_id=session.id if session else None, kind=JobKind.CONTINUE, prompt_audio_path=str(path),
-               format=parse_format(fmt), **_requester(interaction), **interaction_fields(interaction))
+               format=file_format, **_requester(interaction), **interaction_fields(interaction))
 
 
 async def read_upload(attachment: discord.Attachment) -> tuple[np.ndarray, int]:

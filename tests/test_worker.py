@@ -339,3 +339,25 @@ async def test_a_row_whose_files_are_gone_fails_alone(make_worker, fake, tmp_pat
     results = await worker_run(make_worker, [gone, make_job(2, user=2)])
     assert [r.status for r in results] == [JobStatus.FAILED, JobStatus.DONE]
     assert "gone" in results[0].error and len(fake.calls[0]) == 1
+
+
+def test_the_generator_protocol_is_what_core_and_the_fake_implement():
+    """Every member of :class:`bot.worker.Generator` exists on :class:`core.MusicGen` and on the fake, with the
+    batch API's keyword arguments (the worker calls nothing else on a model)."""
+    import inspect
+
+    from bot.worker import Generator
+    from core import MusicGen
+
+    members = {name for name in vars(Generator) if not name.startswith("_")}
+    assert members == {"sampling_rate", "max_seconds", "channels", "frame_rate", "encode_audio",
+                       "estimate_batch_bytes", "generate_batch"}
+    for implementation in (MusicGen, FakeGenerator):
+        for name in members - {"sampling_rate", "max_seconds", "channels", "frame_rate"}:
+            expected = inspect.signature(getattr(Generator, name)).parameters
+            actual = inspect.signature(getattr(implementation, name)).parameters
+            assert list(actual)[:len(expected)] == list(expected), (implementation, name)
+    fake = FakeGenerator()
+    assert all(hasattr(fake, name) for name in members)
+    assert all(isinstance(getattr(MusicGen, name), property) for name in ("sampling_rate", "max_seconds",
+                                                                           "channels", "frame_rate"))
