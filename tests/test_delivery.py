@@ -15,8 +15,7 @@ from discord import app_commands
 
 from bot.audio import wav_bytes
 from bot.delivery import Deliverer, DeliveryError, Undeliverable, clip_message, only_mention
-from bot.jobs import Job
-from bot.jobs import ClipData as Clip
+from bot.jobs import ClipData, Job
 from tests.fake_discord import FakeDiscord, Interaction, Member
 from tests.fake_discord.client import use_fake
 
@@ -74,9 +73,9 @@ async def harness() -> AsyncIterator[Harness]:
                 await runner
 
 
-def clip(seconds: float = 2.0) -> Clip:
+def clip(seconds: float = 2.0) -> ClipData:
     t = np.arange(int(seconds * RATE)) / RATE
-    return Clip(samples=(0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[:, None], sampling_rate=RATE, seed=42)
+    return ClipData(samples=(0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[:, None], sampling_rate=RATE, seed=42)
 
 
 def frames(data: bytes) -> int:
@@ -211,7 +210,7 @@ async def test_deliver_clip_sends_the_format_a_picture_and_buttons(harness: Harn
     job = harness.job(interaction)
     job.format = "flac"
     tokens = np.arange(8, dtype=np.int64).reshape(4, 2)
-    made = Clip(clip().samples * 3.0, RATE, seed=42, tokens=tokens)  # too loud: normalised, not clipped
+    made = ClipData(clip().samples * 3.0, RATE, seed=42, tokens=tokens)  # too loud: normalised, not clipped
     delivered = await harness.deliverer.deliver_clip(job, made)
     [message] = [m for m in interaction.followups if m.attachments]
     assert message.id == delivered.message_id
