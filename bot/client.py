@@ -1,5 +1,4 @@
-"""The bot: the discord.py client, its command tree, and the Discord side of the dispatcher (status messages,
-progress edits, delivery of results: :class:`bot.dispatcher.Outbox`).
+"""The bot: the discord.py client and its command tree; it wires the store, queue, worker, dispatcher and delivery.
 
 ``MusicBot`` gets everything it works with passed in (settings, store, queue, worker) so tests can build it with a
 fake generator. ``setup_hook`` waits for the model (its longest clip becomes the queue's ceiling), loads the cogs,
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import discord
@@ -20,9 +18,9 @@ from discord.ext import commands
 
 from . import formatting
 from .checks import UserError
-from .delivery import Deliverer
-from .dispatcher import BATCH_WINDOW_SECONDS, Delivered, Dispatcher
-from .jobs import ClipData, Job, JobStatus
+from .delivery import Deliverer, DiscordOutbox
+from .dispatcher import BATCH_WINDOW_SECONDS, Dispatcher
+from .jobs import Job, JobStatus
 from .queue import JobQueue, Limits, QueueRefused
 from .replies import OUR_FAULT, RESTARTING, SERVERS_ONLY, reply
 from .settings import Settings
@@ -83,10 +81,10 @@ class MusicBot(commands.Bot):
         self.queue = queue
         self.worker = worker
         self.deliverer = Deliverer(self, files_dir=store.files_dir, normalize=settings.normalize_audio)
-        self.dispatcher = Dispatcher(queue, store, worker, self, batch_window=batch_window)
+        outbox = DiscordOutbox(self.deliverer, spawn=self.spawn, progress_interval=settings.progress_interval_seconds)
+        self.dispatcher = Dispatcher(queue, store, worker, outbox, batch_window=batch_window)
         self.shutting_down = False
         self._background: set[asyncio.Task] = set()
-        self._last_edit: dict[int, float] = {}
 
     # -- start-up ---------------------------------------------------------------------------------------------
     async def setup_hook(self) -> None:
@@ -148,42 +146,6 @@ class MusicBot(commands.Bot):
         paused = " The queue is paused by an admin for now." if self.queue.paused else ""
         return f"Queued at position **{position}** — {start}.{paused}"
 
-    def status_text(self, job: Job, state: str) -> str:
-        """The status message: what was asked for, then ``state`` (position, progress, done)."""
-        return formatting.fit_message(f"**{formatting.display(job.prompt, 300)}** · {job.new_seconds} s · "
-                                      f"seed `{job.seed}`\n{state}")
-
-    # -- the Discord side of the dispatcher (bot.dispatcher.Outbox) ----------------------------------------
-    def started(self, job: Job) -> None:
-        self._last_edit[job.id] = time.monotonic()  # progress edits start one interval after this one
-        self.spawn(self.deliverer.edit_status(job, self.status_text(job, f"Generating… {_bar(0)} 0%")))
-
-    def progress(self, job: Job, step: int, total: int) -> None:
-        now = time.monotonic()
-        last = self._last_edit.get(job.id)
-        if step >= total or (last is not None and now - last < self.settings.progress_interval_seconds):
-            return
-        self._last_edit[job.id] = now
-        percent = int(100 * step / max(total, 1))
-        self.spawn(self.deliverer.edit_status(job, self.status_text(job, f"Generating… {_bar(percent)} {percent}%")))
-
-    def interrupted(self, job: Job) -> None:
-        self._last_edit.pop(job.id, None)
-        self.spawn(self.deliverer.edit_status(job, self.status_text(
-            job, "Interrupted by a restart: your clip will be made as soon as I'm back.")))
-
-    async def notify(self, job: Job, text: str) -> None:
-        self._last_edit.pop(job.id, None)
-        await self.deliverer.notify(job, text)
-
-    async def deliver(self, job: Job, clip: ClipData, *, generated_in: float) -> Delivered:
-        """The member's format (or a smaller one that fits), a PNG of the waveform, the buttons."""
-        self._last_edit.pop(job.id, None)
-        return await self.deliverer.deliver_clip(job, clip, generated_in=generated_in)
-
-    async def delivered(self, job: Job) -> None:
-        await self.deliverer.edit_status(job, self.status_text(job, f"Done — your clip is here: {job.delivered_url}"))
-
     # -- shutdown ---------------------------------------------------------------------------------------------
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop taking requests, let the running batch finish within ``grace`` seconds (else leave its jobs to be
@@ -200,11 +162,6 @@ class MusicBot(commands.Bot):
         self.store.close()
         await self.close()
         log.info("shut down cleanly")
-
-
-def _bar(percent: int, width: int = 10) -> str:
-    filled = max(0, min(width, round(percent * width / 100)))
-    return "▰" * filled + "▱" * (width - filled)
 
 
 __all__ = ["Limits", "MusicBot", "MusicTree"]

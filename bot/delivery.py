@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +26,7 @@ import soundfile as sf
 
 from . import audio
 from .dispatcher import Delivered, DeliveryError, Undeliverable
-from .formatting import display, fit_message, format_seconds
+from .formatting import display, fit_message, format_seconds, progress_bar, status_text
 from .jobs import TOKEN_SAFETY_MARGIN, ClipData, Job, JobKind, save_tokens
 from .picture import waveform_png
 from .views import clip_view
@@ -273,3 +274,45 @@ class Deliverer:
         except Exception as error:  # noqa: BLE001 - a notice must never take the bot down
             log.warning("job %s: could not notify the requester: %s", job.id, error)
             return False
+
+
+class DiscordOutbox:
+    """The Discord side of :class:`bot.dispatcher.Outbox`: status-message edits (progress at most every
+    ``progress_interval`` seconds per job), notices and clips through a :class:`Deliverer`. ``spawn`` runs the
+    best-effort edits in the background (the bot keeps and awaits them at shutdown)."""
+
+    def __init__(self, deliverer: Deliverer, *, spawn: Callable[[Coroutine[Any, Any, Any]], Any],
+                 progress_interval: float = 2.0) -> None:
+        self.deliverer = deliverer
+        self.spawn = spawn
+        self.progress_interval = progress_interval
+        self._last_edit: dict[int, float] = {}
+
+    def started(self, job: Job) -> None:
+        self._last_edit[job.id] = time.monotonic()  # progress edits start one interval after this one
+        self.spawn(self.deliverer.edit_status(job, status_text(job, f"Generating… {progress_bar(0)} 0%")))
+
+    def progress(self, job: Job, step: int, total: int) -> None:
+        now = time.monotonic()
+        last = self._last_edit.get(job.id)
+        if step >= total or (last is not None and now - last < self.progress_interval):
+            return
+        self._last_edit[job.id] = now
+        percent = int(100 * step / max(total, 1))
+        self.spawn(self.deliverer.edit_status(job, status_text(job, f"Generating… {progress_bar(percent)} {percent}%")))
+
+    def interrupted(self, job: Job) -> None:
+        self._last_edit.pop(job.id, None)
+        self.spawn(self.deliverer.edit_status(job, status_text(
+            job, "Interrupted by a restart: your clip will be made as soon as I'm back.")))
+
+    async def notify(self, job: Job, text: str) -> None:
+        self._last_edit.pop(job.id, None)
+        await self.deliverer.notify(job, text)
+
+    async def deliver(self, job: Job, clip: ClipData, *, generated_in: float) -> Delivered:
+        self._last_edit.pop(job.id, None)
+        return await self.deliverer.deliver_clip(job, clip, generated_in=generated_in)
+
+    async def delivered(self, job: Job) -> None:
+        await self.deliverer.edit_status(job, status_text(job, f"Done — your clip is here: {job.delivered_url}"))

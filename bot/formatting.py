@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import TYPE_CHECKING
 
 from discord.utils import escape_mentions
+
+if TYPE_CHECKING:
+    from .jobs import Job
 
 MAX_PROMPT_CHARS = 300  # what /music accepts
 MAX_THEME_CHARS = 200
@@ -119,3 +123,14 @@ _MARKDOWN_CHARS = re.compile(r"([\\*_~|`>#\[\]()])")
 def _escape(text: str) -> str:
     # Markdown first, so the zero-width space escape_mentions inserts is not itself escaped.
     return escape_mentions(_MARKDOWN_CHARS.sub(r"\\\1", text))
+
+
+def status_text(job: Job, state: str) -> str:
+    """A job's status message: what was asked for (prompt, new seconds, seed), then ``state`` (position, progress,
+    done)."""
+    return fit_message(f"**{display(job.prompt, 300)}** · {job.new_seconds} s · seed `{job.seed}`\n{state}")
+
+
+def progress_bar(percent: int, width: int = 10) -> str:
+    filled = max(0, min(width, round(percent * width / 100)))
+    return "▰" * filled + "▱" * (width - filled)

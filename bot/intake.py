@@ -149,7 +149,7 @@ async def enqueue(bot: MusicBot, interaction: discord.Interaction, job: Job) -> 
     bot.dispatcher.wake()
     try:
         message = await interaction.edit_original_response(
-            content=bot.status_text(job, bot.position_text(job)), allowed_mentions=discord.AllowedMentions.none())
+            content=formatting.status_text(job, bot.position_text(job)), allowed_mentions=discord.AllowedMentions.none())
     except discord.HTTPException as exc:
         log.warning("job %d: could not show the position: %s", job.id, exc)
         return
