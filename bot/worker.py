@@ -4,6 +4,10 @@ MLX streams are per thread (an array made in one thread cannot be evaluated in a
 be touched from the event loop, ``asyncio.to_thread`` or an executor. The asyncio side hands a batch of jobs to
 the thread and awaits an :class:`asyncio.Future`; progress and results come back with ``call_soon_threadsafe``.
 Cancelling a job sets its :class:`threading.Event`, which the generator polls through ``should_stop(row)``.
+
+This is the bot's one module that imports ``core``: a :class:`~bot.jobs.Job` becomes a
+:class:`core.GenerationRequest` here only (:func:`generation_request`), and a clip comes back as the engine's
+:class:`~bot.jobs.ClipData`. :class:`Generator` is everything it uses of a model.
 """
 
 from __future__ import annotations
