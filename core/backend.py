@@ -80,3 +80,13 @@ def generation_scope():
     from contextlib import nullcontext
 
     return nullcontext()
+
+
+def cpu_paths():
+    """EnCodec's NumPy paths (:mod:`core.cpu.encodec_numpy`) on a CPU run, None on a GPU (whose bandwidth needs
+    none of them; :mod:`core.cpu` is then never imported)."""
+    if mx.default_device() != mx.cpu:
+        return None
+    from .cpu import encodec_numpy
+
+    return encodec_numpy

@@ -14,8 +14,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from core import GenerationRequest, MusicGen
-from core import backend
+from core import GenerationRequest, MusicGen, backend
 from core.cache import KVCache
 from tests.test_musicgen import build
 
