@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,6 +38,24 @@ def linear_class() -> type[nn.Linear]:
 
         return FewRowLinear
     return nn.Linear
+
+
+def layer_norm_class() -> type[nn.LayerNorm]:
+    """The class of the decoder's layer norms: fused on a CPU run (:mod:`core.cpu.fast_ops`)."""
+    if mx.default_device() == mx.cpu:
+        from .cpu.fast_ops import LayerNorm
+
+        return LayerNorm
+    return nn.LayerNorm
+
+
+def gelu() -> Callable[[mx.array], mx.array]:
+    """The decoder's exact GELU: fused on a CPU run."""
+    if mx.default_device() == mx.cpu:
+        from .cpu.fast_ops import gelu as fused
+
+        return fused
+    return nn.gelu
 
 
 def host_attention(dtype: mx.Dtype, head_dim: int) -> bool:

@@ -14,7 +14,6 @@ import mlx.nn as nn
 
 from . import backend
 from .cache import CrossAttention, SelfAttentionCache, attention, split_heads
-from .cpu.fast_ops import LayerNorm, gelu
 from .loading import BaseConfig
 
 # --------------------------------------------------------------------------------------------------- config
@@ -110,7 +109,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
         dims, eps = config.hidden_size, config.layer_norm_eps
-        linear = backend.linear_class()
+        linear, LayerNorm = backend.linear_class(), backend.layer_norm_class()
         self.self_attn = Attention(dims, config.num_attention_heads)
         self.self_attn_layer_norm = LayerNorm(dims, eps=eps)
         self.encoder_attn = Attention(dims, config.num_attention_heads)
@@ -120,7 +119,7 @@ class DecoderLayer(nn.Module):
         self.final_layer_norm = LayerNorm(dims, eps=eps)
         if config.activation_function not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"unsupported decoder activation {config.activation_function!r}")
-        self.act = gelu if config.activation_function == "gelu" else nn.gelu_approx
+        self.act = backend.gelu() if config.activation_function == "gelu" else nn.gelu_approx
 
     def __call__(self, x: mx.array, text: CrossAttention, cache: SelfAttentionCache | None,
                  mask: str | None) -> mx.array:
@@ -143,7 +142,7 @@ class MusicgenDecoder(nn.Module):
         self.embed_scale = math.sqrt(dims) if config.scale_embedding else 1.0
         self.embed_tokens = [nn.Embedding(config.vocab_size + 1, dims) for _ in range(config.num_codebooks)]
         self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
-        self.layer_norm = LayerNorm(dims, eps=config.layer_norm_eps)
+        self.layer_norm = backend.layer_norm_class()(dims, eps=config.layer_norm_eps)
         linear = backend.linear_class()
         self.lm_heads = [linear(dims, config.vocab_size, bias=False) for _ in range(config.num_codebooks)]
 
