@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import backend
 from .decoder import DecoderConfig, MusicgenDecoder
 from .encodec import EncodecConfig, EncodecModel
 from .generate import decode_steps, plan_windows, run_steps, window_seed
@@ -274,10 +275,11 @@ class MusicGen:
             group = [i for i, t in enumerate(checked) if t.shape[1] == frames]
             codes = np.stack([checked[i] for i in group])  # (rows, K, F)
             streams = codes if self.channels == 1 else np.concatenate([codes[:, 0::2], codes[:, 1::2]])
-            decoded = self.audio_encoder.decode(mx.array(streams)[:, None], [None])  # (streams, samples, 1)
-            if self.channels == 2:  # left rows first, then right rows
-                decoded = mx.concatenate(mx.split(decoded, 2), axis=-1)
-            mx.eval(decoded)
+            with backend.generation_scope():  # the LSTM's products run on the kernels' workers
+                decoded = self.audio_encoder.decode(mx.array(streams)[:, None], [None])  # (streams, samples, 1)
+                if self.channels == 2:  # left rows first, then right rows
+                    decoded = mx.concatenate(mx.split(decoded, 2), axis=-1)
+                mx.eval(decoded)
             decoded = np.array(decoded.astype(mx.float32), copy=False)
             for row, i in enumerate(group):
                 audio[i] = decoded[row]
@@ -401,14 +403,15 @@ class MusicGen:
         streams = [audio[None, :, c:c + 1] for c in range(self.channels)]  # each (1, samples, 1)
         K = self.num_codebooks // self.channels
         codes = []
-        for stream in streams:
-            stream_codes, _ = self.audio_encoder.encode(stream)  # (1, chunks, Q, F): MusicGen's codec is unchunked
-            if stream_codes.shape[1] != 1 or stream_codes.shape[2] < K:
-                raise ValueError(f"this model's EnCodec gives codes of shape {stream_codes.shape[1:3]} per frame, "
-                                 f"not the {K} codebooks its decoder expects")
-            codes.append(stream_codes[0, 0, :K])  # (K, F)
-        tokens = codes[0] if self.channels == 1 else mx.stack(codes, axis=1).reshape(-1, frames)  # L0, R0, L1 …
-        mx.eval(tokens)
+        with backend.generation_scope():
+            for stream in streams:
+                stream_codes, _ = self.audio_encoder.encode(stream)  # (1, chunks, Q, F): MusicGen's is unchunked
+                if stream_codes.shape[1] != 1 or stream_codes.shape[2] < K:
+                    raise ValueError(f"this model's EnCodec gives codes of shape {stream_codes.shape[1:3]} per "
+                                     f"frame, not the {K} codebooks its decoder expects")
+                codes.append(stream_codes[0, 0, :K])  # (K, F)
+            tokens = codes[0] if self.channels == 1 else mx.stack(codes, axis=1).reshape(-1, frames)  # L0, R0, L1 …
+            mx.eval(tokens)
         return np.array(tokens, dtype=np.int32)
 
     def _check_tokens(self, tokens: np.ndarray, what: str) -> np.ndarray:
