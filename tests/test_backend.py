@@ -120,3 +120,17 @@ def test_decoder_layers_never_ask_for_the_device():
     for name in ("decoder.py", "generate.py", "pipeline.py", "encodec.py", "cache.py"):
         text = (ROOT / "core" / name).read_text()
         assert "default_device" not in text and "HostKVCache" not in text and "cpu_kernels" not in text, name
+
+
+def test_the_loader_takes_this_interpreters_build(tmp_path):
+    import importlib.machinery
+
+    from core.cpu.blas import cpu_kernels_path
+
+    assert cpu_kernels_path(tmp_path) is None
+    other = tmp_path / "_cpu_kernels.cpython-30-x86_64-linux-gnu.so"  # sorts first: a glob took it
+    other.write_bytes(b"")
+    assert cpu_kernels_path(tmp_path) is None
+    ours = tmp_path / f"_cpu_kernels{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    ours.write_bytes(b"")
+    assert cpu_kernels_path(tmp_path) == ours

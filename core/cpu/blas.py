@@ -90,10 +90,11 @@ class KernelError(RuntimeError):
     """The CPU kernels refused or failed a call (raised instead of stopping the process)."""
 
 
-def cpu_kernels_path() -> Path | None:
-    """The CPU kernels built for this interpreter next to this file (its own extension suffix, e.g.
-    ``.cpython-311-x86_64-linux-gnu.so``; another interpreter's build is not taken), if the install compiled them."""
-    folder = Path(__file__).parent
+def cpu_kernels_path(folder: Path | None = None) -> Path | None:
+    """The CPU kernels built for this interpreter next to this file (or in ``folder``), by its own extension
+    suffix (e.g. ``.cpython-311-x86_64-linux-gnu.so``; another interpreter's build is never taken), if the install
+    compiled them."""
+    folder = Path(__file__).parent if folder is None else folder
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = folder / f"_cpu_kernels{suffix}"
         if path.is_file():
