@@ -41,6 +41,7 @@ def run_side(side: str, folder: Path, args, extra: list[str]) -> dict:
                "--threads", str(args.threads), "--repeats", str(args.repeats), *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
                BLIS_NUM_THREADS=str(args.threads))
+    env.setdefault("MUSICGEN_GEMM_THREADS", str(args.threads))  # the kernels' default leaves a core to a bot
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout)
 

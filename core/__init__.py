@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .encodec import EncodecModel
     from .generation import Clip, GenerationRequest, GenerationStopped
     from .loading import CheckpointError
-    from .musicgen import MusicGen
+    from .pipeline import MusicGen
 
 # public name -> module that defines it; imported on first use (PEP 562), so `import core` imports no MLX
 _EXPORTS = {
@@ -24,7 +24,7 @@ _EXPORTS = {
     "EncodecModel": ".encodec",
     "GenerationRequest": ".generation",
     "GenerationStopped": ".generation",
-    "MusicGen": ".musicgen",
+    "MusicGen": ".pipeline",
 }
 
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     import soundfile as sf
 
     from .loading import CheckpointError
-    from .musicgen import MusicGen
+    from .pipeline import MusicGen
 
     log.info("BLAS: %s", backend)
     request = GenerationRequest(args.prompt, args.seconds, args.seed, args.top_k, args.temperature, args.guidance,

@@ -13,12 +13,9 @@ last upsampling stages in time chunks that stay in cache (exact: convolutions ar
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cpu import blas
+from . import backend
 from .loading import (
     BaseConfig,
     CheckpointError,
@@ -312,34 +309,17 @@ def elu_plain(x: mx.array) -> mx.array:
     return mx.where(x > 0, x, mx.expm1(x))
 
 
-def elu_numpy(x: mx.array) -> mx.array:
-    """``torch.nn.ELU()`` (alpha 1) computed by NumPy: evaluates ``x``.
-
-    MLX's CPU ``expm1`` is a scalar loop (~40x slower than an add) and ``where`` ~15x; NumPy's ``expm1`` is
-    vectorised, so on the CPU this is ~6x faster than :func:`elu_plain` even with the copy back (and ~2x faster
-    than a polynomial ``exp`` written in vectorised MLX ops, which needs ~24 passes over the data).
-    """
-    a = np.asarray(x)
-    out = np.minimum(a, 0.0)
-    np.expm1(out, out=out)
-    out += np.maximum(a, 0.0)
-    return mx.array(out)
-
-
 class ELU(nn.Module):
     """ELU activation (no parameters, so it keeps the checkpoint's layer numbering like ``nn.ELU``).
 
-    float32 on the CPU goes through :func:`elu_numpy`, everything else (GPU, other dtypes) :func:`elu_plain`.
+    float32 on the CPU goes through :func:`core.cpu.encodec_numpy.elu_numpy`, everything else (GPU, other dtypes) :func:`elu_plain`.
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.dtype == mx.float32 and _on_cpu():
-            return elu_numpy(x)
+        cpu = backend.cpu_paths()
+        if cpu is not None and x.dtype == mx.float32:
+            return cpu.elu_numpy(x)
         return elu_plain(x)
-
-
-def _on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,7 +331,7 @@ class LSTM(nn.Module):
 
     Parameters keep torch's names (``weight_ih_l0`` …) so checkpoints load without renaming. The input
     projections of all time steps are one MLX matmul; the recurrence runs in NumPy for float32
-    (:func:`lstm_recurrence_numpy`) and in MLX ops otherwise (:meth:`recurrence_plain`).
+    (:func:`core.cpu.encodec_numpy.lstm_recurrence_numpy`) and in MLX ops otherwise (:meth:`recurrence_plain`).
     """
 
     def __init__(self, dim: int, num_layers: int):
@@ -367,9 +347,10 @@ class LSTM(nn.Module):
         for i in range(self.num_layers):
             w_hh = self[f"weight_hh_l{i}"]  # (4D, D)
             gates_x = x @ self[f"weight_ih_l{i}"].T + (self[f"bias_ih_l{i}"] + self[f"bias_hh_l{i}"])  # (B, T, 4D)
-            if fast and gates_x.dtype == w_hh.dtype == mx.float32 and _on_cpu():
-                with numpy_blas_threads(1):
-                    x = mx.array(lstm_recurrence_numpy(np.asarray(gates_x), np.asarray(w_hh)))
+            cpu = backend.cpu_paths() if fast and gates_x.dtype == w_hh.dtype == mx.float32 else None
+            if cpu is not None:
+                with cpu.numpy_blas_threads(1):
+                    x = mx.array(cpu.lstm_recurrence_numpy(np.asarray(gates_x), np.asarray(w_hh)))
             else:
                 x = self.recurrence_plain(gates_x, w_hh)
         return x
@@ -392,86 +373,6 @@ def _lstm_step(gates_x: mx.array, h: mx.array, c: mx.array, w_hh: mx.array) -> t
     i, f, g, o = mx.split(gates, 4, axis=-1)
     c = mx.sigmoid(f) * c + mx.sigmoid(i) * mx.tanh(g)
     return mx.sigmoid(o) * mx.tanh(c), c
-
-
-def lstm_recurrence_numpy(gates_x: np.ndarray, w_hh: np.ndarray, *, kernel: bool = True) -> np.ndarray:
-    """:meth:`LSTM.recurrence_plain` in NumPy, float32: gates_x (B, T, 4D), w_hh (4D, D) -> (B, T, D).
-
-    Each step is dominated by reading ``w_hh`` (16 MB for D = 1024). MLX's CPU matmul sends a single row to
-    ``sgemm``, which repacks the whole matrix every step; here every row's product goes straight to the skinny
-    kernel (:mod:`core.cpu.blas`), which streams the matrix once for all rows on its threads (measured on 2 cores,
-    250 steps of D = 1024: 86 ms for one row, 99 ms for four), or, without it (``kernel=False``), to one
-    ``sgemv`` of NumPy's bundled BLAS per row (159 ms for one row, 596 ms for four). NumPy's ``tanh`` is
-    vectorised. Sigmoids are ``0.5 * tanh(x / 2) + 0.5`` so nothing can overflow.
-    """
-    batch, steps, four_dim = gates_x.shape
-    dim = four_dim // 4
-    out = np.empty((batch, steps, dim), dtype=np.float32)
-    h = np.zeros((batch, dim), dtype=np.float32)
-    c = np.zeros((batch, dim), dtype=np.float32)
-    gates = np.empty((batch, four_dim), dtype=np.float32)
-    half = np.full(four_dim, 0.5, dtype=np.float32)
-    half[2 * dim: 3 * dim] = 1.0  # i, f, o go through sigmoids, g through tanh
-    i_f, g, o = gates[:, : 2 * dim], gates[:, 2 * dim: 3 * dim], gates[:, 3 * dim:]
-    w_hh = np.ascontiguousarray(w_hh, dtype=np.float32)
-    product = blas.few_row_product(h, w_hh, gates) if kernel else None
-    for t in range(steps):
-        if product is not None:
-            product()  # gates = h @ w_hhᵀ
-        else:
-            for b in range(batch):  # one matrix-vector product per row: OpenBLAS's few-row sgemm is ~3x slower
-                np.matmul(w_hh, h[b], out=gates[b])
-        gates += gates_x[:, t]
-        gates *= half
-        np.tanh(gates, out=gates)
-        for part in (i_f, o):
-            part *= 0.5
-            part += 0.5
-        c *= i_f[:, dim:]  # forget
-        c += i_f[:, :dim] * g
-        np.multiply(o, np.tanh(c), out=h)
-        out[:, t] = h
-    return out
-
-
-@contextlib.contextmanager
-def numpy_blas_threads(count: int) -> Iterator[None]:
-    """Run the block with NumPy's bundled OpenBLAS limited to ``count`` threads (a no-op when not found).
-
-    The LSTM alternates a 0.1 ms matrix-vector product with small elementwise steps; on a busy 2-core machine a
-    second BLAS thread is often descheduled between steps and each step then waits milliseconds for it
-    (measured: 1.5 s instead of 0.07 s for 250 steps), while one thread is never slower than ~2x.
-    """
-    functions = _openblas_thread_functions()
-    if functions is None:
-        yield
-        return
-    get, set_ = functions
-    before = get()
-    set_(count)
-    try:
-        yield
-    finally:
-        set_(before)
-
-
-@functools.cache
-def _openblas_thread_functions() -> tuple[Callable[[], int], Callable[[int], None]] | None:
-    libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
-    for path in sorted(libs.glob("*openblas*")):
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", "_64_", ""):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and set_ is not None:
-                    get.restype, set_.restype, set_.argtypes = ctypes.c_int, None, [ctypes.c_int]
-                    return get, set_
-    log.debug("NumPy's OpenBLAS not found in %s; its thread count stays as it is", libs)
-    return None
 
 
 class EncodecLSTM(nn.Module):
@@ -581,7 +482,7 @@ class EncodecDecoder(nn.Module):
         self.chunk_length: int | None = DEFAULT_CHUNK_LENGTH if config.norm_type == "weight_norm" else None
 
     def __call__(self, x: mx.array) -> mx.array:  # (B, F, hidden) -> (B, F * hop, channels)
-        if not _on_cpu():  # GPUs have the bandwidth; chunks and rows apart only add dispatches
+        if backend.cpu_paths() is None:  # GPUs have the bandwidth; chunks and rows apart only add dispatches
             return self.decode_plain(x)
         if x.shape[0] > 1:
             # On the CPU rows go through the LSTM together (its recurrence streams the 16 MB matrix once per step

@@ -14,8 +14,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from core import GenerationRequest, MusicGen
-from core.musicgen import HostKVCache
+from core import GenerationRequest, MusicGen, backend
+from core.cache import KVCache
 from tests.test_musicgen import build
 
 LONG = "epic orchestral trailer music with a calm piano melody in the rain and heavy metal riff"
@@ -55,8 +55,8 @@ def test_mlx_attention_gives_the_c_kernels_tokens(model, monkeypatch):
     requests = [GenerationRequest(LONG, 0.2, top_k=1), GenerationRequest("jazz", 0.16, top_k=1),
                 GenerationRequest("lofi", 0.2, seed=5)]
     with_kernels = model.generate_batch(requests)
-    monkeypatch.setattr(HostKVCache, "available", staticmethod(lambda dtype, head_dim: False))
-    assert not isinstance(model.decoder.make_cache(2, 4)[0], HostKVCache)
+    monkeypatch.setattr(backend, "host_attention", lambda dtype, head_dim: False)
+    assert isinstance(model.decoder.make_cache(2, 4)[0], KVCache)
     for clip, plain in zip(with_kernels, model.generate_batch(requests), strict=True):
         np.testing.assert_array_equal(plain.tokens, clip.tokens)
         np.testing.assert_allclose(plain.samples, clip.samples, atol=1e-6)
@@ -144,7 +144,7 @@ def test_few_row_linear_matches_plain():
     """The (W @ xᵀ)ᵀ fast path of the decoder's projections gives nn.Linear's result."""
     import mlx.core as mx
 
-    from core.musicgen import Linear
+    from core.cpu.linear import FewRowLinear as Linear
 
     layer = Linear(96, 40, bias=False)
     chosen = Linear.transposed_rows

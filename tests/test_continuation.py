@@ -17,7 +17,7 @@ import torch
 
 from core import GenerationStopped, MusicGen
 from core.generation import GenerationRequest
-from core.musicgen import resample
+from core.pipeline import resample
 from tests import tiny_models
 
 PROMPT = "warm synthwave with a driving bassline"

@@ -7,15 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from core.cpu.encodec_numpy import elu_numpy, lstm_recurrence_numpy, numpy_blas_threads
 from core.encodec import (
     LSTM,
     EncodecConvTranspose1d,
     EncodecLSTM,
     EncodecModel,
-    elu_numpy,
     elu_plain,
-    lstm_recurrence_numpy,
-    numpy_blas_threads,
     receptive_radius,
 )
 from tests.tiny_models import build_encodec
@@ -70,7 +68,7 @@ def test_lstm_recurrence_through_the_kernel_at_real_size():
 
 
 def test_numpy_blas_threads_restores_the_count():
-    from core.encodec import _openblas_thread_functions
+    from core.cpu.encodec_numpy import _openblas_thread_functions
 
     functions = _openblas_thread_functions()
     assert functions is not None, "NumPy's bundled OpenBLAS was not found"

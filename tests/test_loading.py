@@ -35,7 +35,7 @@ def fingerprint(model: MusicGen) -> tuple[np.ndarray, np.ndarray]:
     """Decoder logits for two prompts (text encoder, projection, decoder) and decoded audio (EnCodec)."""
     cross_kv, cross_mask = model._encode_text(PROMPTS, guided=True)
     tokens = mx.array(np.broadcast_to(CODES[None, :, :5], (4, 4, 5)).copy())
-    logits = model.decoder(tokens, cross_kv, cross_mask)
+    logits = model.decoder(tokens, model.decoder.make_cross(cross_kv, cross_mask))
     return np.array(logits.astype(mx.float32)), model.decode_tokens(CODES)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core import GenerationStopped, MusicGen
-from core.musicgen import HostCrossKV, HostKVCache, sample, top_k_mask
+from core.generate import sample, top_k_mask
 from tests import tiny_models
 
 PROMPTS = ["warm synthwave with a driving bassline", "jazz"]
@@ -84,21 +84,24 @@ def test_decoder_logits_match_transformers(mono):
                              decoder_input_ids=torch.tensor(codes, dtype=torch.long).reshape(-1, 7)).logits
     expected = expected.numpy().reshape(2, model.num_codebooks, 7, -1)
     cross_kv, cross_mask = model._encode_text(PROMPTS, guided=False)
-    logits = model.decoder(mx.array(codes), cross_kv, cross_mask)
+    logits = model.decoder(mx.array(codes), model.decoder.make_cross(cross_kv, cross_mask, host=False))
     np.testing.assert_allclose(np.array(logits), expected, atol=1e-4, rtol=1e-4)
 
     # the same positions one at a time through the KV cache: MLX's, and the C kernel's in host memory
-    assert isinstance(model.decoder.make_cache(2, 7)[0], HostKVCache) == sys.platform.startswith("linux")
+    from core.cache import CrossKV, KVCache
+
+    assert isinstance(model.decoder.make_cache(2, 7)[0], KVCache) != sys.platform.startswith("linux")
     # (and the text's keys/values in host memory too)
     for host in (False, True) if sys.platform.startswith("linux") else (False,):
-        text = [HostCrossKV(k, v, cross_mask) for k, v in cross_kv] if host else cross_kv
+        text = model.decoder.make_cross(cross_kv, cross_mask, host=host)
+        assert (type(text[0]) is CrossKV) != host
         cache = model.decoder.make_cache(2, 7, host=host)
-        stepped = [model.decoder(mx.array(codes[:, :, t:t + 1]), text, cross_mask, cache) for t in range(7)]
+        stepped = [model.decoder(mx.array(codes[:, :, t:t + 1]), text, cache) for t in range(7)]
         np.testing.assert_allclose(np.array(mx.concatenate(stepped, axis=2)), expected, atol=1e-4, rtol=1e-4)
         # a prefill of 3 positions, then steps
         cache = model.decoder.make_cache(2, 7, host=host)
-        first = model.decoder(mx.array(codes[:, :, :3]), text, cross_mask, cache)
-        stepped = [first] + [model.decoder(mx.array(codes[:, :, t:t + 1]), text, cross_mask, cache)
+        first = model.decoder(mx.array(codes[:, :, :3]), text, cache)
+        stepped = [first] + [model.decoder(mx.array(codes[:, :, t:t + 1]), text, cache)
                              for t in range(3, 7)]
         np.testing.assert_allclose(np.array(mx.concatenate(stepped, axis=2)), expected, atol=1e-4, rtol=1e-4)
 

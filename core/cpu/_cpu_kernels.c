@@ -49,8 +49,16 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 #define MAX_THREADS 64
 #define SPIN_NS 2000000            /* a worker spins this long for the next product before it sleeps */
 
+/* What Python checks at load (core/cpu/blas.py KERNEL_ABI): bump it whenever a signature or meaning changes. */
+#define KERNEL_ABI 2
+
 static sgemm_fn fallback;
 static int n_threads = 1;
+
+/* Counters Python reads (kernel_counters) to prove the products and the attention went through here, and an error
+ * flag for what cblas_sgemm (void) cannot return: Python raises on it (kernel_take_error) after each call/step. */
+static atomic_ulong count_skinny, count_fallback, count_attention;
+static atomic_int kernel_error;
 
 /* ------------------------------------------------------------------------------------------------ kernels */
 
@@ -109,13 +117,14 @@ typedef void (*attention_rows_fn)(const attention_t *a, int first, int last, flo
 #undef MAX_MB
 #undef SUFFIX
 
-static columns_fn skinny_columns = skinny_columns_base;
-static attention_rows_fn attention_rows = attention_rows_base;
-static const char *instruction_set = "baseline";
+static _Atomic(columns_fn) skinny_columns = skinny_columns_base;
+static _Atomic(attention_rows_fn) attention_rows = attention_rows_base;
+static _Atomic(const char *) instruction_set = "baseline";
+static atomic_flag pool_busy = ATOMIC_FLAG_INIT; /* held by the one parallel job in flight (and kernel_select) */
 
 /* Use the kernels of one instruction set ("avx512", "avx2", "baseline", or NULL for the widest this CPU has);
  * returns 0, or -1 (changing nothing) if the CPU lacks it. Tests run every set the CPU has. */
-int kernel_select(const char *name) {
+static int select_kernels(const char *name) {
     int any = name == NULL;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
     __builtin_cpu_init();
@@ -123,22 +132,33 @@ int kernel_select(const char *name) {
                  __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if ((any || !strcmp(name, "avx512")) && avx512) {
-        skinny_columns = skinny_columns_avx512, attention_rows = attention_rows_avx512, instruction_set = "avx512";
+        skinny_columns = skinny_columns_avx512; attention_rows = attention_rows_avx512; instruction_set = "avx512";
         return 0;
     }
     if ((any || !strcmp(name, "avx2")) && avx2) {
-        skinny_columns = skinny_columns_avx2, attention_rows = attention_rows_avx2, instruction_set = "avx2";
+        skinny_columns = skinny_columns_avx2; attention_rows = attention_rows_avx2; instruction_set = "avx2";
         return 0;
     }
 #endif
     if (any || !strcmp(name, "baseline")) {
-        skinny_columns = skinny_columns_base, attention_rows = attention_rows_base, instruction_set = "baseline";
+        skinny_columns = skinny_columns_base; attention_rows = attention_rows_base; instruction_set = "baseline";
         return 0;
     }
     return -1;
 }
 
-__attribute__((constructor)) static void choose_kernels(void) { kernel_select(NULL); }
+static inline void cpu_relax(void);
+
+/* Swaps the kernels only while no parallel job is in flight (it takes the pool as a job would), so the workers of
+ * one product never mix two instruction sets; a caller computing inline sees either set whole (atomic pointers). */
+int kernel_select(const char *name) {
+    while (atomic_flag_test_and_set(&pool_busy)) cpu_relax();
+    int status = select_kernels(name);
+    atomic_flag_clear(&pool_busy);
+    return status;
+}
+
+__attribute__((constructor)) static void choose_kernels(void) { select_kernels(NULL); }
 
 /* ------------------------------------------------------------------------------------------------ threads */
 
@@ -151,7 +171,7 @@ static int job_parts;
 static atomic_ulong job_seq;
 static atomic_int job_remaining;
 static atomic_int sleepers;
-static atomic_flag pool_busy = ATOMIC_FLAG_INIT;
+static atomic_int spin_allowed;     /* > 0 while a generation runs (kernel_begin/kernel_end): workers spin */
 static pthread_mutex_t pool_mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_cond = PTHREAD_COND_INITIALIZER;
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
@@ -181,7 +201,8 @@ static void *worker(void *arg) {
         while (atomic_load(&job_seq) == seen) {
             cpu_relax();
             if ((++spins & 255) == 0) sched_yield();
-            if ((spins & 255) == 0 && now_ns() - start > SPIN_NS) {
+            /* outside a generation a worker sleeps at once: it must not spin beside the bot's event loop */
+            if ((spins & 255) == 0 && (atomic_load(&spin_allowed) <= 0 || now_ns() - start > SPIN_NS)) {
                 pthread_mutex_lock(&pool_mutex);
                 atomic_fetch_add(&sleepers, 1);
                 while (atomic_load(&job_seq) == seen) pthread_cond_wait(&pool_cond, &pool_mutex);
@@ -250,36 +271,41 @@ static void attention_part(const void *args, int part, int parts) {
     int first = (int)((long)a->BH * part / parts), last = (int)((long)a->BH * (part + 1) / parts);
     float stack[ATTENTION_STACK_POSITIONS + 16];
     float *scores = a->L <= ATTENTION_STACK_POSITIONS ? stack : malloc(sizeof(float) * ((size_t)a->L + 16));
-    if (!scores) abort(); /* nothing sensible to hand MLX without it */
+    if (!scores) { /* the caller returns an error Python raises */
+        atomic_store(&kernel_error, 1);
+        return;
+    }
     attention_rows(a, first, last, scores);
     if (scores != stack) free(scores);
 }
 
-static void run_attention(const attention_t *a) {
+static int run_attention(const attention_t *a) {
+    atomic_fetch_add_explicit(&count_attention, 1, memory_order_relaxed);
     long floats = (long)a->BH * a->L * a->D * 2;
     run_parallel(attention_part, a, n_threads > 1 && floats >= THREAD_MIN_FLOATS ? (a->BH < n_threads ? a->BH : n_threads) : 1);
+    return atomic_exchange(&kernel_error, 0) ? -2 : 0;
 }
 
 /* One decoding step of self-attention for BH (row, head) pairs: writes this step's keys and values into the cache
  * at position L - 1, then out = softmax(q kᵀ · scale) v over positions 0 .. L-1. Arrays are C-contiguous float32.
- * Returns 0, or -1 (computing nothing) for a head size over ATTENTION_MAX_HEAD or L outside 1 .. capacity. */
+ * Returns 0, -1 (computing nothing) for a head size over ATTENTION_MAX_HEAD or L outside 1 .. capacity, or -2
+ * when memory ran out. */
 int decode_attention(int BH, int L, int D, float scale, const float *q, const float *k_new, const float *v_new,
                      float *k_cache, float *v_cache, long capacity, float *out) {
     if (D < 1 || D > ATTENTION_MAX_HEAD || L < 1 || L > capacity || BH < 1) return -1;
     attention_t a = {BH, L, D, 1, scale, q, k_new, v_new, k_cache, v_cache, capacity, NULL, out};
-    run_attention(&a);
-    return 0;
+    return run_attention(&a);
 }
 
 /* One query position of cross-attention for B rows of H heads over S keys and values (B * H, S, D), where
  * mask (B, S) is nonzero (NULL: everywhere). A row that attends nowhere attends everywhere uniformly, as an
- * additive mask does. Returns 0, or -1 (computing nothing) for a head size over ATTENTION_MAX_HEAD. */
+ * additive mask does. Returns 0, -1 (computing nothing) for a head size over ATTENTION_MAX_HEAD, or -2 when memory
+ * ran out. */
 int cross_attention(int B, int H, int S, int D, float scale, const float *q, const float *k, const float *v,
                     const uint8_t *mask, float *out) {
     if (D < 1 || D > ATTENTION_MAX_HEAD || S < 1 || B < 1 || H < 1) return -1;
     attention_t a = {B * H, S, D, H, scale, q, NULL, NULL, (float *)k, (float *)v, S, mask, out};
-    run_attention(&a);
-    return 0;
+    return run_attention(&a);
 }
 
 /* ------------------------------------------------------------------------------------------------ entry */
@@ -287,10 +313,11 @@ int cross_attention(int B, int H, int S, int D, float scale, const float *q, con
 static void call_fallback(int order, int transA, int transB, int M, int N, int K, float alpha, const float *A,
                           int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     if (!fallback) fallback = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
-    if (!fallback) { /* computing nothing would hand MLX garbage: stop loudly instead */
-        fprintf(stderr, "_cpu_kernels: no BLAS to hand products to (skinny_set_fallback was not called)\n");
-        abort();
+    if (!fallback) { /* never abort inside the bot's process: flag it, Python raises (kernel_take_error) */
+        atomic_store(&kernel_error, 2);
+        return;
     }
+    atomic_fetch_add_explicit(&count_fallback, 1, memory_order_relaxed);
     fallback(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
@@ -344,6 +371,7 @@ void cblas_sgemm(int order, int transA, int transB, int M, int N, int K, float a
         call_fallback(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
+    atomic_fetch_add_explicit(&count_skinny, 1, memory_order_relaxed);
     skinny(transA != NoTrans, transB != NoTrans, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
@@ -355,6 +383,20 @@ void skinny_set_threads(int threads) {
 }
 int skinny_max_rows(void) { return SKINNY_MAX_ROWS; }
 const char *kernel_instruction_set(void) { return instruction_set; }
+int kernel_abi_version(void) { return KERNEL_ABI; }
+
+/* Products the skinny kernel took, products handed to the BLAS, attention calls: out[0..2]. */
+void kernel_counters(unsigned long long *out) {
+    out[0] = atomic_load(&count_skinny), out[1] = atomic_load(&count_fallback), out[2] = atomic_load(&count_attention);
+}
+
+/* The error a void entry point could not return (2: no BLAS behind the kernel, 1: out of memory), cleared; 0 if none. */
+int kernel_take_error(void) { return atomic_exchange(&kernel_error, 0); }
+
+/* A generation brackets its calls with these: in between, idle workers spin SPIN_NS for the next product (a sleeping
+ * worker woke late after every attention); outside, they sleep at once. Nested brackets count. */
+void kernel_begin(void) { atomic_fetch_add(&spin_allowed, 1); }
+void kernel_end(void) { atomic_fetch_sub(&spin_allowed, 1); }
 
 /* An importable module, so that setuptools builds this file like any extension; core/blas.py loads it with
  * ctypes (globally, before MLX) and never imports it. */

@@ -10,25 +10,29 @@ imported makes those calls resolve to them. Two layers are loaded:
   below. Measured on a 2-core x86-64 VM, all of a musicgen-small step's weight products: 2 rows 48 ms and 8 rows
   70 ms at first (now 63 ms; 16 rows 102 ms), against 51 and 93 ms (MKL), 96 and 119 ms (BLIS), 121 and 144 ms
   (OpenBLAS). The same library has the decoder's step attention (``decode_attention``, ``cross_attention``, used
-  by core.musicgen) on the same threads, and picks AVX-512, AVX2 or baseline code for the CPU at load.
+  by core.cpu.cache) on the same threads, and picks AVX-512, AVX2 or baseline code for the CPU at load.
 - an optimised **BLAS** for everything else (T5, EnCodec, prefill): OpenBLAS (Debian ``libopenblas0-pthread``),
   else BLIS (``libblis4-pthread``). OpenBLAS decoded EnCodec fastest there (671 ms for 5 s, BLIS 939 ms).
 
 ``MUSICGEN_BLAS`` chooses the BLAS: ``auto`` (default), ``openblas``, ``blis``, ``reference`` (opt out of both
 layers), or a library path. ``MUSICGEN_SKINNY_GEMM=off`` keeps the BLAS alone (and MLX's attention).
-``MUSICGEN_GEMM_THREADS`` sets the kernels' threads (default: the cores this process may run on); BLIS threads
-follow ``BLIS_NUM_THREADS``.
+``MUSICGEN_GEMM_THREADS`` sets the kernels' threads (default: the cores this process may run on less one, at least
+one, so the event loop of a bot keeps a core); BLIS threads follow ``BLIS_NUM_THREADS``. The kernels' workers spin
+for the next product only inside :func:`busy` (a generation), and sleep otherwise. :func:`kernel_counters` says how
+many products and attention calls went through the kernels (DEBUG logs it after each generation).
 """
 
 from __future__ import annotations
 
 import ctypes
 import glob
+import importlib.machinery
 import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,7 +54,9 @@ HINT = "apt-get install libopenblas0-pthread (or libblis4-pthread)"
 
 active_blas = "not chosen yet"
 active_library: str | None = None  # "openblas", "blis", a library's file name, or None for the reference BLAS
-cpu_kernels: ctypes.CDLL | None = None  # the loaded CPU kernels (see few_row_product, core.musicgen.HostKVCache)
+cpu_kernels: ctypes.CDLL | None = None  # the loaded CPU kernels (see few_row_product, core.cpu.cache.HostKVCache)
+
+KERNEL_ABI = 2  # must equal KERNEL_ABI in _cpu_kernels.c: a stale build is refused
 
 # cblas_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), pointers as addresses
 SGEMM_ARGTYPES = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
@@ -80,10 +86,19 @@ def _load(path: str, mode: int = ctypes.RTLD_GLOBAL) -> ctypes.CDLL | None:
         return None
 
 
-def cpu_kernels_path() -> Path | None:
-    """The built CPU kernels next to this file, if the install compiled them."""
-    for path in sorted(Path(__file__).parent.glob("_cpu_kernels*.so")):
-        return path
+class KernelError(RuntimeError):
+    """The CPU kernels refused or failed a call (raised instead of stopping the process)."""
+
+
+def cpu_kernels_path(folder: Path | None = None) -> Path | None:
+    """The CPU kernels built for this interpreter next to this file (or in ``folder``), by its own extension
+    suffix (e.g. ``.cpython-311-x86_64-linux-gnu.so``; another interpreter's build is never taken), if the install
+    compiled them."""
+    folder = Path(__file__).parent if folder is None else folder
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = folder / f"_cpu_kernels{suffix}"
+        if path.is_file():
+            return path
     return None
 
 
@@ -111,16 +126,26 @@ def _load_cpu_kernels(fallback: ctypes.CDLL | None) -> str | None:
         fallback = ctypes.CDLL(reference, mode=ctypes.RTLD_LOCAL) if reference else None
     if fallback is None:
         return None
+    probe = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)  # checked before its cblas_sgemm is made global
+    version = getattr(probe, "kernel_abi_version", None)
+    found = version() if version is not None else None
+    if found != KERNEL_ABI:
+        log.warning("%s is a stale build of the CPU kernels (interface %s, this code needs %d): rebuild it "
+                    "(python setup.py build_ext --inplace, or reinstall); using the BLAS alone", path, found,
+                    KERNEL_ABI)
+        return None
     kernel = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     kernel.cblas_sgemm.argtypes, kernel.cblas_sgemm.restype = SGEMM_ARGTYPES, None
     kernel.skinny_set_fallback(ctypes.cast(fallback.cblas_sgemm, ctypes.c_void_p))
     threads = os.environ.get("MUSICGEN_GEMM_THREADS", "").strip()
-    threads = int(threads) if threads.isdigit() and int(threads) > 0 else _cpu_count()
+    threads = int(threads) if threads.isdigit() and int(threads) > 0 else max(1, _cpu_count() - 1)
     kernel.skinny_set_threads(threads)
     kernel.decode_attention.argtypes, kernel.decode_attention.restype = ATTENTION_ARGTYPES, ctypes.c_int
     kernel.cross_attention.argtypes, kernel.cross_attention.restype = CROSS_ATTENTION_ARGTYPES, ctypes.c_int
     kernel.kernel_select.argtypes, kernel.kernel_select.restype = [ctypes.c_char_p], ctypes.c_int
     kernel.kernel_instruction_set.restype = ctypes.c_char_p
+    kernel.kernel_counters.argtypes, kernel.kernel_counters.restype = [ctypes.POINTER(ctypes.c_ulonglong)], None
+    kernel.kernel_take_error.restype = ctypes.c_int
     cpu_kernels = kernel
     isa = kernel.kernel_instruction_set().decode()
     return f"skinny kernel ({threads} threads, up to {kernel.skinny_max_rows()} rows, {isa}) + "
@@ -181,3 +206,43 @@ def few_row_product(a: np.ndarray, w: np.ndarray, out: np.ndarray) -> Callable[[
             out.ctypes.data, outer)
     sgemm = cpu_kernels.cblas_sgemm
     return lambda: sgemm(*args)
+
+
+def kernel_counters() -> dict[str, int]:
+    """Calls that went through the CPU kernels since load: ``products`` (few-row products the skinny kernel took,
+    MLX's included), ``handed_on`` (products passed to the BLAS behind it), ``attention`` (step attention calls);
+    all 0 when the kernels are not loaded."""
+    if cpu_kernels is None:
+        return {"products": 0, "handed_on": 0, "attention": 0}
+    out = (ctypes.c_ulonglong * 3)()
+    cpu_kernels.kernel_counters(out)
+    return {"products": out[0], "handed_on": out[1], "attention": out[2]}
+
+
+def check(status: int, what: str) -> None:
+    """Raise :class:`KernelError` for a kernel's nonzero ``status`` (or an error a void call left behind)."""
+    left = cpu_kernels.kernel_take_error() if cpu_kernels is not None else 0
+    if status != 0 or left != 0:
+        reason = {-1: "refused its arguments", -2: "ran out of memory"}.get(status, f"failed ({status})")
+        if left == 2:
+            reason = "had no BLAS to hand products to"
+        raise KernelError(f"the CPU kernel's {what} {reason}")
+
+
+@contextmanager
+def busy() -> Iterator[None]:
+    """Bracket one generation: the kernels' workers spin for the next product only inside (sleep outside), and
+    an error a product left behind is raised at the end; DEBUG logs what went through the kernels."""
+    if cpu_kernels is None:
+        yield
+        return
+    before = kernel_counters()
+    cpu_kernels.kernel_begin()
+    try:
+        yield
+    finally:
+        cpu_kernels.kernel_end()
+    check(0, "products")
+    if log.isEnabledFor(logging.DEBUG):
+        after = kernel_counters()
+        log.debug("CPU kernels during the generation: %s", {k: after[k] - before[k] for k in after})

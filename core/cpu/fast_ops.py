@@ -3,7 +3,8 @@
 On the CPU, MLX evaluates ``erf`` (so ``nn.gelu``) one element at a time, and ``mx.fast.layer_norm`` costs ~70 µs
 for a (2, 1024) input. A decoder step calls GELU 24 times and layer norm 73 times on a few rows; with
 ``mx.compile`` both become one fused loop each. Measured on a 2-core x86-64 VM: GELU of (8, 4096) 0.87 → 0.12 ms,
-layer norm of (2, 1024) 72 → 23 µs. On other devices (Metal) the MLX built-ins are used as they are.
+layer norm of (2, 1024) 72 → 23 µs. :mod:`core.backend` hands them to the decoder on a CPU run only; other
+devices (Metal) use the MLX built-ins as they are.
 
 ``mx.compile`` on the CPU builds its fused kernels with the system C++ compiler once per machine (cached in the
 temporary directory); without one, MLX runs the same ops unfused and the results are the same.
@@ -57,15 +58,15 @@ _compiled_gelu = mx.compile(_gelu, shapeless=True)
 
 
 def gelu(x: mx.array) -> mx.array:
-    """Exact (erf) GELU, as ``nn.gelu``; fused on the CPU."""
-    if mx.default_device() != mx.cpu or x.dtype != mx.float32:
+    """Exact (erf) GELU, as ``nn.gelu``, fused (float32; other dtypes through ``nn.gelu``)."""
+    if x.dtype != mx.float32:
         return nn.gelu(x)
     return _compiled_gelu(x)
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
-    """Layer norm over the last axis, as ``mx.fast.layer_norm``; fused on the CPU."""
-    if mx.default_device() != mx.cpu or x.dtype != mx.float32:
+    """Layer norm over the last axis, as ``mx.fast.layer_norm``, fused (float32; other dtypes through it)."""
+    if x.dtype != mx.float32:
         return mx.fast.layer_norm(x, weight, bias, eps)
     return _compiled_layer_norm(float(eps))(x, weight, bias)
 

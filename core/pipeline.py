@@ -1,23 +1,21 @@
-"""MusicGen on MLX: a T5 text encoder, a transformer decoder over EnCodec codebooks, and EnCodec.
+"""``MusicGen``: text-to-music from one Hugging Face checkpoint (T5 text encoder, ``enc_to_dec_proj``, the
+decoder of :mod:`core.decoder`, EnCodec): loading, generation (one clip, a batch, a continuation), audio encoding
+and decoding, and the memory estimate. The decoding loop itself is :mod:`core.generate`.
 
-Reads the Hugging Face checkpoints (``facebook/musicgen-small`` …) directly. The decoder mirrors transformers'
-``MusicgenForCausalLM`` (``decoder.model.decoder.*``, ``decoder.lm_heads.*``), generation mirrors
-``MusicgenForConditionalGeneration.generate``: the delay pattern of ``build_delay_pattern_mask`` (per channel for
-stereo), classifier-free guidance as one batch of cond + uncond rows, temperature, then top-k.
-
-Generation is batched: every row has its own prompt, length, seed and sampling options, and its own random stream
-(derived from its seed and the step only), so a row's output does not depend on what it was batched with.
+Generation mirrors transformers' ``MusicgenForConditionalGeneration.generate``: the delay pattern of
+``build_delay_pattern_mask`` (per channel for stereo), classifier-free guidance as one batch of cond + uncond
+rows, temperature, then top-k.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import mmap
 import secrets
+import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,12 +23,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cpu import blas
+from . import backend
+from .decoder import DecoderConfig, MusicgenDecoder
 from .encodec import EncodecConfig, EncodecModel
-from .cpu.fast_ops import LayerNorm, gelu
+from .generate import decode_steps, plan_windows, run_steps, window_seed
 from .generation import Clip, GenerationRequest, GenerationStopped
 from .loading import (
-    BaseConfig,
     CheckpointError,
     check_weights,
     load_safetensors,
@@ -44,371 +42,6 @@ from .tokenizer import PromptTokenizer
 log = logging.getLogger(__name__)
 
 Request = GenerationRequest | Mapping
-
-
-# --------------------------------------------------------------------------------------------------- config
-
-
-@dataclass
-class DecoderConfig(BaseConfig):
-    """The ``decoder`` section of a MusicGen ``config.json``."""
-
-    vocab_size: int = 2048
-    max_position_embeddings: int = 2048
-    num_codebooks: int = 4
-    audio_channels: int = 1
-    hidden_size: int = 1024
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
-    ffn_dim: int = 4096
-    activation_function: str = "gelu"
-    scale_embedding: bool = False
-    pad_token_id: int = 2048
-    bos_token_id: int = 2048
-    cross_attention_hidden_size: int | None = None
-    layer_norm_eps: float = 1e-5
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_position_embeddings", "num_codebooks", "hidden_size", "num_hidden_layers",
-                     "num_attention_heads", "ffn_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"decoder {name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"decoder hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                             f"{self.num_attention_heads}")
-        if self.audio_channels not in (1, 2) or self.num_codebooks % self.audio_channels:
-            raise ValueError(f"decoder audio_channels must be 1 or 2 and divide num_codebooks, got "
-                             f"{self.audio_channels} for {self.num_codebooks} codebooks")
-
-    @property
-    def channel_codebooks(self) -> int:
-        """Codebooks per audio channel: the delay pattern applies within each channel."""
-        return self.num_codebooks // self.audio_channels
-
-
-# --------------------------------------------------------------------------------------------------- layers
-
-
-def sinusoids(positions: mx.array, dims: int) -> mx.array:
-    """Positions ``(T,)`` -> ``(T, dims)`` embeddings exactly as transformers' MusicGen computes them: the
-    tensor2tensor variant, ``[cos, sin]`` halves, frequencies ``exp(-i · ln(10000) / (half - 1))``."""
-    half = dims // 2
-    freqs = mx.exp(mx.arange(half, dtype=mx.float32) * -(math.log(10000) / (half - 1)))
-    angles = positions.astype(mx.float32)[:, None] * freqs[None]
-    emb = mx.concatenate([mx.cos(angles), mx.sin(angles)], axis=-1)
-    if dims % 2:
-        emb = mx.concatenate([emb, mx.zeros((emb.shape[0], 1))], axis=-1)
-    return emb
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` without bias that, on the CPU with BLIS for a few rows, multiplies as ``(W @ xᵀ)ᵀ``.
-
-    A decoder step multiplies 2 × prompts rows by every weight matrix, so it is bound by streaming the weights.
-    Up to 16 rows the skinny kernel (:mod:`core.cpu.blas`) streams them once in ``x @ Wᵀ``. Past it (or from 4 rows
-    without it) BLIS streams them faster as ``W @ xᵀ`` (all of a musicgen-small step's products at 16 rows: 152
-    vs 160 ms; before the kernel, 8 rows: 104 vs 114 ms), OpenBLAS slower (16 rows: 180 vs 147 ms), so
-    ``transposed_rows`` (the row range that takes ``W @ xᵀ``, or None) follows the BLAS in use.
-    """
-
-    transposed_rows: tuple[int, int] | None = None  # set below, from the BLAS that core.cpu.blas loaded
-
-    def __call__(self, x: mx.array) -> mx.array:
-        rows = x.size // x.shape[-1]
-        span = self.transposed_rows
-        if span is None or not span[0] <= rows <= span[1] or "bias" in self or mx.default_device() != mx.cpu:
-            return super().__call__(x)
-        out = self.weight @ x.reshape(rows, x.shape[-1]).T  # (out, rows)
-        return out.T.reshape(*x.shape[:-1], out.shape[0])
-
-
-if blas.active_library == "blis":
-    Linear.transposed_rows = (blas.cpu_kernels.skinny_max_rows() + 1 if blas.cpu_kernels else 4, 64)
-
-
-class KVCache:
-    """Self-attention keys/values preallocated for the whole generation; each step writes its slot in place."""
-
-    def __init__(self, batch: int, heads: int, head_dim: int, length: int, dtype: mx.Dtype):
-        self.keys = mx.zeros((batch, heads, length, head_dim), dtype=dtype)
-        self.values = mx.zeros((batch, heads, length, head_dim), dtype=dtype)
-        self.offset = 0
-
-    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Write ``(B, H, T, D)`` at the current offset; return everything written so far."""
-        end = self.offset + keys.shape[2]
-        self.keys[:, :, self.offset:end, :] = keys
-        self.values[:, :, self.offset:end, :] = values
-        self.offset = end
-        return self.keys[:, :, :end, :], self.values[:, :, :end, :]
-
-    def select(self, rows: mx.array) -> None:
-        """Keep only ``rows`` of the batch (a finished or cancelled row leaves)."""
-        self.keys, self.values = self.keys[rows], self.values[rows]
-
-    @property
-    def state(self) -> list[mx.array]:
-        return [self.keys, self.values]
-
-
-class HostKVCache:
-    """A float32 KV cache in NumPy memory whose one-position steps the C kernel attends (``decode_attention`` of
-    core/cpu/_cpu_kernels.c), on the CPU.
-
-    MLX's CPU attention is one ``cblas_sgemm`` per row and head and a scalar ``exp``: at 8 rows and 250 positions
-    ~50 ms of a ~135 ms musicgen-small step. The kernel reads each row's keys and values once, on the product
-    threads. A step evaluates its query, key and value (one ``mx.eval`` per layer) and hands their buffers over;
-    longer inputs (the prefill) attend in MLX and are copied in.
-    """
-
-    def __init__(self, batch: int, heads: int, head_dim: int, length: int):
-        shape = (batch, heads, length, head_dim)
-        self.keys, self.values = _lazy_float32(shape), _lazy_float32(shape)
-        self.offset = 0
-
-    @staticmethod
-    def available(dtype: mx.Dtype, head_dim: int) -> bool:
-        """Whether generation with this dtype and head size can use it (the kernels are loaded, float32, CPU)."""
-        return (blas.cpu_kernels is not None and dtype == mx.float32 and head_dim <= 256
-                and mx.default_device() == mx.cpu)
-
-    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Write ``(B, H, T, D)`` at the current offset; return everything written so far, as MLX arrays."""
-        end = self.offset + keys.shape[2]
-        self.keys[:, :, self.offset:end] = np.asarray(keys.astype(mx.float32))
-        self.values[:, :, self.offset:end] = np.asarray(values.astype(mx.float32))
-        self.offset = end
-        if end == keys.shape[2]:
-            return keys, values
-        return mx.array(self.keys[:, :, :end]), mx.array(self.values[:, :, :end])
-
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-        """One position: ``q``, ``k``, ``v`` ``(B, 1, H·D)`` -> the attention output ``(B, 1, H·D)``, after writing
-        ``k``/``v`` at the current offset."""
-        B, heads, capacity, head_dim = self.keys.shape
-        if self.offset >= capacity:
-            raise ValueError(f"the KV cache holds {capacity} positions")
-        q, k, v = _host_float32(q, k, v)
-        out = np.empty_like(q)
-        self.offset += 1
-        status = blas.cpu_kernels.decode_attention(
-            B * heads, self.offset, head_dim, scale, q.ctypes.data, k.ctypes.data, v.ctypes.data,
-            self.keys.ctypes.data, self.values.ctypes.data, capacity, out.ctypes.data)
-        if status != 0:
-            raise RuntimeError(f"decode_attention refused {B * heads} × {self.offset} × {head_dim}")
-        return mx.array(out)
-
-    def select(self, rows: mx.array) -> None:
-        """Keep only ``rows`` of the batch (a finished or cancelled row leaves)."""
-        index = np.asarray(rows)
-        self.keys, self.values = self.keys[index], self.values[index]
-
-    @property
-    def state(self) -> list[mx.array]:
-        return []  # nothing for MLX to evaluate: every step has written it already
-
-
-def _host_float32(*arrays: mx.array) -> list[np.ndarray]:
-    """``arrays`` evaluated (together) as C-contiguous float32 NumPy arrays, for the C kernels (no copy where MLX's
-    buffer already is one)."""
-    mx.eval(*arrays)
-    return [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
-
-
-def _lazy_float32(shape: tuple[int, ...]) -> np.ndarray:
-    """Memory for a host KV cache: mapped lazily in small pages, so each page costs its first write only.
-
-    NumPy asks for huge pages for large arrays; where the kernel compacts memory for those on the first write
-    (``defrag=madvise``), the first step of a fresh 8-row cache took 0.3-0.6 s instead of 0.09 s.
-    """
-    count = math.prod(shape)
-    memory = mmap.mmap(-1, max(4 * count, 1))
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        memory.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(memory, dtype=np.float32, count=count).reshape(shape)
-
-
-class HostCrossKV:
-    """One layer's cross-attention keys/values and key mask, also in NumPy memory, for the C kernel's one-position
-    steps (``cross_attention`` of core/cpu/_cpu_kernels.c); longer inputs (the prefill) use the MLX arrays.
-
-    MLX attends the text one ``cblas_sgemm`` per row and head: 10-14 ms of a 105 ms step at 8 rows, 4 at 2.
-    """
-
-    def __init__(self, keys: mx.array, values: mx.array, mask: mx.array):
-        self.arrays = (keys, values)  # (B, H, S, D)
-        self.mask = mask  # (B, 1, 1, S) bool
-        self.host_keys, self.host_values = _host_float32(*self.arrays)
-        self.host_mask = np.ascontiguousarray(np.asarray(mask).reshape(mask.shape[0], -1), dtype=np.uint8)
-
-    def attend(self, q: mx.array, scale: float) -> mx.array:
-        """``q`` ``(B, 1, H·D)`` -> the attention output ``(B, 1, H·D)``."""
-        B, heads, length, head_dim = self.host_keys.shape
-        (q,) = _host_float32(q)
-        out = np.empty_like(q)
-        status = blas.cpu_kernels.cross_attention(
-            B, heads, length, head_dim, scale, q.ctypes.data, self.host_keys.ctypes.data,
-            self.host_values.ctypes.data, self.host_mask.ctypes.data, out.ctypes.data)
-        if status != 0:
-            raise RuntimeError(f"cross_attention refused {B} × {heads} × {length} × {head_dim}")
-        return mx.array(out)
-
-    def select(self, rows: mx.array) -> HostCrossKV:
-        """The same for only ``rows`` of the batch."""
-        keys, values = self.arrays
-        return HostCrossKV(keys[rows], values[rows], self.mask[rows])
-
-
-class Attention(nn.Module):
-    def __init__(self, dims: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.scale = (dims // heads) ** -0.5
-        self.q_proj = Linear(dims, dims, bias=False)
-        self.k_proj = Linear(dims, dims, bias=False)
-        self.v_proj = Linear(dims, dims, bias=False)
-        self.out_proj = Linear(dims, dims, bias=False)
-
-    def _heads(self, x: mx.array) -> mx.array:
-        B, T, _ = x.shape
-        return x.reshape(B, T, self.heads, -1).transpose(0, 2, 1, 3)  # (B, H, T, D)
-
-    def project_kv(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """Keys and values ``(B, H, S, D)`` of ``x`` ``(B, S, dims)``."""
-        return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-
-    def __call__(self, x: mx.array, kv: tuple[mx.array, mx.array] | HostCrossKV | None = None,
-                 cache: KVCache | HostKVCache | None = None, mask: mx.array | str | None = None) -> mx.array:
-        B, T, _ = x.shape
-        if isinstance(cache, HostKVCache) and T == 1 and kv is None:  # a decoding step, in the C kernel
-            o = cache.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.scale)
-            return self.out_proj(o.reshape(B, T, -1))
-        if isinstance(kv, HostCrossKV):
-            if T == 1:
-                return self.out_proj(kv.attend(self.q_proj(x), self.scale).reshape(B, T, -1))
-            kv = kv.arrays
-        q = self._heads(self.q_proj(x))
-        if kv is None:  # self-attention
-            k, v = self.project_kv(x)
-            if cache is not None:
-                k, v = cache.update(k, v)
-        else:  # cross-attention with precomputed keys/values
-            k, v = kv
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # (B, H, T, D)
-        return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
-
-
-class DecoderLayer(nn.Module):
-    """Pre-LN block: self-attention, cross-attention over the text, GELU feed-forward; no biases but LayerNorms."""
-
-    def __init__(self, config: DecoderConfig):
-        super().__init__()
-        dims, eps = config.hidden_size, config.layer_norm_eps
-        self.self_attn = Attention(dims, config.num_attention_heads)
-        self.self_attn_layer_norm = LayerNorm(dims, eps=eps)
-        self.encoder_attn = Attention(dims, config.num_attention_heads)
-        self.encoder_attn_layer_norm = LayerNorm(dims, eps=eps)
-        self.fc1 = Linear(dims, config.ffn_dim, bias=False)
-        self.fc2 = Linear(config.ffn_dim, dims, bias=False)
-        self.final_layer_norm = LayerNorm(dims, eps=eps)
-        if config.activation_function not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"unsupported decoder activation {config.activation_function!r}")
-        self.act = gelu if config.activation_function == "gelu" else nn.gelu_approx
-
-    def __call__(self, x: mx.array, cross_kv: tuple[mx.array, mx.array], cross_mask: mx.array | None,
-                 cache: KVCache | None, mask: str | None) -> mx.array:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), cache=cache, mask=mask)
-        x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), kv=cross_kv, mask=cross_mask)
-        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
-
-
-class MusicgenDecoder(nn.Module):
-    """K summed codebook embeddings + sinusoidal positions -> transformer -> K heads of logits.
-
-    Attribute names are those of transformers' ``MusicgenForCausalLM`` without the ``model.decoder.`` prefix.
-    """
-
-    def __init__(self, config: DecoderConfig):
-        super().__init__()
-        self.config = config
-        self.num_codebooks = config.num_codebooks
-        dims = config.hidden_size
-        self.embed_scale = math.sqrt(dims) if config.scale_embedding else 1.0
-        self.embed_tokens = [nn.Embedding(config.vocab_size + 1, dims) for _ in range(config.num_codebooks)]
-        self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
-        self.layer_norm = LayerNorm(dims, eps=config.layer_norm_eps)
-        self.lm_heads = [Linear(dims, config.vocab_size, bias=False) for _ in range(config.num_codebooks)]
-
-    @staticmethod
-    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Checkpoint keys under ``decoder.`` (prefix already removed) -> this module's parameter names."""
-        return {k.removeprefix("model.decoder."): v for k, v in weights.items() if "embed_positions" not in k}
-
-    def make_cache(self, batch: int, length: int, host: bool | None = None) -> list[KVCache] | list[HostKVCache]:
-        """One cache per layer for ``length`` positions; in host memory for the C kernel's attention when it can
-        (``host=None``), or as told."""
-        cfg = self.config
-        dtype = self.layer_norm.weight.dtype
-        heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-        if host is None:
-            host = HostKVCache.available(dtype, head_dim)
-        if host:
-            return [HostKVCache(batch, heads, head_dim, length) for _ in self.layers]
-        return [KVCache(batch, heads, head_dim, length, dtype) for _ in self.layers]
-
-    def cross_kv(self, states: mx.array) -> list[tuple[mx.array, mx.array]]:
-        """Cross-attention keys/values of the (projected) text states ``(B, S, dims)``, once per generation."""
-        return [layer.encoder_attn.project_kv(states) for layer in self.layers]
-
-    def __call__(self, tokens: mx.array, cross_kv: list[tuple[mx.array, mx.array]], cross_mask: mx.array | None,
-                 cache: list[KVCache] | None = None) -> mx.array:
-        """Codes ``(B, K, T)`` -> logits ``(B, K, T, vocab)``; with ``cache`` the positions continue from it."""
-        B, K, T = tokens.shape
-        offset = cache[0].offset if cache else 0
-        x = sum(self.embed_tokens[k](tokens[:, k]) for k in range(K)) * self.embed_scale  # (B, T, dims)
-        x = x + sinusoids(mx.arange(offset, offset + T), x.shape[-1]).astype(x.dtype)
-        mask = "causal" if T > 1 else None
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cross_kv[i], cross_mask, cache[i] if cache else None, mask)
-        x = self.layer_norm(x)
-        return mx.stack([head(x) for head in self.lm_heads], axis=1)  # (B, K, T, vocab)
-
-
-# --------------------------------------------------------------------------------------------------- sampling
-
-
-def top_k_mask(logits: mx.array, k: mx.array, k_max: int | None = None) -> mx.array:
-    """True for exactly the ``k`` largest entries along the last axis (``k`` broadcasts over leading axes; ties at
-    the k-th value are kept lowest index first). ``k_max``, a bound on ``k`` known beforehand, saves work.
-
-    A partial selection of the ``k_max`` largest and a sort of only those give each row its k-th value (4 prompts'
-    logits: 0.5 ms, against 1.7 ms to sort all 2048).
-    """
-    vocab = logits.shape[-1]
-    k = mx.minimum(k, vocab)[..., None]
-    k_max = vocab if k_max is None else max(1, min(k_max, vocab))
-    largest = mx.sort(mx.topk(logits, k_max, axis=-1), axis=-1)  # ascending: the k-th largest is at k_max - k
-    index = mx.broadcast_to(k_max - k, (*logits.shape[:-1], 1))
-    kth = mx.take_along_axis(largest, index, axis=-1)
-    above = logits > kth
-    tied = logits == kth
-    room = k - above.sum(axis=-1, keepdims=True)
-    return above | (tied & (mx.cumsum(tied.astype(mx.int32), axis=-1) <= room))
-
-
-def sample(logits: mx.array, temperature: mx.array, top_k: mx.array, keys: Sequence[mx.array],
-           top_k_max: int | None = None) -> mx.array:
-    """Sample ``(B, K)`` codes from logits ``(B, K, V)`` with per-row temperature ``(B,)``, top-k ``(B,)`` (at most
-    ``top_k_max`` if given) and random key: temperature first, then top-k (as transformers orders them), then
-    Gumbel-max, so top_k=1 is argmax."""
-    logits = logits.astype(mx.float32) / temperature[:, None, None]
-    keep = top_k_mask(logits, top_k[:, None], top_k_max)
-    noise = mx.stack([mx.random.gumbel(logits.shape[1:], key=key) for key in keys])
-    return mx.argmax(mx.where(keep, logits + noise, -mx.inf), axis=-1).astype(mx.int32)
-
-
-# --------------------------------------------------------------------------------------------------- model
 
 
 class MusicGen:
@@ -446,6 +79,7 @@ class MusicGen:
         raises :class:`CheckpointError` naming the file.
         """
         dtype = parse_dtype(dtype)
+        _warn_without_backend()
         folder = resolve(name_or_path)
         config = read_config(folder)
         config_file = folder / "config.json"
@@ -641,10 +275,11 @@ class MusicGen:
             group = [i for i, t in enumerate(checked) if t.shape[1] == frames]
             codes = np.stack([checked[i] for i in group])  # (rows, K, F)
             streams = codes if self.channels == 1 else np.concatenate([codes[:, 0::2], codes[:, 1::2]])
-            decoded = self.audio_encoder.decode(mx.array(streams)[:, None], [None])  # (streams, samples, 1)
-            if self.channels == 2:  # left rows first, then right rows
-                decoded = mx.concatenate(mx.split(decoded, 2), axis=-1)
-            mx.eval(decoded)
+            with backend.generation_scope():  # the LSTM's products run on the kernels' workers
+                decoded = self.audio_encoder.decode(mx.array(streams)[:, None], [None])  # (streams, samples, 1)
+                if self.channels == 2:  # left rows first, then right rows
+                    decoded = mx.concatenate(mx.split(decoded, 2), axis=-1)
+                mx.eval(decoded)
             decoded = np.array(decoded.astype(mx.float32), copy=False)
             for row, i in enumerate(group):
                 audio[i] = decoded[row]
@@ -687,23 +322,23 @@ class MusicGen:
 
     # ---------------------------------------------------------------------------------------- continuation
 
-    def continue_tokens(self, tokens: np.ndarray, prompt: str, seconds: float, **options) -> Clip:
-        """Continue EnCodec codes ``(codebooks, frames)`` (e.g. a clip's ``tokens``) by ``seconds`` of new music.
+    def continue_tokens(self, tokens: np.ndarray, prompt: str, new_seconds: float, **options) -> Clip:
+        """Continue EnCodec codes ``(codebooks, frames)`` (e.g. a clip's ``tokens``) by ``new_seconds`` of new music.
 
-        ``seconds`` is the length of the new part: the clip is the given frames (decoded again) followed by exactly
-        ``round(seconds × sampling_rate)`` new samples, and its ``tokens`` start with ``tokens`` exactly. The model is
-        conditioned on at most the last ``window − min(seconds, extend_stride)`` seconds of the given frames (all of
+        ``new_seconds`` is the length of the new part: the clip is the given frames (decoded again) followed by exactly
+        ``round(new_seconds × sampling_rate)`` new samples, and its ``tokens`` start with ``tokens`` exactly. The model is
+        conditioned on at most the last ``window − min(new_seconds, extend_stride)`` seconds of the given frames (all of
         them are kept in the result). ``options`` are those of :meth:`generate` (``seed``, ``top_k``,
         ``temperature``, ``guidance_scale``, ``extend_stride``, ``on_progress``, ``should_stop``).
         """
         on_progress, should_stop = options.pop("on_progress", None), options.pop("should_stop", None)
-        request = GenerationRequest(prompt, seconds, **options)
+        request = GenerationRequest(prompt, new_seconds, **options)
         request.validate(self.max_seconds)
         tokens = self._check_tokens(tokens, "The prompt tokens")
         if tokens.shape[1] > self.frames_for(self.max_seconds):
             raise ValueError(f"The audio to continue is too long ({tokens.shape[1] / self.frame_rate:g} s; at most "
                              f"{self.max_seconds:g} s).")
-        new = self.frames_for(seconds)
+        new = self.frames_for(new_seconds)
         request = GenerationRequest(prompt, (tokens.shape[1] + new) / self.frame_rate, request.seed, request.top_k,
                                     request.temperature, request.guidance_scale, tokens, request.extend_stride)
         self._check_request(request, tokens.shape[1] + new)
@@ -715,25 +350,25 @@ class MusicGen:
             raise GenerationStopped("generation was stopped")
         audio = self.decode_tokens(codes)
         hop = audio.shape[0] // codes.shape[1]
-        audio = _fit(audio, tokens.shape[1] * hop + self.samples_for(seconds))
-        log.info("continued %.2f s by %g s in %.2f s", tokens.shape[1] / self.frame_rate, seconds,
+        audio = _fit(audio, tokens.shape[1] * hop + self.samples_for(new_seconds))
+        log.info("continued %.2f s by %g s in %.2f s", tokens.shape[1] / self.frame_rate, new_seconds,
                  time.perf_counter() - start)
         return Clip(audio, self.sampling_rate, seed, codes)
 
-    def continue_audio(self, audio: np.ndarray, sampling_rate: int, prompt: str, seconds: float, **options) -> Clip:
-        """Continue a recording by ``seconds`` of new music guided by ``prompt``.
+    def continue_audio(self, audio: np.ndarray, sampling_rate: int, prompt: str, new_seconds: float, **options) -> Clip:
+        """Continue a recording by ``new_seconds`` of new music guided by ``prompt``.
 
         ``audio`` is ``(samples,)`` or ``(samples, channels)`` at ``sampling_rate``. It is resampled to the model's
         rate (band-limited FFT resampling, see :func:`resample`), mixed to the model's channels (the mean for a mono
         model; mono is duplicated and more than two channels are mixed down for a stereo model), EnCodec-encoded and
-        continued with :meth:`continue_tokens`. ``seconds`` is the length of the new part: the result is the input
+        continued with :meth:`continue_tokens`. ``new_seconds`` is the length of the new part: the result is the input
         (decoded again from its codes, its end trimmed to a whole EnCodec frame, i.e. by less than one frame) followed
-        by exactly ``round(seconds × sampling_rate)`` new samples. The input may be at most ``max_seconds`` long; the
-        model is conditioned on its last ``window − min(seconds, extend_stride)`` seconds. Bad input raises
+        by exactly ``round(new_seconds × sampling_rate)`` new samples. The input may be at most ``max_seconds`` long; the
+        model is conditioned on its last ``window − min(new_seconds, extend_stride)`` seconds. Bad input raises
         ``ValueError`` with a message fit to show a user.
         """
         tokens = self.encode_audio(audio, sampling_rate)
-        return self.continue_tokens(tokens, prompt, seconds, **options)
+        return self.continue_tokens(tokens, prompt, new_seconds, **options)
 
     def encode_audio(self, audio: np.ndarray, sampling_rate: int) -> np.ndarray:
         """Audio ``(samples,)`` or ``(samples, channels)`` at any rate -> EnCodec codes ``(codebooks, frames)``
@@ -768,14 +403,15 @@ class MusicGen:
         streams = [audio[None, :, c:c + 1] for c in range(self.channels)]  # each (1, samples, 1)
         K = self.num_codebooks // self.channels
         codes = []
-        for stream in streams:
-            stream_codes, _ = self.audio_encoder.encode(stream)  # (1, chunks, Q, F): MusicGen's codec is unchunked
-            if stream_codes.shape[1] != 1 or stream_codes.shape[2] < K:
-                raise ValueError(f"this model's EnCodec gives codes of shape {stream_codes.shape[1:3]} per frame, "
-                                 f"not the {K} codebooks its decoder expects")
-            codes.append(stream_codes[0, 0, :K])  # (K, F)
-        tokens = codes[0] if self.channels == 1 else mx.stack(codes, axis=1).reshape(-1, frames)  # L0, R0, L1 …
-        mx.eval(tokens)
+        with backend.generation_scope():
+            for stream in streams:
+                stream_codes, _ = self.audio_encoder.encode(stream)  # (1, chunks, Q, F): MusicGen's is unchunked
+                if stream_codes.shape[1] != 1 or stream_codes.shape[2] < K:
+                    raise ValueError(f"this model's EnCodec gives codes of shape {stream_codes.shape[1:3]} per "
+                                     f"frame, not the {K} codebooks its decoder expects")
+                codes.append(stream_codes[0, 0, :K])  # (K, F)
+            tokens = codes[0] if self.channels == 1 else mx.stack(codes, axis=1).reshape(-1, frames)  # L0, R0, L1 …
+            mx.eval(tokens)
         return np.array(tokens, dtype=np.int32)
 
     def _check_tokens(self, tokens: np.ndarray, what: str) -> np.ndarray:
@@ -803,31 +439,13 @@ class MusicGen:
         stride = request.extend_stride if request.extend_stride is not None else self.default_extend_stride
         return min(max(1, round(stride * self.frame_rate)), self.window_frames - 1)
 
-    def _windows(self, frames: int, prompt: int, stride: int) -> list[tuple[int, int, int]]:
-        """The windows ``(start, length, prompt)`` (in frames) that make ``frames`` from ``prompt`` known frames.
-
-        As audiocraft extends past its window: each window is at most ``window_frames`` long; the first is prompted
-        with at most the last ``window − min(new, stride)`` given frames, every later one starts ``stride`` frames
-        after the one before and is prompted with its last ``window − stride`` frames; only frames after a window's
-        prompt are new.
-        """
-        window = self.window_frames
-        p = min(prompt, window - min(frames - prompt, stride))
-        start, plan = prompt - p, []
-        while True:
-            length = min(frames - start, window)
-            plan.append((start, length, p))
-            if start + length >= frames:
-                return plan
-            start, p = start + stride, window - stride
-
     def _generate_rows(self, requests: list[GenerationRequest], frames: list[int], seeds: list[int],
                        on_progress: Callable[[int, int, int], None] | None,
                        should_stop: Callable[[int], bool] | None) -> list[np.ndarray | None]:
         """Codes of every row: the rows that fit in one window together, then the others window by window."""
         prompts = [None if r.prompt_tokens is None else self._check_tokens(r.prompt_tokens, "The prompt tokens")
                    for r in requests]
-        plans = [self._windows(n, 0 if p is None else p.shape[1], self._stride_frames(r))
+        plans = [plan_windows(n, 0 if p is None else p.shape[1], self._stride_frames(r), self.window_frames)
                  for r, n, p in zip(requests, frames, prompts, strict=True)]
         together = [i for i, plan in enumerate(plans) if len(plan) == 1 and plan[0][0] == 0]
         results: list[np.ndarray | None] = [None] * len(requests)
@@ -848,7 +466,7 @@ class MusicGen:
     def _generate_windows(self, row: int, request: GenerationRequest, plan: list[tuple[int, int, int]], seed: int,
                           prompt: np.ndarray | None, on_progress: Callable[[int, int, int], None] | None,
                           should_stop: Callable[[int], bool] | None) -> np.ndarray | None:
-        """One row window by window (``plan`` from :meth:`_windows`); progress counts steps over all windows."""
+        """One row window by window (``plan`` from :func:`core.generate.plan_windows`); progress counts steps over all windows."""
         extra = self.decoder.config.channel_codebooks - 1
         steps = [length + extra - p for _, length, p in plan]  # a window's prompt is prefilled, not stepped
         total, done = sum(steps), 0
@@ -858,9 +476,7 @@ class MusicGen:
             assert start + p == tokens.shape[1]
             progress = None if on_progress is None else \
                 lambda _i, step, _total, done=done: on_progress(row, done + step, total)
-            window_seed = seed if w == 0 else int(np.random.SeedSequence([seed, w]).generate_state(1, np.uint64)[0]
-                                                  >> np.uint64(1))
-            codes = self._generate_codes([request], [length], [window_seed], progress, stop,
+            codes = self._generate_codes([request], [length], [window_seed(seed, w)], progress, stop,
                                          [tokens[:, start:] if p else None])[0]
             if codes is None:
                 return None
@@ -895,111 +511,12 @@ class MusicGen:
                         on_progress: Callable[[int, int, int], None] | None,
                         should_stop: Callable[[int], bool] | None,
                         prompts: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray | None]:
-        """The decoding loop: one ``mx.eval`` per step, rows leave the batch when done or stopped.
-
-        ``prompts[row]`` ``(K, P)`` with ``P < frames[row]`` are forced as that row's first frames, in the delay
-        pattern, as transformers does with ``decoder_input_ids``. The positions every row knows are prefilled in one
-        decoder call; a row with a longer prompt steps through the rest of it with its codes forced. Progress counts
-        the steps after the prefill.
-        """
-        cfg = self.decoder.config
-        K, pad = cfg.num_codebooks, cfg.pad_token_id
-        delays = np.arange(K) // cfg.audio_channels  # stereo: L0, R0, L1, R1 … share a delay per pair
-        steps = [f + cfg.channel_codebooks - 1 for f in frames]
-        total = max(steps)
+        """Codes of rows that fit in one window: the text encoded, then :func:`core.generate.decode_steps` driven
+        with the callbacks (progress counts the steps after the prefill)."""
         guided = any(r.guidance_scale > 1 for r in requests)
-        rows = len(requests)
-        prompts = list(prompts) if prompts is not None else [None] * rows
-        lengths = [0 if p is None else p.shape[1] for p in prompts]
-        start = min(lengths)  # positions 0 … start - 1 are prefilled; the loop begins at step `start`
-
-        # out[row, k, t] is decoder position t + 1; codebook k holds frame t - delay_k there
-        out = np.full((rows, K, total), pad, dtype=np.int32)
-        forced = np.full((rows, K, max(max(lengths), 1)), pad, dtype=np.int32)  # prompt frames, padded
-        for row, p in enumerate(prompts):
-            if p is not None:
-                forced[row, :, : p.shape[1]] = p
-                for k, d in enumerate(delays):
-                    out[row, k, d: d + p.shape[1]] = p[k]
-
-        cross_kv, cross_mask = self._encode_text([r.prompt for r in requests], guided)
-        cache = self.decoder.make_cache(2 * rows if guided else rows, total)
-        if isinstance(cache[0], HostKVCache):  # the text is attended by the C kernel too
-            cross_kv = [HostCrossKV(k, v, cross_mask) for k, v in cross_kv]
-        scale = mx.array([r.guidance_scale for r in requests], dtype=mx.float32)
-        temperature = mx.array([r.temperature for r in requests], dtype=mx.float32)
-        top_k = mx.array([r.top_k for r in requests], dtype=mx.int32)
-        top_k_max = max(r.top_k for r in requests)
-        limit = mx.array(frames, dtype=mx.int32)[:, None]
-        prompt_limit = mx.array(lengths, dtype=mx.int32)[:, None]
-        given = mx.array(forced)
-        keys = [mx.random.key(seed) for seed in seeds]
-        for _ in range(start):  # a row's random stream depends on its seed and the step only
-            keys = [mx.random.split(key)[0] for key in keys]
-        bos = np.full((rows, K, 1), cfg.bos_token_id, dtype=np.int32)
-        if start > 0:
-            prefix = mx.array(np.concatenate([bos, out[:, :, : start - 1]], axis=2))  # positions 0 … start - 1
-            self.decoder(mx.concatenate([prefix, prefix]) if guided else prefix, cross_kv, cross_mask, cache)
-            mx.eval(keys, [c.state for c in cache])  # only the cache: the prefill's logits are never computed
-        tokens = mx.array(out[:, :, start - 1: start] if start > 0 else bos)  # position `start`
-        delay = mx.array(delays, dtype=mx.int32)[None]
-        codebook = mx.arange(K)
-        active = list(range(rows))  # original row index of each batch row
-        stopped: set[int] = set()
-
-        for step in range(start, total):
-            leave = [i for i, row in enumerate(active)
-                     if step >= steps[row] or (should_stop is not None and should_stop(row))]
-            for i in leave:
-                if step < steps[active[i]]:
-                    stopped.add(active[i])
-                    log.info("row %d stopped at step %d/%d", active[i], step, steps[active[i]])
-            if leave:
-                keep = [i for i in range(len(active)) if i not in leave]
-                active = [active[i] for i in keep]
-                if not active:
-                    break
-                idx = mx.array(keep, dtype=mx.int32)
-                full = mx.concatenate([idx, idx + len(keep) + len(leave)]) if guided else idx
-                for c in cache:
-                    c.select(full)
-                cross_kv = [kv.select(full) if isinstance(kv, HostCrossKV) else (kv[0][full], kv[1][full])
-                            for kv in cross_kv]
-                cross_mask = cross_mask[full]
-                scale, temperature, top_k, limit = scale[idx], temperature[idx], top_k[idx], limit[idx]
-                prompt_limit, given = prompt_limit[idx], given[idx]
-                keys = [keys[i] for i in keep]
-                tokens = tokens[idx]
-
-            inputs = mx.concatenate([tokens, tokens]) if guided else tokens
-            logits = self.decoder(inputs, cross_kv, cross_mask, cache)[:, :, -1].astype(mx.float32)  # (b, K, V)
-            if guided:
-                cond, uncond = mx.split(logits, 2)
-                s = scale[:, None, None]
-                logits = mx.where(s > 1, uncond + (cond - uncond) * s, cond)
-            split = [mx.random.split(key) for key in keys]
-            keys = [k for k, _ in split]
-            sampled = sample(logits, temperature, top_k, [sub for _, sub in split], top_k_max)
-            # delay pattern: codebook k holds frame (step - delay_k); before and after its frames it is padding,
-            # and the frames of a row's prompt are its prompt's codes
-            frame = step - delay  # (1, K)
-            column = np.clip(step - delays, 0, given.shape[2] - 1)
-            sampled = mx.where(frame < prompt_limit, given[:, codebook, mx.array(column)], sampled)
-            tokens = mx.where((frame >= 0) & (frame < limit), sampled, pad)[..., None]  # (b, K, 1)
-            mx.eval(tokens, keys, [c.state for c in cache])
-            out[active, :, step] = np.array(tokens[..., 0])
-            if on_progress is not None:
-                for row in active:
-                    on_progress(row, step + 1 - start, steps[row] - start)
-
-        results: list[np.ndarray | None] = []
-        for row in range(rows):
-            if row in stopped:
-                results.append(None)
-                continue
-            f = frames[row]
-            results.append(np.stack([out[row, k, d:d + f] for k, d in enumerate(delays)]))
-        return results
+        text, cross_mask = self._encode_text([r.prompt for r in requests], guided)
+        steps = decode_steps(self.decoder, text, cross_mask, requests, frames, seeds, prompts)
+        return run_steps(steps, on_progress, should_stop)
 
     # ---------------------------------------------------------------------------------------- memory
 
@@ -1040,6 +557,23 @@ class MusicGen:
 
     def audio_encoder_config(self) -> dict:
         return dict(self.config.get("audio_encoder") or {})
+
+
+_warned = False
+
+
+def _warn_without_backend() -> None:
+    """Once per process on Linux: say so when :func:`core.preload_backend` did not give MLX the fast kernels (it was
+    not called, or MLX was imported before it)."""
+    global _warned
+    if _warned or not sys.platform.startswith("linux"):
+        return
+    blas = sys.modules.get("core.cpu.blas")
+    chosen = blas.active_blas if blas is not None else "not chosen yet"
+    if chosen == "not chosen yet" or "too late" in chosen:
+        _warned = True
+        warnings.warn("MLX runs on the slow reference BLAS: call core.preload_backend() before anything imports "
+                      f"mlx ({chosen})", RuntimeWarning, stacklevel=3)
 
 
 def text_encoder_size(config: Mapping) -> int:
@@ -1087,4 +621,4 @@ def _fit(audio: np.ndarray, samples: int) -> np.ndarray:
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
-__all__ = ["DecoderConfig", "MusicGen", "MusicgenDecoder", "resample", "sample", "sinusoids", "top_k_mask"]
+__all__ = ["MusicGen", "resample"]
