@@ -75,7 +75,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def test_unreachable_discord_is_one_line(checkpoint, tmp_path, api_base):
     if api_base == "refused":
         api_base = f"http://127.0.0.1:{closed_port()}/api/v10"
-    (tmp_path / ".env").write_text("DATABASE_PATH=data/bot.sqlite3\n")
+    (tmp_path / ".env").write_text("DATABASE_PATH=data/bot.sqlite3\nMUSICGEN_BLAS=reference\n")
     result = bot(cwd=tmp_path, DISCORD_TOKEN="abc", MUSICGEN_MODEL=str(checkpoint), DISCORD_API_BASE=api_base,
                  DISCORD_GATEWAY_URL="ws://127.0.0.1:1/")
     assert result.returncode == 2, result.stderr
@@ -87,3 +87,4 @@ def test_unreachable_discord_is_one_line(checkpoint, tmp_path, api_base):
     # the relative DATABASE_PATH follows the .env file, and the start-up log says where it is
     assert f"database: {tmp_path.resolve() / 'data' / 'bot.sqlite3'}" in log
     assert (tmp_path / "data" / "bot.sqlite3").exists()
+    assert "BLAS: reference BLAS (MUSICGEN_BLAS=reference)" in log  # .env is read before the BLAS is chosen
