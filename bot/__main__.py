@@ -95,8 +95,9 @@ async def run(settings: Settings) -> None:
             raise StartupError("Discord refused the gateway intents for this bot.") from None
         except (aiohttp.ClientConnectionError, OSError) as exc:  # DNS, refused, unreachable: no traceback
             where = settings.discord_api_base or "discord.com"
-            raise StartupError(f"Discord could not be reached ({where}: {exc.__class__.__name__}); check the "
-                               "network, a proxy or firewall, and DISCORD_API_BASE if set.") from None
+            what = "could not be reached" if bot.user is None else "was lost"  # no user: login never answered
+            raise StartupError(f"Discord {what} ({where}: {exc.__class__.__name__}); check the network, a proxy "
+                               "or firewall, and DISCORD_API_BASE if set.") from None
         finally:
             if not bot.shutting_down:
                 await bot.shutdown(grace=0)
