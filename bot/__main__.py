@@ -1,6 +1,7 @@
 """``python -m bot`` (or ``musicgen-bot``): read settings, set up logging, load the model, run the bot.
 
-A missing token, a bad setting or a model that cannot be loaded gives one clear message and exit status 2.
+A missing token, a bad setting, a model that cannot be loaded or a Discord that cannot be reached gives one clear
+message and exit status 2. ``--help`` prints the settings and commands and loads nothing.
 SIGINT/SIGTERM shut down gracefully (the running clip may finish within ``SHUTDOWN_GRACE_SECONDS``).
 """
 
@@ -10,15 +11,17 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
+import aiohttp
 import discord
-from dotenv import load_dotenv
+from dotenv import find_dotenv, load_dotenv
 
 import core
 
 from .client import MusicBot
 from .queue import JobQueue, Limits
-from .settings import Settings, SettingsError
+from .settings import VARIABLES, Settings, SettingsError
 from .store import SQLiteJobStore
 from .worker import GenerationWorker, WorkerError
 
@@ -50,6 +53,7 @@ def model_factory(settings: Settings):
 
 async def run(settings: Settings) -> None:
     """Build everything and run until the bot closes or a signal asks it to stop."""
+    log.info("database: %s", settings.database_path)
     store = SQLiteJobStore(settings.database_path)
     memory_limit = settings.memory_limit_mb * 2**20 if settings.memory_limit_mb else None
     worker = GenerationWorker(model_factory(settings), max_batch=settings.max_batch,
@@ -89,20 +93,61 @@ async def run(settings: Settings) -> None:
                                "Bot → Reset Token).") from None
         except discord.PrivilegedIntentsRequired:
             raise StartupError("Discord refused the gateway intents for this bot.") from None
+        except (aiohttp.ClientConnectionError, OSError) as exc:  # DNS, refused, unreachable: no traceback
+            where = settings.discord_api_base or "discord.com"
+            what = "could not be reached" if bot.user is None else "was lost"  # no user: login never answered
+            raise StartupError(f"Discord {what} ({where}: {exc.__class__.__name__}); check the network, a proxy "
+                               "or firewall, and DISCORD_API_BASE if set.") from None
         finally:
             if not bot.shutting_down:
                 await bot.shutdown(grace=0)
 
 
-def main() -> int:
+COMMANDS = (
+    ("/music prompt [seconds] [seed] [format]", "queue a clip"),
+    ("/continue audio prompt [seconds] [format]", "continue your own recording"),
+    ("/queue", "the running and next clips"),
+    ("/cancel", "cancel your own clips"),
+    ("/history", "your last 10 clips"),
+    ("/session start|status|end", "a community session in a thread"),
+    ("/admin pause|resume|clear|remove|skip|limits", "queue control (Manage Server, ADMIN_ROLE_IDS/ADMIN_USER_IDS)"),
+)
+
+
+def usage(prog: str = "python -m bot") -> str:
+    """The ``--help`` text: how to run the bot, its settings with defaults, where ``.env`` is read, the commands."""
+    lines = [f"usage: {prog} [-h]", "",
+             "Run the MusicGen Discord bot. Settings come from the environment and from a .env file (the first",
+             "found in the current folder or a folder above it; the environment wins). See .env.example.", "",
+             "settings (default: meaning):"]
+    for name, default, meaning in VARIABLES:
+        lines.append(f"  {name:<27} {default or '-'}: {meaning}")
+    lines += ["", "slash commands:"]
+    lines += [f"  {command:<46} {what}" for command, what in COMMANDS]
+    lines += ["", "Exit status: 0 after a clean shutdown (SIGINT/SIGTERM), 2 when it cannot start."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
-    load_dotenv()
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-h", "--help"):
+        print(usage("python -m bot" if Path(sys.argv[0]).name == "__main__.py" else Path(sys.argv[0]).name))
+        return 0
+    if args:
+        print(f"musicgen-bot: unknown argument {args[0]!r}; settings come from the environment and .env "
+              "(see --help)", file=sys.stderr)
+        return 2
+    dotenv = find_dotenv(usecwd=True)
+    if dotenv:
+        load_dotenv(dotenv)
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(base_dir=Path(dotenv).parent if dotenv else None)
     except SettingsError as exc:
         print(f"musicgen-bot: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
+    log.info("settings from the environment%s", f" and {dotenv}" if dotenv else " (no .env file found)")
     settings.apply_discord_endpoints()
     try:
         asyncio.run(run(settings))

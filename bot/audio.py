@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
+from core import audio_files
+
 from .jobs import ClipData
 
 log = logging.getLogger(__name__)
@@ -106,47 +108,15 @@ def finish(samples: np.ndarray, sampling_rate: int, *, normalize: bool = True,
     """Peak-normalise ``samples`` ``(n, channels)`` to -1 dBFS (never clipping) and fade the last ``fade_seconds``
     out so a clip cut at its exact length ends without a click. ``normalize=False`` returns the samples as they are.
     """
-    x = np.nan_to_num(np.asarray(samples, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    if x.ndim == 1:
-        x = x[:, None]
-    if not normalize:
-        return x
-    peak = float(np.max(np.abs(x))) if x.size else 0.0
-    if peak > 1e-6:
-        x = x * (PEAK / peak)
-    n = min(x.shape[0], int(round(fade_seconds * sampling_rate)))
-    if n > 1:
-        ramp = np.cos(np.linspace(0.0, np.pi / 2, n, dtype=np.float32)) ** 2  # 1 → 0, smooth at both ends
-        x = x.copy()
-        x[-n:] *= ramp[:, None]
-    return x.astype(np.float32, copy=False)
+    return audio_files.finish(samples, sampling_rate, normalize=normalize, fade_seconds=fade_seconds)
 
 
 def encode(samples: np.ndarray, sampling_rate: int, fmt: str) -> bytes:
     """``samples`` ``(n, channels)`` in [-1, 1] as a ``fmt`` file (wav, flac, ogg or mp3), exactly ``n`` frames
-    long for the lossless formats."""
+    long for the lossless formats (the same files the command line writes)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown audio format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    samples = np.asarray(samples, dtype=np.float32)
-    if samples.ndim == 1:
-        samples = samples[:, None]
-    if fmt == "wav":
-        return _wav(samples, sampling_rate)
-    clipped = np.clip(samples, -1.0, 1.0)
-    out = io.BytesIO()
-    if fmt == "flac":
-        sf.write(out, clipped, sampling_rate, format="FLAC", subtype="PCM_16")
-    elif fmt == "ogg":
-        sf.write(out, clipped, sampling_rate, format="OGG", subtype="VORBIS")
-    elif "MP3" in sf.available_formats():
-        sf.write(out, clipped, sampling_rate, format="MP3", subtype="MPEG_LAYER_III")
-    else:  # an older libsndfile: ffmpeg through pydub
-        from pydub import AudioSegment
-
-        segment = AudioSegment(pcm16(clipped).tobytes(), frame_rate=int(sampling_rate), sample_width=2,
-                               channels=clipped.shape[1])
-        segment.export(out, format="mp3", bitrate="128k")
-    return out.getvalue()
+    return audio_files.encode(samples, sampling_rate, fmt)
 
 
 def encode_to_fit(samples: np.ndarray, sampling_rate: int, fmt: str, max_bytes: int) -> tuple[str, bytes]:

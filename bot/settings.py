@@ -8,11 +8,43 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.options import DEFAULT_MODEL, blas_choice_problem
+
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
 SYNC_MODES = ("guilds", "global", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+# (variable, default, meaning) for ``python -m bot --help``; .env.example and the README say the same at length.
+VARIABLES = (
+    ("DISCORD_TOKEN", "(required)", "the bot token (Developer Portal → your app → Bot → Reset Token)"),
+    ("MUSICGEN_MODEL", DEFAULT_MODEL, "hub id or local checkpoint folder"),
+    ("MUSICGEN_DTYPE", "float32", "decoder weights: float32, float16 or bfloat16"),
+    ("DISCORD_GUILD_IDS", "", "comma-separated server ids whose slash commands are synced at start"),
+    ("SYNC_COMMANDS", "guilds if ids set, else none", "where commands are synced at start: guilds, global, none"),
+    ("MAX_SECONDS", "60", "longest clip a member may ask for"),
+    ("MAX_PENDING_PER_USER", "2", "requests one member may have waiting or running"),
+    ("MAX_QUEUE_SIZE", "50", "requests the whole queue may hold"),
+    ("COOLDOWN_SECONDS", "10", "seconds between two requests of one member"),
+    ("ADMIN_ROLE_IDS", "", "role ids allowed to use /admin (besides Manage Server)"),
+    ("ADMIN_USER_IDS", "", "user ids allowed to use /admin"),
+    ("DATABASE_PATH", "./var/bot.sqlite3", "SQLite file for jobs, sessions, pause state and limits; a relative "
+                                          "path is taken from the .env file's folder (or the current folder)"),
+    ("MAX_BATCH", "4", "clips generated together in one batch"),
+    ("MEMORY_LIMIT_MB", "free memory", "memory a batch may use; batches shrink to fit"),
+    ("JOB_TIMEOUT_SECONDS", "600", "a generation running longer is stopped"),
+    ("SHUTDOWN_GRACE_SECONDS", "30", "time the running batch may take to finish on SIGINT/SIGTERM"),
+    ("PROGRESS_INTERVAL_SECONDS", "2", "seconds between progress edits (at least 1)"),
+    ("EXTEND_STRIDE_SECONDS", "18", "window stride for clips longer than the model's window"),
+    ("NORMALIZE_AUDIO", "true", "peak-normalise clips to -1 dBFS with a 50 ms fade-out (true/false)"),
+    ("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+    ("MUSICGEN_BLAS", "auto", "Linux: auto, openblas, blis, reference or a BLAS library path"),
+    ("DISCORD_API_BASE", "", "tests and self-hosted gateways: Discord's REST base URL"),
+    ("DISCORD_GATEWAY_URL", "", "tests and self-hosted gateways: the gateway URL"),
+)
 
 
 class SettingsError(ValueError):
@@ -24,7 +56,7 @@ class Settings:
     """Everything the bot reads from its environment. Field names are the variable names in lower case."""
 
     discord_token: str = field(repr=False)
-    musicgen_model: str = "facebook/musicgen-small"
+    musicgen_model: str = DEFAULT_MODEL
     musicgen_dtype: str = "float32"
     discord_guild_ids: tuple[int, ...] = ()
     sync_commands: str = "none"
@@ -50,8 +82,12 @@ class Settings:
         return repr(self)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read and check every variable; raise :class:`SettingsError` with a message fit for an operator."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, base_dir: Path | None = None) -> Settings:
+        """Read and check every variable; raise :class:`SettingsError` with a message fit for an operator.
+
+        A relative ``DATABASE_PATH`` is taken from ``base_dir`` (the ``.env`` file's folder; default the current
+        folder), so the database does not move with the folder the bot happens to be started from.
+        """
         env = {k: v.strip() for k, v in (os.environ if environ is None else environ).items() if isinstance(v, str)}
 
         def get(name: str) -> str | None:
@@ -79,6 +115,16 @@ class Settings:
         if level not in LOG_LEVELS:
             raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {level!r}).")
 
+        normalize = (get("NORMALIZE_AUDIO") or "true").lower()
+        if normalize not in TRUE_WORDS + FALSE_WORDS:
+            raise SettingsError(f"NORMALIZE_AUDIO must be true or false (got {normalize!r}).")
+        blas_problem = blas_choice_problem(get("MUSICGEN_BLAS"))
+        if blas_problem:
+            raise SettingsError(blas_problem)
+        database = Path(get("DATABASE_PATH") or "./var/bot.sqlite3").expanduser()
+        if not database.is_absolute():
+            database = (base_dir if base_dir is not None else Path.cwd()).resolve() / database
+
         api_base = get("DISCORD_API_BASE")
         if api_base is not None and not api_base.startswith(("http://", "https://")):
             raise SettingsError(f"DISCORD_API_BASE must be an http(s) URL (got {api_base!r}).")
@@ -88,7 +134,7 @@ class Settings:
 
         return cls(
             discord_token=token,
-            musicgen_model=get("MUSICGEN_MODEL") or "facebook/musicgen-small",
+            musicgen_model=get("MUSICGEN_MODEL") or DEFAULT_MODEL,
             musicgen_dtype=dtype,
             discord_guild_ids=guild_ids,
             sync_commands=sync,
@@ -98,14 +144,14 @@ class Settings:
             cooldown_seconds=_float(env, "COOLDOWN_SECONDS", 10.0, minimum=0.0),
             admin_role_ids=frozenset(_id_list(env, "ADMIN_ROLE_IDS")),
             admin_user_ids=frozenset(_id_list(env, "ADMIN_USER_IDS")),
-            database_path=Path(get("DATABASE_PATH") or "./var/bot.sqlite3").expanduser(),
+            database_path=database,
             max_batch=_int(env, "MAX_BATCH", 4, minimum=1, maximum=64),
             job_timeout_seconds=_float(env, "JOB_TIMEOUT_SECONDS", 600.0, minimum=1.0),
             shutdown_grace_seconds=_float(env, "SHUTDOWN_GRACE_SECONDS", 30.0, minimum=0.0),
             progress_interval_seconds=_float(env, "PROGRESS_INTERVAL_SECONDS", 2.0, minimum=1.0),
             extend_stride_seconds=_float(env, "EXTEND_STRIDE_SECONDS", 18.0, minimum=1.0),
             memory_limit_mb=_int(env, "MEMORY_LIMIT_MB", 0, minimum=1) or None,
-            normalize_audio=(env.get("NORMALIZE_AUDIO") or "true").strip().lower() not in ("0", "false", "no", "off"),
+            normalize_audio=normalize in TRUE_WORDS,
             log_level=level,
             discord_api_base=api_base.rstrip("/") if api_base else None,
             discord_gateway_url=gateway,

@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 DEFAULT_PATTERNS = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
                     "model.safetensors", "model-*.safetensors", "model.safetensors.index.json")
 
+WHAT_TO_DO = ("name a local checkpoint folder with --model FOLDER or MUSICGEN_MODEL=FOLDER, or connect once so the "
+              "hub id is downloaded into the cache (HF_HOME); HF_HUB_OFFLINE=1 then runs from the cache without "
+              "network")
+
 CONVERT_HINT = ("convert it once with `python -m core.convert {path}` (needs torch; running the model never does), "
                 "or use a repo that ships model.safetensors")
 
@@ -41,7 +45,9 @@ def resolve(name_or_path: str | Path, allow_patterns: Sequence[str] = DEFAULT_PA
     if path.exists():
         raise CheckpointError(f"{name} is a file; expected a checkpoint folder or a hub id like facebook/musicgen-small")
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise CheckpointError(f"no checkpoint folder at {name}, and it is not a hub id like facebook/musicgen-small")
+        raise CheckpointError(f"no checkpoint folder at {name}, and it is not a hub id like facebook/musicgen-small: "
+                              "pass --model FOLDER (or set MUSICGEN_MODEL) to a folder holding config.json and "
+                              "model.safetensors, or a hub id")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -55,12 +61,18 @@ def resolve(name_or_path: str | Path, allow_patterns: Sequence[str] = DEFAULT_PA
     except GatedRepoError as e:
         raise CheckpointError(f"hub repo {name} is gated: accept its license on the hub and log in ({e})") from None
     except RepositoryNotFoundError:
-        raise CheckpointError(f"hub repo {name} does not exist (or is private)") from None
+        raise CheckpointError(f"hub repo {name} does not exist (or is private): check the id, or pass --model FOLDER "
+                              "(or MUSICGEN_MODEL) for a local checkpoint") from None
     except LocalEntryNotFoundError:
         raise CheckpointError(f"hub repo {name} is not in the local cache and the hub cannot be reached "
-                              "(offline mode or no network)") from None
+                              f"(offline mode or no network): {WHAT_TO_DO}") from None
     except (HfHubHTTPError, OSError) as e:
-        raise CheckpointError(f"could not download {name}: {e}") from None
+        raise CheckpointError(f"could not download {name} ({_first_line(e)}): {WHAT_TO_DO}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class BaseConfig:

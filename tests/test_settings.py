@@ -21,7 +21,7 @@ def test_defaults():
     assert (s.discord_guild_ids, s.sync_commands) == ((), "none")
     assert (s.max_seconds, s.max_pending_per_user, s.max_queue_size, s.cooldown_seconds) == (60, 2, 50, 10.0)
     assert (s.admin_role_ids, s.admin_user_ids) == (frozenset(), frozenset())
-    assert s.database_path == Path("./var/bot.sqlite3")
+    assert s.database_path == Path.cwd().resolve() / "var" / "bot.sqlite3"  # absolute: it must not follow chdir
     assert (s.max_batch, s.job_timeout_seconds, s.shutdown_grace_seconds) == (4, 600.0, 30.0)
     assert (s.progress_interval_seconds, s.log_level) == (2.0, "INFO")
     assert (s.extend_stride_seconds, s.memory_limit_mb) == (18.0, None)
@@ -76,6 +76,9 @@ def test_values_are_parsed():
     ({"EXTEND_STRIDE_SECONDS": "0.5"}, "EXTEND_STRIDE_SECONDS must be a finite number of at least 1"),
     ({"DISCORD_API_BASE": "127.0.0.1:9"}, "DISCORD_API_BASE must be an http"),
     ({"DISCORD_GATEWAY_URL": "http://x/"}, "DISCORD_GATEWAY_URL must be a ws"),
+    ({"NORMALIZE_AUDIO": "maybe"}, "NORMALIZE_AUDIO must be true or false"),
+    ({"MUSICGEN_BLAS": "bogus"}, "MUSICGEN_BLAS must be one of auto, openblas, blis, reference or the path"),
+    ({"MUSICGEN_BLAS": "/no/such/libblas.so"}, "MUSICGEN_BLAS must be one of"),
 ])
 def test_bad_values_give_a_clear_error_without_the_token(env, message):
     environ = {"DISCORD_TOKEN": TOKEN, **env}
@@ -109,3 +112,25 @@ def test_discord_endpoints_are_replaced_only_when_set(monkeypatch):
     # discord.py calls .with_query on it, so it must be a URL, not a string
     assert isinstance(gateway, yarl.URL) and str(gateway) == "ws://127.0.0.1:1/"
     assert str(gateway.with_query(v=10, encoding="json")) == "ws://127.0.0.1:1/?v=10&encoding=json"
+
+
+@pytest.mark.parametrize("raw, expected", [("true", True), ("YES", True), ("1", True), ("on", True),
+                                           ("false", False), ("Off", False), ("0", False), ("no", False),
+                                           ("", True)])
+def test_normalize_audio_words(raw, expected):
+    assert Settings.from_env({"DISCORD_TOKEN": TOKEN, "NORMALIZE_AUDIO": raw}).normalize_audio is expected
+
+
+def test_blas_choices_and_library_paths_are_accepted(tmp_path):
+    library = tmp_path / "libmyblas.so"
+    library.write_bytes(b"")
+    for choice in ("auto", "openblas", "blis", "reference", str(library), ""):
+        Settings.from_env({"DISCORD_TOKEN": TOKEN, "MUSICGEN_BLAS": choice})
+
+
+def test_relative_database_path_follows_the_env_folder(tmp_path):
+    env = {"DISCORD_TOKEN": TOKEN, "DATABASE_PATH": "data/jobs.db"}
+    assert Settings.from_env(env, base_dir=tmp_path).database_path == tmp_path.resolve() / "data" / "jobs.db"
+    assert Settings.from_env(env).database_path == Path.cwd().resolve() / "data" / "jobs.db"
+    env["DATABASE_PATH"] = "/srv/jobs.db"
+    assert Settings.from_env(env, base_dir=tmp_path).database_path == Path("/srv/jobs.db")
