@@ -93,12 +93,15 @@ def make_state(decoder: MusicgenDecoder, kind: str, rows: int, cached: int, capa
     return caches, cross
 
 
-def step(decoder: MusicgenDecoder, caches: list, cross: list, mask: mx.array, tokens: mx.array) -> tuple[float, mx.array]:
-    """Seconds for one decoder step, built and evaluated, and its logits."""
+def step(decoder: MusicgenDecoder, caches: list, cross: list, mask: mx.array,
+         tokens: mx.array) -> tuple[float, float, mx.array]:
+    """Seconds for one decoder step (built and evaluated), seconds of it spent in building the graph (for the
+    ctypes path that includes its per-layer evaluations), and its logits."""
     start = time.perf_counter()
     logits = decoder(tokens, cross, mask, caches)
+    built = time.perf_counter()
     mx.eval(logits)
-    return time.perf_counter() - start, logits
+    return time.perf_counter() - start, built - start, logits
 
 
 def step_benchmark(rows_list: list[int], rounds: int, steps: int, cached: int, text: int) -> None:
@@ -125,21 +128,27 @@ def step_benchmark(rows_list: list[int], rounds: int, steps: int, cached: int, t
         state = {kind: make_state(decoder, kind, rows, cached, capacity, keys, values, cross, mask) for kind in kinds}
         del keys, values
         times: dict[str, list[float]] = {kind: [] for kind in kinds}
+        build: dict[str, list[float]] = {kind: [] for kind in kinds}
         error = {kind: 0.0 for kind in kinds}
         for _ in range(total):
             tokens = mx.array(rng.integers(0, 2048, (rows, config.num_codebooks, 1)), dtype=mx.int32)
             mx.eval(tokens)
             logits = {}
             for kind in kinds:
-                seconds, logits[kind] = step(decoder, *state[kind], mask, tokens)
+                seconds, building, logits[kind] = step(decoder, *state[kind], mask, tokens)
                 times[kind].append(seconds)
+                build[kind].append(building)
             for kind in kinds:  # the same inputs, the same caches: the same logits up to float32 rounding
                 error[kind] = max(error[kind], float(mx.abs(logits[kind] - logits["mlx"]).max()))
         for kind in kinds:
             t = sorted(times[kind])
             print(f"  {rows} rows  {kind:9s}  median {1e3 * statistics.median(t):6.1f}  "
                   f"quartiles {1e3 * t[len(t) // 4]:6.1f} {1e3 * t[3 * len(t) // 4]:6.1f}  min {1e3 * t[0]:6.1f}  "
-                  f"(max |logits - mlx| {error[kind]:.1e})")
+                  f"graph built in {1e3 * statistics.median(build[kind]):5.1f}  (max |logits - mlx| {error[kind]:.1e})")
+        # the two C-kernel ways ran back to back on the same step: their difference is less exposed to the load
+        paired = [c - p for c, p in zip(times["ctypes"], times["primitive"])]
+        print(f"  {rows} rows  ctypes - primitive, same step: median {1e3 * statistics.median(paired):+6.1f}, "
+              f"primitive faster in {sum(d > 0 for d in paired)} of {len(paired)} steps")
         del state
 
 
