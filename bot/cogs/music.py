@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import aiohttp
 import discord
 import numpy as np
 from discord import app_commands
 from discord.ext import commands
 
-from .. import audio, formatting
+from .. import audio, formatting, untrusted_audio
 from ..checks import UserError
 from ..jobs import (
     MAX_TEMPERATURE,
@@ -40,6 +41,7 @@ EXTEND_SECONDS = 10  # what one click on Extend adds (less when the clip is near
 QUEUE_PAGE = 10
 HISTORY_SIZE = 10
 READ_UPLOAD_SECONDS = 2.4  # download + decode must finish before Discord's 3 s deadline for the first answer
+DOWNLOAD_SECONDS = 1.0  # of those, at most this for the download from Discord's CDN
 Format = Literal["wav", "flac", "ogg", "mp3"]
 GONE = ("Sorry, the data of that clip is gone (it was made before I kept it, or it was cleaned up), so I can't "
         "{what} it. Use /music to make a new one!")
@@ -119,7 +121,9 @@ class Music(commands.Cog):
         text = formatting.clean_prompt(prompt)
         limits = bot.queue.limits
         seconds = formatting.parse_seconds(DEFAULT_SECONDS if seconds is None else seconds, limits.max_seconds)
-        samples, rate = await read_upload(audio)
+        rate = bot.worker.sampling_rate
+        # already at the model's rate and channels, and no longer than the model's longest clip
+        samples = await read_upload(audio, rate, bot.worker.channels, bot.worker.max_seconds)
         upload_seconds = samples.shape[0] / rate
         room = int(bot.worker.max_seconds - upload_seconds)
         if room < 1:
@@ -129,7 +133,7 @@ class Music(commands.Cog):
             raise UserError(f"Your clip is {upload_seconds:.1f} s long, so I can add at most {room} s to it "
                             f"(at most {bot.worker.max_seconds:g} s in all).")
         files_dir = files_dir_of(bot)
-        path = save_upload(files_dir, samples, rate)
+        path = save_upload(files_dir, samples, rate)  # the model-rate version only: ~4 MB for 30 s of mono
         session = bot.store.session_for_thread(interaction.channel_id) if interaction.channel_id else None
         user = interaction.user
         job = Job(
@@ -253,25 +257,39 @@ async def enqueue(bot: MusicBot, interaction: discord.Interaction, job: Job) -> 
         await bot.deliverer.edit_status(current, current.error or "Cancelled.")
 
 
-async def read_upload(attachment: discord.Attachment) -> tuple[np.ndarray, int]:
-    """Download and decode a member's audio file, or raise UserError with a polite reason."""
-    if attachment.size > audio.MAX_UPLOAD_AUDIO_BYTES:
-        raise UserError(f"That file is too large ({attachment.size / 1e6:.1f} MB; at most "
-                        f"{audio.MAX_UPLOAD_AUDIO_BYTES / 1e6:.0f} MB).")
-
-    async def read() -> tuple[np.ndarray, int]:
-        data = await attachment.read()
-        return await asyncio.to_thread(audio.decode, data)  # numpy/ffmpeg only: no MLX on this thread
-
+async def read_upload(attachment: discord.Attachment, sampling_rate: int, channels: int,
+                      max_seconds: float) -> np.ndarray:
+    """Download a member's audio file (streamed, capped, with its own timeout) and decode it in the sandbox of
+    :mod:`bot.untrusted_audio` to float32 ``(n, channels)`` at ``sampling_rate``; UserError with a polite reason."""
+    limit = untrusted_audio.MAX_INPUT_BYTES
+    if attachment.size > limit:  # what Discord says; the download checks again as it streams
+        raise UserError(f"That file is too large ({attachment.size / 1e6:.1f} MB; at most {limit / 1e6:.0f} MB).")
+    started = time.monotonic()
     try:
-        return await asyncio.wait_for(read(), READ_UPLOAD_SECONDS)
-    except audio.AudioError as exc:
+        data = await download(attachment.url, limit, DOWNLOAD_SECONDS)
+        left = READ_UPLOAD_SECONDS - (time.monotonic() - started)
+        sandbox = untrusted_audio.Sandbox(timeout=max(0.1, left / 2))  # two children: ffprobe, then ffmpeg
+        return await untrusted_audio.decode(data, sampling_rate=sampling_rate, channels=channels,
+                                           max_seconds=max_seconds, sandbox=sandbox)
+    except untrusted_audio.AudioError as exc:
         raise UserError(str(exc)) from exc
-    except asyncio.TimeoutError:
-        raise UserError("That file took too long to read; please send a shorter or smaller clip.") from None
-    except (discord.HTTPException, OSError) as exc:
-        log.warning("could not download attachment %s: %s", attachment.id, exc)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        log.warning("could not download attachment %s: %s", attachment.id, exc or type(exc).__name__)
         raise UserError("I couldn't download that file; please try again.") from exc
+
+
+async def download(url: str, max_bytes: int, timeout: float) -> bytes:
+    """The body at ``url``, read in chunks on the event loop (no thread), at most ``max_bytes`` (AudioError past
+    that, whatever Content-Length said) and within ``timeout`` seconds in all (asyncio.TimeoutError)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        async with session.get(url, allow_redirects=False) as response:
+            response.raise_for_status()
+            data = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise untrusted_audio.AudioError(f"That file is too large (at most {max_bytes / 1e6:.0f} MB).")
+            return bytes(data)
 
 
 async def follow_up(interaction: discord.Interaction, action: str, job_id: int) -> None:
