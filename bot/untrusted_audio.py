@@ -198,7 +198,7 @@ async def probe(data: bytes, sandbox: Sandbox = Sandbox()) -> Probe:
         channels = int(stream["channels"])
         rate = int(stream["sample_rate"])
     except (ValueError, KeyError, IndexError, TypeError):
-        raise AudioError("That file holds no audio I can read.") from None
+        raise AudioError(UNREADABLE) from None
     seconds = None
     for claimed in (stream.get("duration"), report.get("format", {}).get("duration")):
         try:
