@@ -1,5 +1,5 @@
 """Audio files from generated clips (WAV, FLAC, Ogg Vorbis, MP3; a smaller format when an upload limit is tight),
-finishing touches (peak normalisation, a short fade-out) and decoding of members' uploads."""
+finishing touches (peak normalisation, a short fade-out). Members' uploads are decoded in :mod:`bot.untrusted_audio`."""
 
 from __future__ import annotations
 
@@ -75,8 +75,6 @@ def _wav(samples: np.ndarray, sampling_rate: int) -> bytes:
 # -- finishing and encoding ------------------------------------------------------------------------------------
 FADE_SECONDS = 0.05
 PEAK = 10 ** (-1 / 20)  # normalise to -1 dBFS: loud, and lossy encoders' overshoot stays below full scale
-MAX_UPLOAD_AUDIO_BYTES = 10 * 1024 * 1024
-MAX_UPLOAD_AUDIO_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -97,10 +95,6 @@ FORMATS: dict[str, AudioFormat] = {
 }
 # When a file is too large for the upload limit, try these in turn (lossless first, then the smallest lossy one).
 FALLBACK_ORDER = ("wav", "flac", "mp3", "ogg")
-
-
-class AudioError(ValueError):
-    """A member's file could not be read as audio; the message is fit to show them."""
 
 
 def finish(samples: np.ndarray, sampling_rate: int, *, normalize: bool = True,
@@ -136,42 +130,3 @@ def encode_to_fit(samples: np.ndarray, sampling_rate: int, fmt: str, max_bytes: 
                      other, len(smaller))
             return other, smaller
     raise ValueError(f"the clip does not fit in {max_bytes} bytes in any format")
-
-
-def decode(data: bytes, *, max_bytes: int = MAX_UPLOAD_AUDIO_BYTES,
-           max_seconds: float = MAX_UPLOAD_AUDIO_SECONDS) -> tuple[np.ndarray, int]:
-    """A member's audio file (wav, flac, ogg, mp3, m4a, … by content, not by name) as float32 ``(n, channels)`` and
-    its sampling rate. Raises :class:`AudioError` with a polite reason for empty, oversized, too long or unreadable
-    files."""
-    if not data:
-        raise AudioError("That file is empty.")
-    if len(data) > max_bytes:
-        raise AudioError(f"That file is too large ({len(data) / 1e6:.1f} MB; at most {max_bytes / 1e6:.0f} MB).")
-    try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception:  # noqa: BLE001 - libsndfile cannot read it: let ffmpeg try (m4a, aac, webm, …)
-        samples, rate = _decode_ffmpeg(data)
-    if samples.shape[0] == 0 or rate <= 0:
-        raise AudioError("That file holds no audio.")
-    seconds = samples.shape[0] / rate
-    if seconds > max_seconds:
-        raise AudioError(f"That clip is too long ({seconds:.1f} s; at most {max_seconds:g} s).")
-    if not np.all(np.isfinite(samples)):
-        raise AudioError("That file holds invalid audio samples.")
-    return samples, int(rate)
-
-
-def _decode_ffmpeg(data: bytes) -> tuple[np.ndarray, int]:
-    from pydub import AudioSegment
-    from pydub.exceptions import CouldntDecodeError
-
-    try:
-        segment = AudioSegment.from_file(io.BytesIO(data))
-    except (CouldntDecodeError, OSError, IndexError, ValueError) as exc:
-        log.info("could not decode an uploaded file: %s", str(exc).splitlines()[0] if str(exc) else exc)
-        raise AudioError("I couldn't read that file as audio; please send a WAV, FLAC, Ogg, MP3 or M4A file.") from exc
-    width = segment.sample_width
-    raw = np.frombuffer(segment.raw_data, dtype={1: np.int8, 2: "<i2", 4: "<i4"}.get(width, "<i2"))
-    scale = float(2 ** (8 * width - 1))
-    samples = (raw.astype(np.float32) / scale).reshape(-1, segment.channels)
-    return samples, int(segment.frame_rate)

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
 import numpy as np
 
-from . import audio, formatting
+from . import audio, formatting, untrusted_audio
 from .checks import UserError
 from .jobs import (
     MAX_TEMPERATURE,
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SECONDS = 10
 EXTEND_SECONDS = 10  # what one click on Extend adds (less when the clip is near the model's longest)
 READ_UPLOAD_SECONDS = 2.4  # download + decode must finish before Discord's 3 s deadline for the first answer
+DOWNLOAD_SECONDS = 1.0  # of those, at most this for the download from Discord's CDN
 GONE = ("Sorry, the data of that clip is gone (it was made before I kept it, or it was cleaned up), so I can't "
         "{what} it. Use /music to make a new one!")
 
@@ -102,10 +104,12 @@ async def continue_job(bot: MusicBot, interaction: discord.Interaction, attachme
     """The job for /continue: the upload is checked and decoded first, and kept on disk for the worker."""
     text, file_format = formatting.clean_prompt(prompt), parse_format(fmt)
     bot.queue.check_length(DEFAULT_SECONDS if seconds is None else seconds)  # before the download
-    samples, rate = await read_upload(attachment)
+    rate = bot.worker.sampling_rate
+    # already at the model's rate and channels, and no longer than the model's longest clip
+    samples = await read_upload(attachment, rate, bot.worker.channels, bot.worker.max_seconds)
     upload_seconds = samples.shape[0] / rate
     new_seconds = bot.queue.check_length(DEFAULT_SECONDS if seconds is None else seconds, upload_seconds)
-    path = save_upload(files_dir_of(bot), samples, rate)
+    path = save_upload(files_dir_of(bot), samples, rate)  # the model-rate version only: ~4 MB for 30 s of mono
     session = bot.store.session_for_thread(interaction.channel_id) if interaction.channel_id else None
     return Job(channel_id=interaction.channel_id or 0, prompt=text,
                model_prompt=formatting.model_prompt(text, session.theme if session else ""),
@@ -114,25 +118,39 @@ async def continue_job(bot: MusicBot, interaction: discord.Interaction, attachme
                format=file_format, **_requester(interaction), **interaction_fields(interaction))
 
 
-async def read_upload(attachment: discord.Attachment) -> tuple[np.ndarray, int]:
-    """Download and decode a member's audio file, or raise UserError with a polite reason."""
-    if attachment.size > audio.MAX_UPLOAD_AUDIO_BYTES:
-        raise UserError(f"That file is too large ({attachment.size / 1e6:.1f} MB; at most "
-                        f"{audio.MAX_UPLOAD_AUDIO_BYTES / 1e6:.0f} MB).")
-
-    async def read() -> tuple[np.ndarray, int]:
-        data = await attachment.read()
-        return await asyncio.to_thread(audio.decode, data)  # numpy/ffmpeg only: no MLX on this thread
-
+async def read_upload(attachment: discord.Attachment, sampling_rate: int, channels: int,
+                      max_seconds: float) -> np.ndarray:
+    """Download a member's audio file (streamed, capped, with its own timeout) and decode it in the sandbox of
+    :mod:`bot.untrusted_audio` to float32 ``(n, channels)`` at ``sampling_rate``; UserError with a polite reason."""
+    limit = untrusted_audio.MAX_INPUT_BYTES
+    if attachment.size > limit:  # what Discord says; the download checks again as it streams
+        raise UserError(f"That file is too large ({attachment.size / 1e6:.1f} MB; at most {limit / 1e6:.0f} MB).")
+    started = time.monotonic()
     try:
-        return await asyncio.wait_for(read(), READ_UPLOAD_SECONDS)
-    except audio.AudioError as exc:
+        data = await download(attachment.url, limit, DOWNLOAD_SECONDS)
+        left = READ_UPLOAD_SECONDS - (time.monotonic() - started)
+        sandbox = untrusted_audio.Sandbox(timeout=max(0.1, left / 2))  # two children: ffprobe, then ffmpeg
+        return await untrusted_audio.decode(data, sampling_rate=sampling_rate, channels=channels,
+                                           max_seconds=max_seconds, sandbox=sandbox)
+    except untrusted_audio.AudioError as exc:
         raise UserError(str(exc)) from exc
-    except asyncio.TimeoutError:
-        raise UserError("That file took too long to read; please send a shorter or smaller clip.") from None
-    except (discord.HTTPException, OSError) as exc:
-        log.warning("could not download attachment %s: %s", attachment.id, exc)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        log.warning("could not download attachment %s: %s", attachment.id, exc or type(exc).__name__)
         raise UserError("I couldn't download that file; please try again.") from exc
+
+
+async def download(url: str, max_bytes: int, timeout: float) -> bytes:
+    """The body at ``url``, read in chunks on the event loop (no thread), at most ``max_bytes`` (AudioError past
+    that, whatever Content-Length said) and within ``timeout`` seconds in all (asyncio.TimeoutError)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        async with session.get(url, allow_redirects=False) as response:
+            response.raise_for_status()
+            data = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise untrusted_audio.AudioError(f"That file is too large (at most {max_bytes / 1e6:.0f} MB).")
+            return bytes(data)
 
 
 async def enqueue(bot: MusicBot, interaction: discord.Interaction, job: Job) -> None:
