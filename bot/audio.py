@@ -9,7 +9,6 @@ import wave
 from dataclasses import dataclass
 
 import numpy as np
-import soundfile as sf
 
 from core import audio_files
 

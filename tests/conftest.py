@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 import core
-
-core.preload_backend()  # before any test module imports mlx, so the CPU kernels and a fast BLAS are used
 from tests.fake_discord import FakeDiscord
 from tests.fake_discord.process import BotProcess, bot_env
+
+core.preload_backend()  # before any test module imports mlx, so the CPU kernels and a fast BLAS are used
 
 
 @pytest.fixture(scope="session")
