@@ -37,7 +37,16 @@ from .loading import (
     read_config,
     resolve,
 )
-from .musicgen import Attention, DecoderConfig, HostKVCache, KVCache, Linear, sinusoids, text_encoder_size
+from .musicgen import (
+    Attention,
+    DecoderConfig,
+    HostKVCache,
+    KVCache,
+    Linear,
+    sample,
+    sinusoids,
+    text_encoder_size,
+)
 from .t5 import T5Config, T5EncoderModel
 from .tokenizer import PromptTokenizer
 
@@ -321,6 +330,55 @@ class MusicgenMelody:
         if guided:
             codes = mx.concatenate([codes, codes])
         return self.decoder(codes, prefix)
+
+    # ---------------------------------------------------------------------------------------- generation
+
+    def generate_tokens(self, prompt: str, frames: int, *, melody: tuple[np.ndarray, int] | None = None,
+                        seed: int = 0, top_k: int = 250, temperature: float = 1.0,
+                        guidance_scale: float = 3.0) -> np.ndarray:
+        """Codes ``(K, frames)`` for one prompt, conditioned on ``melody`` ``(samples, sampling_rate)`` if given.
+
+        A plain single-row loop (prefix prefilled with the first step, then one position per step, the delay
+        pattern per channel, guidance as transformers does it); batching, windows and progress belong to the
+        shared generation code in phase 2.
+        """
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"frames must be a positive integer, got {frames!r}")
+        cfg = self.decoder.config
+        K, pad = cfg.num_codebooks, cfg.pad_token_id
+        delays = np.arange(K) // cfg.audio_channels  # stereo: L0, R0, L1, R1 … share a delay per pair
+        steps = frames + cfg.channel_codebooks - 1
+        guided = guidance_scale > 1
+        chroma = None if melody is None else [self.melody_chroma(melody)]
+        prefix = self.prefix([prompt], chroma, guided=guided)
+        cache = self.decoder.make_cache(prefix.shape[0], prefix.shape[1] + steps)
+        temperature_, top_k_ = mx.array([temperature], dtype=mx.float32), mx.array([top_k], dtype=mx.int32)
+        key = mx.random.key(seed)
+        tokens = mx.full((1, K, 1), cfg.bos_token_id, dtype=mx.int32)
+        out = np.full((K, steps), pad, dtype=np.int32)
+        for step in range(steps):
+            inputs = mx.concatenate([tokens, tokens]) if guided else tokens
+            logits = self.decoder(inputs, prefix if step == 0 else None, cache)[:, :, -1].astype(mx.float32)
+            if guided:
+                cond, uncond = mx.split(logits, 2)
+                logits = uncond + (cond - uncond) * guidance_scale
+            key, sub = mx.random.split(key)
+            sampled = sample(logits, temperature_, top_k_, [sub], top_k)
+            frame = step - delays
+            valid = mx.array((frame >= 0) & (frame < frames))[None]
+            tokens = mx.where(valid, sampled, pad)[..., None]  # (1, K, 1)
+            mx.eval(tokens, key, [c.state for c in cache])
+            out[:, step] = np.array(tokens[0, :, 0])
+        return np.stack([out[k, d:d + frames] for k, d in enumerate(delays)])
+
+    def decode_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """Codes ``(K, frames)`` -> float32 audio ``(frames × hop, channels)``; stereo decodes ``[::2]`` (left)
+        and ``[1::2]`` (right) through the mono EnCodec."""
+        tokens = np.asarray(tokens, dtype=np.int32)
+        channels = self.decoder.config.audio_channels
+        streams = tokens[None] if channels == 1 else np.stack([tokens[0::2], tokens[1::2]])
+        audio = self.audio_encoder.decode(mx.array(streams)[:, None], [None])  # (streams, samples, 1)
+        return np.array(mx.concatenate(list(audio), axis=-1).astype(mx.float32))
 
 
 __all__ = ["MODEL_TYPE", "MelodyConfig", "MelodyDecoder", "MelodyDecoderLayer", "MusicgenMelody", "fit_chroma",

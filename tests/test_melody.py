@@ -215,3 +215,53 @@ def test_loader_tells_melody_from_plain(tmp_path, melody_pair):
     assert not is_melody_config(read_config(plain))
     with pytest.raises(CheckpointError, match="not a MusicGen-Melody"):
         MusicgenMelody.from_pretrained(plain)
+
+
+def _reference_generate(reference, folder, frames, melody_features, guidance_scale):
+    """transformers' greedy generation: the codes it decodes ``(K, F)`` and its audio ``(samples, channels)``."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(folder)([PROMPT], return_tensors="pt")
+    captured = []
+    decode = reference.audio_encoder.decode
+
+    def spy(codes, *args, **kwargs):
+        captured.append(codes.clone())
+        return decode(codes, *args, **kwargs)
+
+    reference.audio_encoder.decode = spy
+    channel_codebooks = reference.decoder.num_codebooks // reference.config.decoder.audio_channels
+    try:
+        with torch.no_grad():
+            audio = reference.generate(**tokens, input_features=melody_features, do_sample=False,
+                                       guidance_scale=guidance_scale, max_new_tokens=frames + channel_codebooks - 1)
+    finally:
+        reference.audio_encoder.decode = decode
+    if len(captured) == 1:
+        codes = captured[0][0, 0]
+    else:  # stereo: left codebooks [::2], right [1::2]
+        left, right = captured[0][0, 0], captured[1][0, 0]
+        codes = torch.stack([left, right], dim=1).reshape(-1, left.shape[-1])
+    return codes.numpy(), audio[0].numpy().T
+
+
+@pytest.mark.parametrize("guidance_scale", [3.0, 1.0])
+def test_greedy_generation_matches_transformers(melody_pair, guidance_scale, extractor):
+    import torch
+
+    reference, model, folder = melody_pair
+    frames = 10
+    audio = _tone(2.0, 16000, seed=5)
+    features = extractor(torch.from_numpy(audio), sampling_rate=16000, return_tensors="pt")["input_features"]
+    results = []
+    for melody, feats in ((None, None), ((audio, 16000), features)):
+        expected_codes, expected_audio = _reference_generate(reference, folder, frames, feats, guidance_scale)
+        tokens = model.generate_tokens(PROMPT, frames, melody=melody, top_k=1, guidance_scale=guidance_scale)
+        assert tokens.shape == (model.decoder.config.num_codebooks, frames)
+        np.testing.assert_array_equal(tokens, expected_codes)
+        samples = model.decode_tokens(tokens)
+        assert samples.shape == expected_audio.shape == (frames * 640, model.decoder.config.audio_channels)
+        np.testing.assert_allclose(samples, expected_audio, atol=1e-4)
+        results.append(tokens)
+    assert not np.array_equal(results[0], results[1])  # the melody changes what is generated
