@@ -53,17 +53,22 @@ def _tone(seconds: float, rate: int, channels: int = 1, seed: int = 0) -> np.nda
 # --------------------------------------------------------------------------------------------------- resampling
 
 
-@pytest.mark.parametrize("rate", [8000, 16000, 22050, 24000, 44100, 48000, 96000])
-def test_resample_matches_torchaudio(rate):
-    torch = pytest.importorskip("torch")
+# the usual rates, and rates that share no factor with the target (sparse kernel rows: 1009 -> 32000 is
+# 32000 phases, 3001 -> 2000 downsamples with 2000)
+@pytest.mark.parametrize("rate,target", [(8000, 32000), (16000, 32000), (22050, 32000), (24000, 32000),
+                                         (44100, 32000), (48000, 32000), (96000, 32000), (1009, 32000),
+                                         (3001, 2000)])
+def test_resample_matches_torchaudio(rate, target):
+    import torch
+
     torchaudio = _torchaudio()
     audio = np.random.default_rng(rate).standard_normal((rate // 2 + 7, 2)).astype(np.float32)
-    reference = torchaudio.functional.resample(torch.from_numpy(audio.T.copy()), rate, 32000, rolloff=0.945,
+    reference = torchaudio.functional.resample(torch.from_numpy(audio.T.copy()), rate, target, rolloff=0.945,
                                                lowpass_filter_width=24).numpy().T
-    ours = resample(audio, rate, 32000)
+    ours = resample(audio, rate, target)
     assert ours.shape == reference.shape
     np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(resample(audio[:, 1], rate, 32000), reference[:, 1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(resample(audio[:, 1], rate, target), reference[:, 1], atol=1e-5, rtol=0)
 
 
 def test_resample_same_rate_is_identity_and_rejects_bad_rates():
