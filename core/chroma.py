@@ -164,7 +164,14 @@ def normalized_chroma(samples: np.ndarray, sampling_rate: int, config: ChromaCon
     ``samples`` ``(n,)`` or ``(n, channels)`` at ``sampling_rate``.
     """
     config = config or ChromaConfig()
-    wav = resample(to_mono(samples), sampling_rate, config.sampling_rate)[: config.max_samples]
+    if isinstance(sampling_rate, bool) or int(sampling_rate) != sampling_rate or sampling_rate < 1:
+        raise ValueError(f"the sampling rate must be a positive integer, got {sampling_rate!r}")
+    # only the first max_samples (after resampling) count: cut the input past them and the resampler's reach
+    # (its kernel spans ~26 samples at the lower rate either way), so a long melody costs no more than 30 s
+    keep = math.ceil(config.max_samples * sampling_rate / config.sampling_rate) + int(sampling_rate) \
+        + 64 * math.ceil(sampling_rate / config.sampling_rate) + 64
+    wav = resample(to_mono(np.asarray(samples)[:keep]), int(sampling_rate), config.sampling_rate)
+    wav = wav[: config.max_samples]
     if wav.shape[0] < config.n_fft:  # one FFT at least, the silence split around the melody
         pad = config.n_fft - wav.shape[0]
         wav = np.pad(wav, (pad // 2, pad // 2 + pad % 2))

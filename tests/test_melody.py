@@ -99,6 +99,8 @@ CASES = {  # name: (seconds, rate, channels)
     "short-under-one-fft": (0.2, 32000, 1),
     "short-stereo-22k05": (0.3, 22050, 2),
     "long-cut-at-30s": (31.0, 32000, 1),
+    "long-stereo-44k1-cut-at-30s": (33.0, 44100, 2),
+    "long-8k-cut-at-30s": (32.0, 8000, 1),
 }
 
 
@@ -270,3 +272,15 @@ def test_greedy_generation_matches_transformers(melody_pair, guidance_scale, ext
         np.testing.assert_allclose(samples, expected_audio, atol=1e-4)
         results.append(tokens)
     assert not np.array_equal(results[0], results[1])  # the melody changes what is generated
+
+
+@pytest.mark.parametrize("rate", [8000, 44100, 96000, 1009])
+def test_long_melody_cut_before_resampling_is_exact(rate):
+    """normalized_chroma cuts a long melody before resampling; the first 30 s at 32 kHz must be untouched."""
+    config = ChromaConfig(chunk_length=1)  # 1 s keeps the test quick; the bound scales the same
+    audio = np.random.default_rng(rate).standard_normal(5 * rate + 3)
+    full = resample(audio, rate, 32000)[: config.max_samples]
+    keep = math.ceil(config.max_samples * rate / 32000) + rate + 64 * math.ceil(rate / 32000) + 64
+    np.testing.assert_array_equal(resample(audio[:keep], rate, 32000)[: config.max_samples], full)
+    np.testing.assert_array_equal(normalized_chroma(audio, rate, config),
+                                  normalized_chroma(audio[:keep + rate], rate, config))
