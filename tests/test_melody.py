@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -284,3 +285,21 @@ def test_long_melody_cut_before_resampling_is_exact(rate):
     np.testing.assert_array_equal(resample(audio[:keep], rate, 32000)[: config.max_samples], full)
     np.testing.assert_array_equal(normalized_chroma(audio, rate, config),
                                   normalized_chroma(audio[:keep + rate], rate, config))
+
+
+def test_cached_steps_match_one_forward(melody_pair):
+    """Prefix + first code prefilled, then one code per step through the KV cache (MLX's and, on Linux, the C
+    kernel's host cache), as generation runs, give the logits of one forward pass."""
+    import mlx.core as mx
+
+    _, model, _ = melody_pair
+    K = model.decoder.config.num_codebooks
+    codes = mx.array(np.random.default_rng(1).integers(0, 2049, (1, K, 6)).astype(np.int32))
+    prefix = model.prefix([PROMPT], [chroma_features(_tone(1.0, 32000), 32000)], guided=True)
+    codes = mx.concatenate([codes, codes])
+    expected = np.array(model.decoder(codes, prefix))
+    for host in (False, True) if sys.platform.startswith("linux") else (False,):
+        cache = model.decoder.make_cache(2, prefix.shape[1] + 6, host=host)
+        stepped = [model.decoder(codes[:, :, :1], prefix, cache)]
+        stepped += [model.decoder(codes[:, :, t:t + 1], None, cache) for t in range(1, 6)]
+        np.testing.assert_allclose(np.array(mx.concatenate(stepped, axis=2)), expected, atol=1e-4, rtol=1e-4)
