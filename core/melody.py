@@ -9,8 +9,8 @@ transformers). The decoder's outputs at the prefix positions are dropped. Withou
 "null" melody, a one-hot on bin 0 in every frame; the unconditional half of guidance gets the null melody and zero
 text states of the same length.
 
-Phase 1: the model pieces and teacher-forced logits. Generation (delay pattern, guidance, sampling, caches) is the
-plain model's and is wired in :mod:`core.musicgen`'s successors.
+Phase 1: the model pieces, teacher-forced logits and a plain single-row generation loop (tested against
+transformers' greedy generation); batching, windows past 30 s and the public API join the shared generation code.
 """
 
 from __future__ import annotations
