@@ -16,9 +16,9 @@ import sys
 import numpy as np
 import pytest
 
+from core import GenerationRequest, MusicGen
 from core.chroma import ChromaConfig, chroma_features, chroma_filter_bank, normalized_chroma, resample
-from core.loading import CheckpointError
-from core.melody import MusicgenMelody, fit_chroma, is_melody_config
+from core.melody import fit_chroma, is_melody_config
 from tests import tiny_models
 
 PROMPT = "lofi hip hop beat to study to"
@@ -144,6 +144,18 @@ def test_chroma_rejects_bad_melodies():
             chroma_features(bad, 32000)
 
 
+@pytest.mark.parametrize("rate", [8000, 44100, 96000, 1009])
+def test_long_melody_cut_before_resampling_is_exact(rate):
+    """normalized_chroma cuts a long melody before resampling; the first 30 s at 32 kHz must be untouched."""
+    config = ChromaConfig(chunk_length=1)  # 1 s keeps the test quick; the bound scales the same
+    audio = np.random.default_rng(rate).standard_normal(5 * rate + 3)
+    full = resample(audio, rate, 32000)[: config.max_samples]
+    keep = math.ceil(config.max_samples * rate / 32000) + rate + 64 * math.ceil(rate / 32000) + 64
+    np.testing.assert_array_equal(resample(audio[:keep], rate, 32000)[: config.max_samples], full)
+    np.testing.assert_array_equal(normalized_chroma(audio, rate, config),
+                                  normalized_chroma(audio[:keep + rate], rate, config))
+
+
 # --------------------------------------------------------------------------------------------------- model
 
 
@@ -151,7 +163,32 @@ def test_chroma_rejects_bad_melodies():
 def melody_pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"tiny-melody-{request.param}")
     reference = tiny_models.build_musicgen_melody(folder, stereo=request.param == "stereo", seed=3)
-    return reference, MusicgenMelody.from_pretrained(folder), folder
+    return reference, MusicGen.from_pretrained(folder), folder
+
+
+def _features(extractor, audio: np.ndarray, rate: int):
+    import torch
+
+    samples = torch.from_numpy(audio.T.copy() if audio.ndim == 2 else audio)
+    return extractor(samples[None] if audio.ndim == 2 else samples, sampling_rate=rate,
+                     return_tensors="pt")["input_features"]
+
+
+def _logits(model: MusicGen, prompts: list[str], codes: np.ndarray, melodies, guided: bool, host: bool):
+    """Teacher-forced logits of ``codes`` ``(B, K, T)`` the way generation computes them: the prefix prefilled into
+    the caches, then the codes (the first one alone, the rest in one call)."""
+    import mlx.core as mx
+
+    requests = [GenerationRequest(p, 1.0, melody=m) for p, m in zip(prompts, melodies, strict=True)]
+    prefix = model._melody_prefix(requests, guided)
+    codes = mx.array(codes.astype(np.int32))
+    if guided:
+        codes = mx.concatenate([codes, codes])
+    cache = model.decoder.make_cache(codes.shape[0], prefix.shape[1] + codes.shape[2], host=host)
+    model.decoder.prefill(prefix, cache)
+    first = model.decoder(codes[:, :, :1], None, cache)
+    rest = model.decoder(codes[:, :, 1:], None, cache)
+    return np.array(mx.concatenate([first, rest], axis=2))
 
 
 def _reference_logits(reference, folder, codes, melody_features, guided):
@@ -178,59 +215,74 @@ def _reference_logits(reference, folder, codes, melody_features, guided):
 
 @pytest.mark.parametrize("guided", [False, True], ids=["cond", "guided"])
 def test_teacher_forced_logits_match_transformers(melody_pair, guided, extractor):
-    import torch
-
+    """The prefix (chroma, text; the null melody and zero text for guidance's other half) prefilled into the MLX
+    caches and, on Linux, the C kernels' host caches gives transformers' logits."""
     reference, model, folder = melody_pair
     K = reference.decoder.num_codebooks
     codes = np.random.default_rng(K).integers(0, 2048, (1, K, 9))
     codes[:, :, 0] = 2048  # the bos column, as generation starts
     audio = _tone(3.0, 44100, channels=2, seed=K)
-    features = extractor(torch.from_numpy(audio.T.copy())[None], sampling_rate=44100,
-                         return_tensors="pt")["input_features"]
-    results = {}
-    for name, melody in (("none", None), ("melody", features)):
-        expected = _reference_logits(reference, folder, codes, melody, guided)
-        chroma = None if melody is None else [model.melody_chroma((audio, 44100))]
-        ours = np.array(model.logits([PROMPT], codes, chroma, guided=guided))
-        assert ours.shape == expected.shape == ((2 if guided else 1), K, 9, 2048)
-        np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
-        results[name] = ours
-    # the melody moves the conditional logits far beyond the tolerance; the unconditional half ignores it
-    assert np.abs(results["melody"][0] - results["none"][0]).max() > 1e-2
-    if guided:
-        np.testing.assert_allclose(results["melody"][1], results["none"][1], atol=1e-6)
+    features = _features(extractor, audio, 44100)
+    for host in (False, True) if sys.platform.startswith("linux") else (False,):
+        results = {}
+        for name, melody, feats in (("none", None, None), ("melody", (audio, 44100), features)):
+            expected = _reference_logits(reference, folder, codes, feats, guided)
+            ours = _logits(model, [PROMPT], codes, [melody], guided, host)
+            assert ours.shape == expected.shape == ((2 if guided else 1), K, 9, 2048)
+            np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
+            results[name] = ours
+        # the melody moves the conditional logits far beyond the tolerance; the unconditional half ignores it
+        assert np.abs(results["melody"][0] - results["none"][0]).max() > 1e-2
+        if guided:
+            np.testing.assert_allclose(results["melody"][1], results["none"][1], atol=1e-6)
 
 
 def test_prefix_layout(melody_pair):
     _, model, _ = melody_pair
-    length = model.melody_config.chroma_length
+    length = model.melody.config.chroma_length
     dims = model.decoder.config.hidden_size
     text_len = model.tokenizer([PROMPT])[0].shape[1]
-    prefix = model.prefix([PROMPT, PROMPT], guided=True)
+    prefix = model._melody_prefix([GenerationRequest(PROMPT, 1.0)] * 2, guided=True)
     assert prefix.shape == (4, length + text_len, dims)
     assert np.abs(np.array(prefix[2:, length:])).max() == 0  # unconditional text: zeros
-    states = fit_chroma(model.chroma_states(np.eye(12, dtype=np.float32)[None, :5]), 12)
+    import mlx.core as mx
+
+    states = fit_chroma(model.melody.chroma_states(np.eye(12, dtype=np.float32)[None, :5], mx.float32), 12)
     np.testing.assert_array_equal(np.array(states[0, 5:10]), np.array(states[0, :5]))  # tiled, then cut
 
 
-def test_loader_tells_melody_from_plain(tmp_path, melody_pair):
-    _, _, folder = melody_pair
+def test_one_api_for_both_kinds(tmp_path, melody_pair):
+    """from_pretrained chooses the decoder by the config; a melody given to a plain model is a ValueError."""
+    _, model, folder = melody_pair
     from core.loading import read_config
 
-    assert is_melody_config(read_config(folder))
+    assert is_melody_config(read_config(folder)) and model.is_melody
+    assert not hasattr(model.decoder.layers[0], "encoder_attn")
     plain = tmp_path / "plain"
     tiny_models.build_musicgen(plain)
     assert not is_melody_config(read_config(plain))
-    with pytest.raises(CheckpointError, match="not a MusicGen-Melody"):
-        MusicgenMelody.from_pretrained(plain)
+    plain_model = MusicGen.from_pretrained(plain)
+    assert not plain_model.is_melody
+    melody = (_tone(1.0, 16000), 16000)
+    with pytest.raises(ValueError, match="does not take a melody"):
+        plain_model.generate(PROMPT, 0.2, melody=melody)
+    with pytest.raises(ValueError, match="does not take a melody"):
+        plain_model.generate_batch([GenerationRequest(PROMPT, 0.2, melody=melody)])
+    # one window at most, and a bad melody is a clear ValueError
+    assert model.max_seconds == model.window_seconds
+    with pytest.raises(ValueError, match="at most"):
+        model.generate(PROMPT, model.window_seconds + 1, melody=melody)
+    for bad in ((np.zeros(0), 16000), (np.zeros(100), 0), (np.full(100, np.nan), 16000), "tune.wav"):
+        with pytest.raises(ValueError, match="melody"):
+            model.generate(PROMPT, 0.2, melody=bad)
 
 
-def _reference_generate(reference, folder, frames, melody_features, guidance_scale):
+def _reference_generate(reference, folder, frames, melody_features, guidance_scale, prompt=PROMPT):
     """transformers' greedy generation: the codes it decodes ``(K, F)`` and its audio ``(samples, channels)``."""
     import torch
     from transformers import AutoTokenizer
 
-    tokens = AutoTokenizer.from_pretrained(folder)([PROMPT], return_tensors="pt")
+    tokens = AutoTokenizer.from_pretrained(folder)([prompt], return_tensors="pt")
     captured = []
     decode = reference.audio_encoder.decode
 
@@ -256,50 +308,77 @@ def _reference_generate(reference, folder, frames, melody_features, guidance_sca
 
 @pytest.mark.parametrize("guidance_scale", [3.0, 1.0])
 def test_greedy_generation_matches_transformers(melody_pair, guidance_scale, extractor):
-    import torch
-
+    """generate_tokens and generate (public API) give transformers' greedy codes and audio, exact lengths."""
     reference, model, folder = melody_pair
     frames = 10
     audio = _tone(2.0, 16000, seed=5)
-    features = extractor(torch.from_numpy(audio), sampling_rate=16000, return_tensors="pt")["input_features"]
     results = []
-    for melody, feats in ((None, None), ((audio, 16000), features)):
+    for melody in (None, (audio, 16000)):
+        feats = None if melody is None else _features(extractor, audio, 16000)
         expected_codes, expected_audio = _reference_generate(reference, folder, frames, feats, guidance_scale)
         tokens = model.generate_tokens(PROMPT, frames, melody=melody, top_k=1, guidance_scale=guidance_scale)
-        assert tokens.shape == (model.decoder.config.num_codebooks, frames)
+        assert tokens.shape == (model.num_codebooks, frames)
         np.testing.assert_array_equal(tokens, expected_codes)
-        samples = model.decode_tokens(tokens)
-        assert samples.shape == expected_audio.shape == (frames * 640, model.decoder.config.audio_channels)
-        np.testing.assert_allclose(samples, expected_audio, atol=1e-4)
+        clip = model.generate(PROMPT, frames / model.frame_rate, melody=melody, top_k=1,
+                              guidance_scale=guidance_scale, seed=1)
+        np.testing.assert_array_equal(clip.tokens, expected_codes)
+        assert clip.samples.shape == expected_audio.shape == (frames * 640, model.channels)
+        np.testing.assert_allclose(clip.samples, expected_audio, atol=1e-4)
         results.append(tokens)
     assert not np.array_equal(results[0], results[1])  # the melody changes what is generated
 
 
-@pytest.mark.parametrize("rate", [8000, 44100, 96000, 1009])
-def test_long_melody_cut_before_resampling_is_exact(rate):
-    """normalized_chroma cuts a long melody before resampling; the first 30 s at 32 kHz must be untouched."""
-    config = ChromaConfig(chunk_length=1)  # 1 s keeps the test quick; the bound scales the same
-    audio = np.random.default_rng(rate).standard_normal(5 * rate + 3)
-    full = resample(audio, rate, 32000)[: config.max_samples]
-    keep = math.ceil(config.max_samples * rate / 32000) + rate + 64 * math.ceil(rate / 32000) + 64
-    np.testing.assert_array_equal(resample(audio[:keep], rate, 32000)[: config.max_samples], full)
-    np.testing.assert_array_equal(normalized_chroma(audio, rate, config),
-                                  normalized_chroma(audio[:keep + rate], rate, config))
+def test_batch_rows_equal_their_solo_results(melody_pair, extractor):
+    """generate_batch: rows with and without melodies, prompts of different lengths (never batched together, since
+    transformers attends the zero text padding) and a sampled row each give their solo result; the greedy rows
+    are transformers' codes."""
+    reference, model, folder = melody_pair
+    frames = 8
+    seconds = frames / model.frame_rate
+    tune = _tone(1.5, 22050, channels=2, seed=9)
+    short = "drums"
+    requests = [GenerationRequest(PROMPT, seconds, seed=1, top_k=1, melody=(tune, 22050)),
+                GenerationRequest(short, seconds, seed=2, top_k=1),
+                GenerationRequest(PROMPT, seconds, seed=3, top_k=1),
+                GenerationRequest(short, 5 / model.frame_rate, seed=4, top_k=50, melody=(tune, 22050))]
+    assert model.tokenizer([PROMPT])[1].sum() != model.tokenizer([short])[1].sum()
+    batch = model.generate_batch(requests)
+    for request, clip in zip(requests, batch, strict=True):
+        solo = model.generate_batch([request])[0]
+        np.testing.assert_array_equal(clip.tokens, solo.tokens)
+        np.testing.assert_allclose(clip.samples, solo.samples, atol=1e-5)
+        assert clip.samples.shape == (model.samples_for(request.seconds), model.channels)
+    for request, clip in zip(requests[:3], batch[:3], strict=True):
+        feats = None if request.melody is None else _features(extractor, tune, 22050)
+        expected, _ = _reference_generate(reference, folder, frames, feats, 3.0, prompt=request.prompt)
+        np.testing.assert_array_equal(clip.tokens, expected)
 
 
-def test_cached_steps_match_one_forward(melody_pair):
-    """Prefix + first code prefilled, then one code per step through the KV cache (MLX's and, on Linux, the C
-    kernel's host cache), as generation runs, give the logits of one forward pass."""
-    import mlx.core as mx
+# --------------------------------------------------------------------------------------------------- command line
 
-    _, model, _ = melody_pair
-    K = model.decoder.config.num_codebooks
-    codes = mx.array(np.random.default_rng(1).integers(0, 2049, (1, K, 6)).astype(np.int32))
-    prefix = model.prefix([PROMPT], [chroma_features(_tone(1.0, 32000), 32000)], guided=True)
-    codes = mx.concatenate([codes, codes])
-    expected = np.array(model.decoder(codes, prefix))
-    for host in (False, True) if sys.platform.startswith("linux") else (False,):
-        cache = model.decoder.make_cache(2, prefix.shape[1] + 6, host=host)
-        stepped = [model.decoder(codes[:, :, :1], prefix, cache)]
-        stepped += [model.decoder(codes[:, :, t:t + 1], None, cache) for t in range(1, 6)]
-        np.testing.assert_allclose(np.array(mx.concatenate(stepped, axis=2)), expected, atol=1e-4, rtol=1e-4)
+
+def test_cli_follows_a_melody_file(melody_pair, tmp_path):
+    """``python -m core PROMPT --melody tune.flac``: the exact length, the clip generate() makes with that melody
+    (as read from the file) and seed; a plain model refuses --melody with one line."""
+    import soundfile as sf
+
+    from tests.test_cli import run
+
+    _, model, folder = melody_pair
+    tune = _tone(1.2, 44100, channels=2, seed=4)
+    sf.write(tmp_path / "tune.flac", tune, 44100)
+    out = tmp_path / "out.wav"
+    result = run(PROMPT, "--melody", "tune.flac", "--seconds", "0.3", "--seed", "7", "--no-normalize", "--model",
+                 str(folder), "-o", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    audio, rate = sf.read(out, dtype="float32", always_2d=True)
+    assert rate == 32000 and audio.shape == (9600, model.channels)
+    melody = sf.read(tmp_path / "tune.flac", dtype="float32", always_2d=True)
+    expected = model.generate(PROMPT, 0.3, seed=7, melody=melody).samples
+    np.testing.assert_allclose(audio, expected, atol=2 / 32768)
+    plain = tmp_path / "plain"
+    tiny_models.build_musicgen(plain)
+    result = run(PROMPT, "--melody", "tune.flac", "--seconds", "0.3", "--model", str(plain), "-q", "-o",
+                 str(tmp_path / "plain.wav"), cwd=tmp_path)
+    assert result.returncode == 2 and "does not take a melody" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
