@@ -382,3 +382,15 @@ def test_cli_follows_a_melody_file(melody_pair, tmp_path):
                  str(tmp_path / "plain.wav"), cwd=tmp_path)
     assert result.returncode == 2 and "does not take a melody" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_continuation_with_a_melody_keeps_the_greedy_path(melody_pair):
+    """Prompt tokens after the prefix (prefilled at positions past it): greedy codes continued from their own first
+    frames are the same codes, with a melody and guidance; the prompt frames are kept exactly."""
+    _, model, _ = melody_pair
+    melody = (_tone(1.0, 32000, seed=2), 32000)
+    whole = model.generate_tokens(PROMPT, 12, melody=melody, top_k=1)
+    continued = model.generate_tokens(PROMPT, 12, melody=melody, top_k=1, prompt_tokens=whole[:, :5])
+    np.testing.assert_array_equal(continued, whole)
+    other = model.generate_tokens(PROMPT, 12, top_k=1, prompt_tokens=whole[:, :5])  # text alone
+    np.testing.assert_array_equal(other[:, :5], whole[:, :5])
