@@ -106,6 +106,8 @@ def clip_message(job: Job, clip: ClipData, *, generated_in: float | None = None,
     if note:
         made_from = note.format(parent=job.parent_id, temperature=job.temperature, new_seconds=job.new_seconds)
         lines.append(f"**From:** {made_from}")
+    if job.melody_name:
+        lines.append(f"**Melody:** {display(job.melody_name, 200)}")
     lines.append(f"**Seed:** `{job.seed}` · **Duration:** {clip.seconds:g} s{made}")
     if fmt is not None and fmt != job.format:
         lines.append(f"*Sent as {fmt.upper()} instead of {job.format.upper()}: the {job.format.upper()} file would be "

@@ -118,6 +118,19 @@ async def continue_job(bot: MusicBot, interaction: discord.Interaction, attachme
                format=file_format, **_requester(interaction), **interaction_fields(interaction))
 
 
+async def with_melody(bot: MusicBot, job: Job, attachment: discord.Attachment) -> Job:
+    """``job`` following the tune in ``attachment``, read like /continue's upload and kept on disk for the worker
+    (and for Regenerate/Variation); UserError when the model takes no melody or the file is refused."""
+    if not bot.worker.is_melody:
+        raise UserError("This bot's model can't follow a melody (that needs a melody model such as "
+                        "facebook/musicgen-melody); leave the melody out.")
+    rate = bot.worker.sampling_rate  # the tune at the model's rate and channels, like /continue's file
+    samples = await read_upload(attachment, rate, bot.worker.channels, bot.worker.max_seconds)
+    path = save_upload(files_dir_of(bot), samples, rate)
+    job.melody_path, job.melody_name = str(path), formatting.strip_unsafe(attachment.filename)[:100] or "melody"
+    return job
+
+
 async def read_upload(attachment: discord.Attachment, sampling_rate: int, channels: int,
                       max_seconds: float) -> np.ndarray:
     """Download a member's audio file (streamed, capped, with its own timeout) and decode it in the sandbox of
@@ -162,6 +175,8 @@ async def enqueue(bot: MusicBot, interaction: discord.Interaction, job: Job) -> 
     except QueueRefused:
         if job.kind is JobKind.CONTINUE and job.prompt_audio_path and job.parent_id is None:
             Path(job.prompt_audio_path).unlink(missing_ok=True)
+        if job.melody_path and job.parent_id is None:  # a new tune nobody else uses
+            Path(job.melody_path).unlink(missing_ok=True)
         raise
     await interaction.response.defer(thinking=True)
     bot.dispatcher.wake()
@@ -201,7 +216,7 @@ def follow_up_job(bot: MusicBot, interaction: discord.Interaction, action: str, 
     parent = bot.store.get(job_id)
     if parent is None:
         raise UserError(GONE.format(what=what))
-    for path in (parent.prompt_tokens_path, parent.prompt_audio_path):
+    for path in (parent.prompt_tokens_path, parent.prompt_audio_path, parent.melody_path):
         if path and not Path(path).exists():  # a clip made from files that are gone cannot be made again
             raise UserError(GONE.format(what=what))
     kind, seed, temperature = JobKind.REGENERATE, new_seed(), parent.temperature
@@ -232,4 +247,5 @@ def follow_up_job(bot: MusicBot, interaction: discord.Interaction, action: str, 
                model_prompt=parent.model_prompt, new_seconds=new_seconds, prompt_seconds=prompt_seconds, seed=seed,
                session_id=session.id if session else None, kind=kind, parent_id=parent.id, temperature=temperature,
                prompt_tokens_path=tokens_path, prompt_audio_path=audio_path, format=parent.format,
+               melody_path=parent.melody_path, melody_name=parent.melody_name,  # the same tune
                **_requester(interaction), **interaction_fields(interaction))

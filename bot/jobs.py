@@ -98,6 +98,8 @@ class Job:
     prompt_audio_path: str | None = None  # CONTINUE: the decoded upload, an .npz file (samples, sampling_rate)
     upload_limit: int | None = None  # bytes a file may have where the clip is delivered (interaction.filesize_limit)
     prompt_seconds: float = 0.0  # EXTEND/CONTINUE: length of the audio continued (0 for a fresh clip)
+    melody_path: str | None = None  # melody models: the decoded tune (/music melody:), an .npz like an upload
+    melody_name: str | None = None  # the tune's file name, shown with the clip
     id: int = 0
 
     def __post_init__(self) -> None:

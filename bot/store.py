@@ -55,7 +55,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     prompt_tokens_path TEXT,
     prompt_audio_path TEXT,
     upload_limit INTEGER,
-    prompt_seconds REAL NOT NULL DEFAULT 0
+    prompt_seconds REAL NOT NULL DEFAULT 0,
+    melody_path TEXT,
+    melody_name TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, id);
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, id);
@@ -91,6 +93,8 @@ ADDED_JOB_COLUMNS = {
     "prompt_audio_path": "TEXT",
     "upload_limit": "INTEGER",
     "prompt_seconds": "REAL NOT NULL DEFAULT 0",
+    "melody_path": "TEXT",
+    "melody_name": "TEXT",
 }
 # Columns renamed since: old name -> new name (RENAME COLUMN keeps the values).
 RENAMED_JOB_COLUMNS = {

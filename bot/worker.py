@@ -46,6 +46,8 @@ class Generator(Protocol):
     def channels(self) -> int: ...
     @property
     def frame_rate(self) -> float: ...
+    @property
+    def is_melody(self) -> bool: ...
 
     def encode_audio(self, audio: np.ndarray, sampling_rate: int) -> np.ndarray:
         """Audio ``(samples, channels)`` at any rate -> EnCodec codes ``(codebooks, frames)``."""
@@ -162,6 +164,11 @@ class GenerationWorker:
     @property
     def channels(self) -> int:
         return int(self.generator.channels)
+
+    @property
+    def is_melody(self) -> bool:
+        """Whether the model follows a melody (``/music melody:``)."""
+        return bool(self.generator.is_melody)
 
     @property
     def frame_rate(self) -> float:
@@ -325,11 +332,12 @@ class GenerationWorker:
                 try:
                     requests.append(generation_request(
                         job, prompt_tokens=prompt_tokens(self.generator, job), frame_rate=self.frame_rate,
-                        extend_stride=self.extend_stride))
+                        extend_stride=self.extend_stride, melody=load_upload(job.melody_path) if job.melody_path
+                        else None))
                     rows.append(row)
                 except ClipDataGone as exc:
                     log.warning("job %d: %s", job.id, exc)
-                    gone[row] = f"The audio this clip continues is gone ({exc})."
+                    gone[row] = f"The audio this clip is made from is gone ({exc})."
                 except ValueError as exc:  # an upload the model cannot encode: the message is fit for a member
                     log.warning("job %d: %s", job.id, exc)
                     gone[row] = str(exc)[:300]
@@ -414,13 +422,16 @@ def prompt_tokens(generator: Generator, job: Job) -> np.ndarray | None:
 
 
 def generation_request(job: Job, *, frame_rate: float, prompt_tokens: np.ndarray | None = None,
-                       extend_stride: float | None = None) -> GenerationRequest:
+                       extend_stride: float | None = None,
+                       melody: tuple[np.ndarray, int] | None = None) -> GenerationRequest:
     """What the model is asked for ``job``: the one translation of a job. ``GenerationRequest.seconds`` is the
     total: the audio continued (``prompt_tokens``' length; without them the job's own record of it) plus
-    ``job.new_seconds``."""
+    ``job.new_seconds``. ``melody`` is the job's tune (``job.melody_path`` read on the model's thread; the memory
+    estimate goes without it)."""
     prompt_seconds = job.prompt_seconds if prompt_tokens is None else prompt_tokens.shape[1] / frame_rate
     return GenerationRequest(job.model_prompt, prompt_seconds + job.new_seconds, seed=job.seed,
-                             temperature=job.temperature, prompt_tokens=prompt_tokens, extend_stride=extend_stride)
+                             temperature=job.temperature, prompt_tokens=prompt_tokens, extend_stride=extend_stride,
+                             melody=melody)
 
 
 def _clip_data(clip: Clip) -> ClipData:

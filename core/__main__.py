@@ -12,11 +12,16 @@ Longer than the model's 30 s window: ``python -m core "ambient drone" --seconds 
 (made window by window; at most ``--max-seconds``, default twice the window). Continue a recording:
 ``python -m core "add drums" --continue input.wav --seconds 10 -o out.wav`` writes the input (re-encoded) followed by
 10 s of new music (any format and rate soundfile reads).
+
+Melody models (e.g. ``--model facebook/musicgen-melody``) follow a tune as well as the prompt:
+``python -m core "80s pop, synth lead" --melody tune.wav --seconds 8 -o out.wav`` (any format and rate soundfile
+reads; its first 30 s count; a melody model makes at most 30 s). A plain model refuses ``--melody``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -49,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="length of the clip, or with --continue of the part added (default 5)")
     parser.add_argument("--continue", dest="continue_from", type=Path, metavar="AUDIO",
                         help="continue this recording (WAV, FLAC, Ogg …) instead of starting from silence")
+    parser.add_argument("--melody", type=Path, metavar="AUDIO",
+                        help="a tune to follow (WAV, FLAC, Ogg …; its first 30 s count); needs a melody model such as "
+                             "facebook/musicgen-melody")
     parser.add_argument("--extend-stride", type=float,
                         help="seconds each window moves past the one before when the clip is longer than the "
                              "model's window (default 60%% of the window: 18 s for 30 s)")
@@ -109,6 +117,14 @@ class ProgressBar:
         self.stream.flush()
 
 
+def read_audio(sf, path: Path) -> tuple:
+    """``(samples (n, channels), sampling_rate)`` of an audio file, or a ValueError naming it."""
+    try:
+        return sf.read(str(path), dtype="float32", always_2d=True)
+    except (OSError, RuntimeError) as e:  # soundfile's errors are RuntimeErrors
+        raise ValueError(f"could not read {path}: {e}") from None
+
+
 def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -139,10 +155,10 @@ def main(argv: list[str] | None = None) -> None:
         request.validate(math.inf)  # fail fast on bad input, before loading; the model checks its own maximum
         audio = None
         if args.continue_from is not None:
-            try:
-                audio, rate = sf.read(str(args.continue_from), dtype="float32", always_2d=True)
-            except (OSError, RuntimeError) as e:  # soundfile's errors are RuntimeErrors
-                raise ValueError(f"could not read {args.continue_from}: {e}") from None
+            audio, rate = read_audio(sf, args.continue_from)
+        if args.melody is not None:
+            request = dataclasses.replace(request, melody=read_audio(sf, args.melody))
+            request.validate(math.inf)
         model = MusicGen.from_pretrained(model_name(args.model), dtype=args.dtype, max_seconds=args.max_seconds)
         progress = None if args.quiet else ProgressBar()
         if audio is None:

@@ -1,5 +1,9 @@
 """The MusicGen decoder (transformers' ``MusicgenForCausalLM``): config, layers, ``sanitize``, ``make_cache``.
 
+Melody checkpoints (``MusicgenMelodyForCausalLM``) use the same decoder without cross-attention: their text and
+chroma come as a prefix of embeddings (:mod:`core.melody`) that :meth:`MusicgenDecoder.prefill` writes into the
+self-attention caches before the first code.
+
 The layers attend through a cache object (:mod:`core.cache`); which caches and which linear layer a run uses is
 chosen by :mod:`core.backend`, so nothing here asks which device it runs on.
 """
@@ -37,6 +41,7 @@ class DecoderConfig(BaseConfig):
     bos_token_id: int = 2048
     cross_attention_hidden_size: int | None = None
     layer_norm_eps: float = 1e-5
+    model_type: str = "musicgen_decoder"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_position_embeddings", "num_codebooks", "hidden_size", "num_hidden_layers",
@@ -50,6 +55,11 @@ class DecoderConfig(BaseConfig):
         if self.audio_channels not in (1, 2) or self.num_codebooks % self.audio_channels:
             raise ValueError(f"decoder audio_channels must be 1 or 2 and divide num_codebooks, got "
                              f"{self.audio_channels} for {self.num_codebooks} codebooks")
+
+    @property
+    def cross_attention(self) -> bool:
+        """Whether the layers cross-attend the text (plain MusicGen) or see it in a prefix (melody)."""
+        return self.model_type != "musicgen_melody_decoder"
 
     @property
     def channel_codebooks(self) -> int:
@@ -104,7 +114,8 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-LN block: self-attention, cross-attention over the text, GELU feed-forward; no biases but LayerNorms."""
+    """Pre-LN block: self-attention, cross-attention over the text (not in melody decoders), GELU feed-forward; no
+    biases but LayerNorms."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -112,8 +123,9 @@ class DecoderLayer(nn.Module):
         linear, LayerNorm = backend.linear_class(), backend.layer_norm_class()
         self.self_attn = Attention(dims, config.num_attention_heads)
         self.self_attn_layer_norm = LayerNorm(dims, eps=eps)
-        self.encoder_attn = Attention(dims, config.num_attention_heads)
-        self.encoder_attn_layer_norm = LayerNorm(dims, eps=eps)
+        if config.cross_attention:
+            self.encoder_attn = Attention(dims, config.num_attention_heads)
+            self.encoder_attn_layer_norm = LayerNorm(dims, eps=eps)
         self.fc1 = linear(dims, config.ffn_dim, bias=False)
         self.fc2 = linear(config.ffn_dim, dims, bias=False)
         self.final_layer_norm = LayerNorm(dims, eps=eps)
@@ -121,10 +133,11 @@ class DecoderLayer(nn.Module):
             raise ValueError(f"unsupported decoder activation {config.activation_function!r}")
         self.act = backend.gelu() if config.activation_function == "gelu" else nn.gelu_approx
 
-    def __call__(self, x: mx.array, text: CrossAttention, cache: SelfAttentionCache | None,
+    def __call__(self, x: mx.array, text: CrossAttention | None, cache: SelfAttentionCache | None,
                  mask: str | None) -> mx.array:
         x = x + self.self_attn(self.self_attn_layer_norm(x), cache=cache, mask=mask)
-        x = x + self.encoder_attn.cross(self.encoder_attn_layer_norm(x), text)
+        if text is not None:
+            x = x + self.encoder_attn.cross(self.encoder_attn_layer_norm(x), text)
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
@@ -177,17 +190,29 @@ class MusicgenDecoder(nn.Module):
         """Cross-attention keys/values of the (projected) text states ``(B, S, dims)``."""
         return [layer.encoder_attn.project_kv(states) for layer in self.layers]
 
-    def __call__(self, tokens: mx.array, text: list[CrossAttention],
-                 cache: list[SelfAttentionCache] | None = None) -> mx.array:
-        """Codes ``(B, K, T)`` -> logits ``(B, K, T, vocab)``; with ``cache`` the positions continue from it."""
-        B, K, T = tokens.shape
+    def _layers(self, x: mx.array, text: list[CrossAttention] | None,
+                cache: list[SelfAttentionCache] | None) -> mx.array:
+        """Embeddings ``(B, T, dims)`` + positions (continuing from ``cache``) through every layer."""
         offset = cache[0].offset if cache else 0
-        x = sum(self.embed_tokens[k](tokens[:, k]) for k in range(K)) * self.embed_scale  # (B, T, dims)
+        T = x.shape[1]
         x = x + sinusoids(mx.arange(offset, offset + T), x.shape[-1]).astype(x.dtype)
         mask = "causal" if T > 1 else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, text[i], cache[i] if cache else None, mask)
-        x = self.layer_norm(x)
+            x = layer(x, text[i] if text is not None else None, cache[i] if cache else None, mask)
+        return x
+
+    def prefill(self, prefix: mx.array, cache: list[SelfAttentionCache]) -> None:
+        """Write a melody model's prefix embeddings ``(B, P, dims)`` into ``cache`` (positions from its offset);
+        the prefix predicts nothing, so no logits are computed (evaluate the caches' ``state``)."""
+        self._layers(prefix.astype(self.layer_norm.weight.dtype), None, cache)
+
+    def __call__(self, tokens: mx.array, text: list[CrossAttention] | None,
+                 cache: list[SelfAttentionCache] | None = None) -> mx.array:
+        """Codes ``(B, K, T)`` -> logits ``(B, K, T, vocab)``; with ``cache`` the positions continue from it.
+        ``text`` is None for a melody decoder (no cross-attention)."""
+        B, K, T = tokens.shape
+        x = sum(self.embed_tokens[k](tokens[:, k]) for k in range(K)) * self.embed_scale  # (B, T, dims)
+        x = self.layer_norm(self._layers(x, text, cache))
         return mx.stack([head(x) for head in self.lm_heads], axis=1)  # (B, K, T, vocab)
 
 

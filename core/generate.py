@@ -99,10 +99,10 @@ class Step:
     stop: set[int] = field(default_factory=set)
 
 
-def decode_steps(decoder: MusicgenDecoder, text: Sequence[tuple[mx.array, mx.array]], cross_mask: mx.array,
-                 requests: Sequence[GenerationRequest], frames: Sequence[int], seeds: Sequence[int],
-                 prompts: Sequence[np.ndarray | None] | None = None,
-                 ) -> Generator[Step, None, list[np.ndarray | None]]:
+def decode_steps(decoder: MusicgenDecoder, text: Sequence[tuple[mx.array, mx.array]] | None,
+                 cross_mask: mx.array | None, requests: Sequence[GenerationRequest], frames: Sequence[int],
+                 seeds: Sequence[int], prompts: Sequence[np.ndarray | None] | None = None,
+                 prefix: mx.array | None = None) -> Generator[Step, None, list[np.ndarray | None]]:
     """The decoding loop: one ``mx.eval`` per step; returns (as ``StopIteration.value``) each row's codes
     ``(K, frames)``, None for a stopped row.
 
@@ -111,6 +111,10 @@ def decode_steps(decoder: MusicgenDecoder, text: Sequence[tuple[mx.array, mx.arr
     ``P < frames[row]`` are forced as that row's first frames, in the delay pattern, as transformers does with
     ``decoder_input_ids``. The positions every row knows are prefilled in one decoder call; a row with a longer
     prompt steps through the rest of it with its codes forced.
+
+    A melody decoder has no cross-attention (``text`` and ``cross_mask`` None): its conditioning is ``prefix``
+    ``(rows, P, dims)`` (cond rows, then uncond rows when guided), prefilled into the caches first, so the codes'
+    positions start at ``P`` (as transformers' ``MusicgenMelodyForConditionalGeneration`` prepends it).
     """
     cfg = decoder.config
     K, pad = cfg.num_codebooks, cfg.pad_token_id
@@ -133,8 +137,11 @@ def decode_steps(decoder: MusicgenDecoder, text: Sequence[tuple[mx.array, mx.arr
                 out[row, k, d: d + p.shape[1]] = p[k]
 
     host = decoder.host_attention()
-    cross: list[CrossAttention] = decoder.make_cross(list(text), cross_mask, host)
-    cache = decoder.make_cache(2 * rows if guided else rows, total, host)
+    cross: list[CrossAttention] | None = None if text is None else decoder.make_cross(list(text), cross_mask, host)
+    cache = decoder.make_cache(2 * rows if guided else rows, total + (0 if prefix is None else prefix.shape[1]), host)
+    if prefix is not None:
+        decoder.prefill(prefix, cache)
+        mx.eval([c.state for c in cache])
     scale = mx.array([r.guidance_scale for r in requests], dtype=mx.float32)
     temperature = mx.array([r.temperature for r in requests], dtype=mx.float32)
     top_k = mx.array([r.top_k for r in requests], dtype=mx.int32)
@@ -174,7 +181,8 @@ def decode_steps(decoder: MusicgenDecoder, text: Sequence[tuple[mx.array, mx.arr
             full = mx.concatenate([idx, idx + len(keep) + len(leave)]) if guided else idx
             for c in cache:
                 c.select(full)
-            cross = [c.select(full) for c in cross]
+            if cross is not None:
+                cross = [c.select(full) for c in cross]
             scale, temperature, top_k, limit = scale[idx], temperature[idx], top_k[idx], limit[idx]
             prompt_limit, given = prompt_limit[idx], given[idx]
             keys = [keys[i] for i in keep]

@@ -45,6 +45,8 @@ class GenerationRequest:
     previous clip's ``tokens``) makes the clip a continuation: its first frames are exactly these codes and only the
     rest is generated, so ``seconds`` must be longer than the prompt. ``extend_stride`` (seconds, default: the model's
     ``default_extend_stride``) is how far each window moves when the clip is longer than the model's window.
+    ``melody`` ``(samples, sampling_rate)`` (samples ``(n,)`` or ``(n, channels)``) conditions a melody model on a
+    tune (its first 30 s); a plain model refuses it.
     """
 
     prompt: str
@@ -55,6 +57,7 @@ class GenerationRequest:
     guidance_scale: float = 3.0
     prompt_tokens: np.ndarray | None = field(default=None, compare=False, repr=False)
     extend_stride: float | None = None
+    melody: tuple[np.ndarray, int] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.prompt_tokens is not None and not isinstance(self.prompt_tokens, np.ndarray):
@@ -112,6 +115,20 @@ class GenerationRequest:
                                  "with at least one frame.")
             if tokens.min() < 0:
                 raise ValueError("The prompt tokens must not be negative.")
+        if self.melody is not None:
+            if not isinstance(self.melody, (tuple, list)) or len(self.melody) != 2:
+                raise ValueError("The melody must be (samples, sampling_rate).")
+            samples, rate = self.melody
+            if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate < 1:
+                raise ValueError(f"The melody's sampling rate must be a whole number of hertz, got {rate!r}.")
+            try:
+                samples = np.asarray(samples, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise ValueError("The melody must be an array of samples.") from None
+            if samples.ndim not in (1, 2) or samples.shape[0] == 0 or (samples.ndim == 2 and samples.shape[1] < 1):
+                raise ValueError(f"The melody must have shape (samples,) or (samples, channels), got {samples.shape}.")
+            if not np.isfinite(samples).all():
+                raise ValueError("The melody contains invalid samples (NaN or infinity).")
 
 
 def _check_number(name: str, value: object) -> None:

@@ -2,6 +2,10 @@
 decoder of :mod:`core.decoder`, EnCodec): loading, generation (one clip, a batch, a continuation), audio encoding
 and decoding, and the memory estimate. The decoding loop itself is :mod:`core.generate`.
 
+Melody checkpoints (``model_type`` ``musicgen_melody``) load into the same class: their decoder has no
+cross-attention and is conditioned on a prefix of chroma and text (:mod:`core.melody`); every generation method
+then takes ``melody=(samples, sampling_rate)``.
+
 Generation mirrors transformers' ``MusicgenForConditionalGeneration.generate``: the delay pattern of
 ``build_delay_pattern_mask`` (per channel for stereo), classifier-free guidance as one batch of cond + uncond
 rows, temperature, then top-k.
@@ -24,6 +28,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import backend
+from .chroma import ChromaConfig
 from .decoder import DecoderConfig, MusicgenDecoder
 from .encodec import EncodecConfig, EncodecModel
 from .generate import decode_steps, plan_windows, run_steps, window_seed
@@ -36,6 +41,7 @@ from .loading import (
     read_config,
     resolve,
 )
+from .melody import Melody, MelodyConditioning, MelodyConfig, is_melody_config
 from .t5 import T5Config, T5EncoderModel
 from .tokenizer import PromptTokenizer
 
@@ -53,7 +59,8 @@ class MusicGen:
 
     def __init__(self, config: Mapping, text_encoder: T5EncoderModel, decoder: MusicgenDecoder,
                  audio_encoder: EncodecModel, tokenizer: PromptTokenizer, enc_to_dec_proj: nn.Linear | None = None,
-                 generation_config: Mapping | None = None, max_seconds: float | None = None):
+                 generation_config: Mapping | None = None, max_seconds: float | None = None,
+                 melody: MelodyConditioning | None = None):
         if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
                                         or not math.isfinite(max_seconds) or max_seconds <= 0):
             raise ValueError(f"max_seconds must be a positive number of seconds, got {max_seconds!r}")
@@ -65,6 +72,7 @@ class MusicGen:
         self.audio_encoder = audio_encoder
         self.tokenizer = tokenizer
         self.generation_config = dict(generation_config or {})
+        self.melody = melody
 
     # ---------------------------------------------------------------------------------------- loading
 
@@ -86,12 +94,13 @@ class MusicGen:
         for part in ("text_encoder", "audio_encoder", "decoder"):
             if not isinstance(config.get(part), dict):
                 raise CheckpointError(f"{config_file} has no '{part}' section: is this a MusicGen checkpoint?")
-        if config["decoder"].get("model_type") == "musicgen_melody_decoder" or config.get("model_type") == \
-                "musicgen_melody":
-            raise CheckpointError(f"{config_file}: MusicGen-Melody checkpoints are not supported")
+        is_melody = is_melody_config(config)
         generation_config = {}
         if (folder / "generation_config.json").is_file():
             generation_config = read_config(folder, "generation_config.json")
+        preprocessor = {}
+        if is_melody and (folder / "preprocessor_config.json").is_file():
+            preprocessor = read_config(folder, "preprocessor_config.json")
         tokenizer_file = folder / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise CheckpointError(f"{tokenizer_file} is missing (the prompt tokenizer)")
@@ -105,21 +114,25 @@ class MusicGen:
 
         try:
             decoder_config = DecoderConfig.from_dict(config["decoder"])
+            if is_melody:  # a melody decoder has no cross-attention, whatever its section says
+                decoder_config.model_type = "musicgen_melody_decoder"
             text_encoder = T5EncoderModel(T5Config.from_dict(config["text_encoder"]))
             decoder = MusicgenDecoder(decoder_config)
             audio_encoder = EncodecModel(EncodecConfig.from_dict(config["audio_encoder"]))
+            melody = MelodyConditioning(MelodyConfig.from_dict(config), ChromaConfig.from_dict(preprocessor),
+                                        decoder_config.hidden_size) if is_melody else None
         except (TypeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{config_file} is not a valid MusicGen config: {e}") from None
         text_size = text_encoder_size(config["text_encoder"])
         enc_to_dec_proj = None
-        if text_size != decoder_config.hidden_size and decoder_config.cross_attention_hidden_size is None:
+        if text_size != decoder_config.hidden_size and (is_melody or decoder_config.cross_attention_hidden_size is None):
             enc_to_dec_proj = nn.Linear(text_size, decoder_config.hidden_size)
 
         weights = load_safetensors(folder)
         source = str(folder / ("model.safetensors" if (folder / "model.safetensors").is_file()
                                else "model.safetensors.index.json"))
         parts: dict[str, dict[str, mx.array]] = {"text_encoder": {}, "audio_encoder": {}, "decoder": {},
-                                                 "enc_to_dec_proj": {}}
+                                                 "enc_to_dec_proj": {}, "audio_enc_to_dec_proj": {}}
         for key, value in weights.items():
             prefix, _, rest = key.partition(".")
             if prefix not in parts:
@@ -138,6 +151,11 @@ class MusicGen:
                 load(enc_to_dec_proj, parts["enc_to_dec_proj"], "enc_to_dec_proj", dtype)
             elif parts["enc_to_dec_proj"]:
                 raise CheckpointError(f"{source} has enc_to_dec_proj weights its config does not expect")
+            audio_proj = melody.audio_enc_to_dec_proj if melody is not None else None
+            if audio_proj is not None:
+                load(audio_proj, parts["audio_enc_to_dec_proj"], "audio_enc_to_dec_proj", dtype)
+            elif parts["audio_enc_to_dec_proj"]:
+                raise CheckpointError(f"{source} has audio_enc_to_dec_proj weights its config does not expect")
         except CheckpointError:
             raise
         except (ValueError, KeyError) as e:
@@ -148,10 +166,10 @@ class MusicGen:
             nn.quantize(decoder, group_size=64, bits=quantize,
                         class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0)
         model = cls(config, text_encoder, decoder, audio_encoder, tokenizer, enc_to_dec_proj, generation_config,
-                    max_seconds)
+                    max_seconds, melody)
         mx.eval(model.parameters())
-        log.info("loaded %s: %d codebooks, %d channel(s), decoder %s%s, max %.4g s", folder,
-                 decoder_config.num_codebooks, model.channels, dtype, f" q{quantize}" if quantize else "",
+        log.info("loaded %s%s: %d codebooks, %d channel(s), decoder %s%s, max %.4g s", folder,
+                 " (melody)" if is_melody else "", decoder_config.num_codebooks, model.channels, dtype, f" q{quantize}" if quantize else "",
                  model.max_seconds)
         return model
 
@@ -161,6 +179,8 @@ class MusicGen:
                 "audio_encoder": self.audio_encoder.parameters()}
         if self.enc_to_dec_proj is not None:
             tree["enc_to_dec_proj"] = self.enc_to_dec_proj.parameters()
+        if self.melody is not None and self.melody.audio_enc_to_dec_proj is not None:
+            tree["audio_enc_to_dec_proj"] = self.melody.audio_enc_to_dec_proj.parameters()
         return tree
 
     # ---------------------------------------------------------------------------------------- properties
@@ -176,6 +196,11 @@ class MusicGen:
     @property
     def channels(self) -> int:
         return self.decoder.config.audio_channels
+
+    @property
+    def is_melody(self) -> bool:
+        """Whether this is a melody model (``melody=`` conditions it on a tune)."""
+        return self.melody is not None
 
     @property
     def num_codebooks(self) -> int:
@@ -199,8 +224,10 @@ class MusicGen:
     @property
     def max_seconds(self) -> float:
         """Longest clip (``from_pretrained(max_seconds=…)``, default twice the window: 60 s for the real
-        checkpoints). Clips longer than the window are continued window by window."""
-        return self._max_seconds if self._max_seconds is not None else 2 * self.window_seconds
+        checkpoints). Clips longer than the window are continued window by window; a melody model makes one
+        window at most (30 s)."""
+        longest = self._max_seconds if self._max_seconds is not None else 2 * self.window_seconds
+        return min(longest, self.window_seconds) if self.is_melody else longest
 
     @property
     def default_extend_stride(self) -> float:
@@ -219,7 +246,8 @@ class MusicGen:
 
     def generate(self, prompt: str, seconds: float, *, seed: int | None = None, top_k: int = 250,
                  temperature: float = 1.0, guidance_scale: float = 3.0, prompt_tokens: np.ndarray | None = None,
-                 extend_stride: float | None = None, on_progress: Callable[[int, int], None] | None = None,
+                 extend_stride: float | None = None, melody: Melody | None = None,
+                 on_progress: Callable[[int, int], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Clip:
         """One clip of exactly ``round(seconds × sampling_rate)`` samples; ``GenerationStopped`` if stopped.
 
@@ -227,10 +255,12 @@ class MusicGen:
         codes and ``seconds`` is the total length (prompt + new). Up to ``max_seconds``; beyond the model's window the
         clip is continued window by window, each window moving ``extend_stride`` seconds (default
         :attr:`default_extend_stride`) and prompted with the end of the one before. ``on_progress(step, total)``
-        counts decoder steps over all windows.
+        counts decoder steps over all windows. ``melody`` ``(samples, sampling_rate)`` (samples ``(n,)`` or
+        ``(n, channels)``, any rate; its first 30 s count) conditions a melody model on a tune; a melody model
+        without one follows the text alone, a plain model refuses one (ValueError).
         """
         request = GenerationRequest(prompt, seconds, seed, top_k, temperature, guidance_scale, prompt_tokens,
-                                    extend_stride)
+                                    extend_stride, melody)
         clip = self.generate_batch([request], on_progress=_single_progress(on_progress),
                                    should_stop=_single_stop(should_stop))[0]
         if clip is None:
@@ -240,14 +270,14 @@ class MusicGen:
     def generate_tokens(self, prompt: str, frames: int, *, seed: int | None = None, top_k: int = 250,
                         temperature: float = 1.0, guidance_scale: float = 3.0,
                         prompt_tokens: np.ndarray | None = None, extend_stride: float | None = None,
-                        on_progress: Callable[[int, int], None] | None = None,
+                        melody: Melody | None = None, on_progress: Callable[[int, int], None] | None = None,
                         should_stop: Callable[[], bool] | None = None) -> np.ndarray:
         """EnCodec codes ``(codebooks, frames)`` for ``prompt`` (``frames`` in total, prompt tokens included);
         ``GenerationStopped`` if stopped."""
         if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
             raise ValueError("frames must be a whole number of at least 1.")
         request = GenerationRequest(prompt, frames / self.frame_rate, seed, top_k, temperature, guidance_scale,
-                                    prompt_tokens, extend_stride)
+                                    prompt_tokens, extend_stride, melody)
         request.validate(self.max_seconds)
         self._check_request(request, int(frames))
         seed = request.seed if request.seed is not None else secrets.randbits(63)
@@ -340,7 +370,8 @@ class MusicGen:
                              f"{self.max_seconds:g} s).")
         new = self.frames_for(new_seconds)
         request = GenerationRequest(prompt, (tokens.shape[1] + new) / self.frame_rate, request.seed, request.top_k,
-                                    request.temperature, request.guidance_scale, tokens, request.extend_stride)
+                                    request.temperature, request.guidance_scale, tokens, request.extend_stride,
+                                    request.melody)
         self._check_request(request, tokens.shape[1] + new)
         seed = request.seed if request.seed is not None else secrets.randbits(63)
         start = time.perf_counter()
@@ -425,7 +456,14 @@ class MusicGen:
         return tokens.astype(np.int32)
 
     def _check_request(self, request: GenerationRequest, frames: int) -> None:
-        """What only the model can check: prompt tokens that fit it and an extend stride inside the window."""
+        """What only the model can check: prompt tokens that fit it, an extend stride inside the window, a melody
+        only for a melody model and within one window."""
+        if request.melody is not None and not self.is_melody:
+            raise ValueError("This model does not take a melody: load a melody checkpoint (e.g. "
+                             "facebook/musicgen-melody) to condition on a tune.")
+        if self.is_melody and frames > self.window_frames:
+            raise ValueError(f"A melody model makes at most {self.window_seconds:g} s per clip (got "
+                             f"{frames / self.frame_rate:g} s).")
         if request.extend_stride is not None and not request.extend_stride < self.window_seconds:
             raise ValueError(f"The extend stride must be less than the model's window of {self.window_seconds:g} s "
                              f"(got {request.extend_stride:g}).")
@@ -449,19 +487,33 @@ class MusicGen:
                  for r, n, p in zip(requests, frames, prompts, strict=True)]
         together = [i for i, plan in enumerate(plans) if len(plan) == 1 and plan[0][0] == 0]
         results: list[np.ndarray | None] = [None] * len(requests)
-        if together:
-            progress = None if on_progress is None else lambda i, step, total: on_progress(together[i], step, total)
-            stop = None if should_stop is None else lambda i: should_stop(together[i])
-            codes = self._generate_codes([requests[i] for i in together], [frames[i] for i in together],
-                                         [seeds[i] for i in together], progress, stop,
-                                         [prompts[i] for i in together])
-            for i, c in zip(together, codes, strict=True):
+        for group in self._batch_groups(requests, together):
+            progress = None if on_progress is None else \
+                lambda i, step, total, group=group: on_progress(group[i], step, total)
+            stop = None if should_stop is None else lambda i, group=group: should_stop(group[i])
+            codes = self._generate_codes([requests[i] for i in group], [frames[i] for i in group],
+                                         [seeds[i] for i in group], progress, stop, [prompts[i] for i in group])
+            for i, c in zip(group, codes, strict=True):
                 results[i] = c
         for row in range(len(requests)):
             if row not in together:
                 results[row] = self._generate_windows(row, requests[row], plans[row], seeds[row], prompts[row],
                                                       on_progress, should_stop)
         return results
+
+    def _batch_groups(self, requests: list[GenerationRequest], rows: list[int]) -> list[list[int]]:
+        """``rows`` split into the batches that run together: one for a plain model; for a melody model, one per
+        prompt length in tokens, since its decoder attends the padded (zero) text positions as transformers does,
+        so a row batched with longer prompts would not give its solo result."""
+        if not rows:
+            return []
+        if not self.is_melody:
+            return [rows]
+        _, mask = self.tokenizer([requests[i].prompt for i in rows])
+        groups: dict[int, list[int]] = {}
+        for i, length in zip(rows, np.asarray(mask).sum(axis=1), strict=True):
+            groups.setdefault(int(length), []).append(i)
+        return list(groups.values())
 
     def _generate_windows(self, row: int, request: GenerationRequest, plan: list[tuple[int, int, int]], seed: int,
                           prompt: np.ndarray | None, on_progress: Callable[[int, int, int], None] | None,
@@ -485,6 +537,22 @@ class MusicGen:
             log.info("row %d: window %d/%d done (frames %d-%d)", row, w + 1, len(plan), start, start + length)
         return tokens
 
+    def _text_states(self, prompts: list[str]) -> tuple[mx.array, mx.array]:
+        """Projected T5 states ``(B, S, dims)``, zeroed where the prompts' mask ``(B, S)`` is 0 (as transformers)."""
+        ids, mask = self.tokenizer(prompts)
+        mask = mx.array(mask)
+        states = self.text_encoder(mx.array(ids), mask)  # (B, S, d_t5)
+        if self.enc_to_dec_proj is not None:
+            states = self.enc_to_dec_proj(states.astype(self.enc_to_dec_proj.weight.dtype))
+        return states * mask[..., None].astype(states.dtype), mask
+
+    def _melody_prefix(self, requests: Sequence[GenerationRequest], guided: bool) -> mx.array:
+        """A melody model's decoder prefix ``(rows, chroma_length + S, dims)`` of ``requests`` (see
+        :meth:`core.melody.MelodyConditioning.prefix`)."""
+        states, _ = self._text_states([r.prompt for r in requests])
+        chromas = [None if r.melody is None else self.melody.melody_chroma(r.melody) for r in requests]
+        return self.melody.prefix(states.astype(self.decoder.layer_norm.weight.dtype), chromas, guided=guided)
+
     def _encode_text(self, prompts: list[str], guided: bool) -> tuple[list, mx.array]:
         """Cross-attention K/V per layer and the boolean cross mask ``(rows, 1, 1, S)``.
 
@@ -492,12 +560,7 @@ class MusicGen:
         ``guided``) gets zero states and a zero mask, so its cross-attention input is exactly zero. An all-masked row
         attends uniformly to zero values, like transformers' additive mask.
         """
-        ids, mask = self.tokenizer(prompts)
-        mask = mx.array(mask)
-        states = self.text_encoder(mx.array(ids), mask)  # (B, L, d_t5)
-        if self.enc_to_dec_proj is not None:
-            states = self.enc_to_dec_proj(states.astype(self.enc_to_dec_proj.weight.dtype))
-        states = states * mask[..., None].astype(states.dtype)
+        states, mask = self._text_states(prompts)
         attend = mask.astype(mx.bool_)
         dtype = self.decoder.layer_norm.weight.dtype
         cross_kv = self.decoder.cross_kv(states.astype(dtype))
@@ -514,8 +577,12 @@ class MusicGen:
         """Codes of rows that fit in one window: the text encoded, then :func:`core.generate.decode_steps` driven
         with the callbacks (progress counts the steps after the prefill)."""
         guided = any(r.guidance_scale > 1 for r in requests)
-        text, cross_mask = self._encode_text([r.prompt for r in requests], guided)
-        steps = decode_steps(self.decoder, text, cross_mask, requests, frames, seeds, prompts)
+        if self.is_melody:
+            steps = decode_steps(self.decoder, None, None, requests, frames, seeds, prompts,
+                                 prefix=self._melody_prefix(requests, guided))
+        else:
+            text, cross_mask = self._encode_text([r.prompt for r in requests], guided)
+            steps = decode_steps(self.decoder, text, cross_mask, requests, frames, seeds, prompts)
         return run_steps(steps, on_progress, should_stop)
 
     # ---------------------------------------------------------------------------------------- memory
@@ -539,8 +606,10 @@ class MusicGen:
         steps = frames + cfg.channel_codebooks - 1
         tokens = max(len(ids) for ids in self.tokenizer([r.prompt for r in requests])[0]) if requests else 1
         item = self.decoder.layer_norm.weight.dtype.size
+        if self.is_melody:  # the prefix sits in the self-attention cache; there is no cross-attention
+            steps += self.melody.prefix_length(tokens)
         kv = cfg.num_hidden_layers * 2 * rows * steps * cfg.hidden_size * item
-        cross = cfg.num_hidden_layers * 2 * rows * tokens * cfg.hidden_size * item
+        cross = 0 if self.is_melody else cfg.num_hidden_layers * 2 * rows * tokens * cfg.hidden_size * item
         sampling = rows * cfg.num_codebooks * cfg.vocab_size * 4 * 8
         audio = self.audio_encoder_config()
         ratios = list(audio.get("upsampling_ratios") or [8, 5, 4, 4])

@@ -25,6 +25,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_melody_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random MusicGen-Melody checkpoint (Hugging Face format), built once for the whole test run."""
+    from tests.tiny_models import build_musicgen_melody
+
+    folder = tmp_path_factory.mktemp("tiny-musicgen-melody")
+    build_musicgen_melody(folder)
+    return folder
+
+
 @pytest.fixture
 async def fake_discord() -> AsyncIterator[FakeDiscord]:
     """A started fake Discord with one guild (``.guild``, channel ``.channel``); stopped after the test."""

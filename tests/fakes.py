@@ -27,8 +27,10 @@ class FakeGenerator:
     BYTES_PER_SECOND = 1 << 20  # what the memory estimate counts per second of audio per row
 
     def __init__(self, *, sampling_rate: int = 8000, max_seconds: float = 30.0, channels: int = 1,
-                 frame_rate: int = 50, step_delay: float = 0.0, steps: int | None = None) -> None:
+                 frame_rate: int = 50, step_delay: float = 0.0, steps: int | None = None,
+                 is_melody: bool = False) -> None:
         self.sampling_rate = sampling_rate
+        self.is_melody = is_melody
         self.max_seconds = max_seconds
         self.channels = channels
         self.frame_rate = frame_rate
@@ -63,6 +65,8 @@ class FakeGenerator:
         requests = [GenerationRequest.coerce(r) for r in requests]
         for r in requests:
             r.validate(self.max_seconds)
+            if r.melody is not None and not self.is_melody:
+                raise ValueError("This model does not take a melody.")
         self.calls.append(requests)
         if self.fail_with is not None:
             exc, self.fail_with = self.fail_with, None

@@ -108,6 +108,7 @@ async def test_schema_has_format_continue_and_history(world: World) -> None:
     fake = world.fake
     music_options = {o["name"]: o for o in fake.command("music")["options"]}
     assert [c["value"] for c in music_options["format"]["choices"]] == ["wav", "flac", "ogg", "mp3"]
+    assert "melody" not in music_options  # a plain model: the option is not offered (tests/test_e2e_melody.py)
     cont = {o["name"]: o for o in fake.command("continue")["options"]}
     assert cont["audio"]["type"] == 11 and cont["audio"]["required"]
     assert cont["prompt"]["required"] and cont["seconds"]["max_value"] == MAX_SECONDS

@@ -350,14 +350,32 @@ def test_the_generator_protocol_is_what_core_and_the_fake_implement():
     from core import MusicGen
 
     members = {name for name in vars(Generator) if not name.startswith("_")}
-    assert members == {"sampling_rate", "max_seconds", "channels", "frame_rate", "encode_audio",
-                       "estimate_batch_bytes", "generate_batch"}
+    properties = {"sampling_rate", "max_seconds", "channels", "frame_rate", "is_melody"}
+    assert members == properties | {"encode_audio", "estimate_batch_bytes", "generate_batch"}
     for implementation in (MusicGen, FakeGenerator):
-        for name in members - {"sampling_rate", "max_seconds", "channels", "frame_rate"}:
+        for name in members - properties:
             expected = inspect.signature(getattr(Generator, name)).parameters
             actual = inspect.signature(getattr(implementation, name)).parameters
             assert list(actual)[:len(expected)] == list(expected), (implementation, name)
     fake = FakeGenerator()
     assert all(hasattr(fake, name) for name in members)
-    assert all(isinstance(getattr(MusicGen, name), property) for name in ("sampling_rate", "max_seconds",
-                                                                           "channels", "frame_rate"))
+    assert all(isinstance(getattr(MusicGen, name), property) for name in properties)
+
+
+async def test_a_melody_job_hands_its_tune_to_the_model(make_worker, fake, tmp_path):
+    """``job.melody_path`` (the decoded /music melody:) becomes the request's ``melody``, read on the model's thread;
+    a tune that is gone fails that row alone."""
+    from bot.jobs import save_upload
+
+    fake.is_melody = True
+    tune = np.linspace(-0.5, 0.5, 8000 * 2, dtype=np.float32)[:, None]
+    job = make_job(1)
+    job.melody_path, job.melody_name = str(save_upload(tmp_path, tune, 8000)), "tune.wav"
+    gone = make_job(2, user=2)
+    gone.melody_path = str(tmp_path / "missing.npz")
+    results = await worker_run(make_worker, [job, gone, make_job(3, user=3)])
+    assert [r.status for r in results] == [JobStatus.DONE, JobStatus.FAILED, JobStatus.DONE]
+    (requests,) = fake.calls
+    samples, rate = requests[0].melody
+    np.testing.assert_array_equal(samples, tune)
+    assert rate == 8000 and requests[1].melody is None

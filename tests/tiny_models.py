@@ -4,7 +4,7 @@ They are saved exactly as the hub repos are (``config.json``, ``generation_confi
 ``tokenizer.json``), so the project's own loader reads them as it reads ``facebook/musicgen-small``, and the same
 transformers model serves as the reference implementation. Used by the tests and the benchmark; never at run time.
 
-``python -m tests.tiny_models OUT_DIR [--stereo]`` builds one from the command line.
+``python -m tests.tiny_models OUT_DIR [--stereo] [--melody]`` builds one from the command line.
 """
 
 from __future__ import annotations
@@ -150,16 +150,68 @@ def build_encodec(folder: str | Path, kind: str = "32khz", *, shape: str = "tiny
     return model
 
 
+def build_musicgen_melody(folder: str | Path, *, stereo: bool = False, decoder: str = "tiny", text_encoder: str = "tiny",
+                          codec: str = "tiny", chroma_length: int = 235, seed: int = 0, dtype=None):
+    """Save a random ``MusicgenMelodyForConditionalGeneration`` (+ tokenizer and ``MusicgenMelodyFeatureExtractor``
+    config) to ``folder`` as the hub's melody repos store it; return the model.
+
+    The melody decoder has no cross-attention: text and chroma are prepended to its input. To make a wrong prefix
+    visible in random logits, the projections into the prefix are scaled up and get random biases, and the
+    self-attention's values and outputs are scaled up (as :func:`make_sensitive` scales the plain model's
+    cross-attention).
+    """
+    import torch
+    from transformers import (
+        GenerationConfig,
+        MusicgenMelodyConfig,
+        MusicgenMelodyFeatureExtractor,
+        MusicgenMelodyForConditionalGeneration,
+        T5Config,
+    )
+
+    folder = Path(folder)
+    vocab = build_tokenizer(folder)
+    torch.manual_seed(seed)
+    t5 = T5Config(vocab_size=vocab if text_encoder == "tiny" else 32128, relative_attention_num_buckets=32,
+                  relative_attention_max_distance=128, feed_forward_proj="relu", dropout_rate=0.0,
+                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **T5_SHAPES[text_encoder])
+    audio = encodec_config("32khz", codec)
+    decoder_config = dict(model_type="musicgen_melody_decoder", vocab_size=2048, max_position_embeddings=2048,
+                          num_codebooks=8 if stereo else 4, audio_channels=2 if stereo else 1, pad_token_id=2048,
+                          bos_token_id=2048, dropout=0.0, activation_function="gelu", **DECODER_SHAPES[decoder])
+    config = MusicgenMelodyConfig(text_encoder=t5.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder_config,
+                                  num_chroma=12, chroma_length=chroma_length)
+    model = MusicgenMelodyForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # make_sensitive's codebooks; there is no cross-attention to scale
+        for layer in model.audio_encoder.quantizer.layers:
+            layer.codebook.embed.copy_(torch.randn(layer.codebook.embed.shape, generator=generator))
+        for proj in (model.enc_to_dec_proj, model.audio_enc_to_dec_proj):
+            proj.weight.mul_(20)
+            proj.bias.normal_(generator=generator)
+        for layer in model.decoder.model.decoder.layers:  # the prefix reaches the codes through self-attention
+            layer.self_attn.v_proj.weight.mul_(10)
+            layer.self_attn.out_proj.weight.mul_(10)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.generation_config = GenerationConfig(decoder_start_token_id=2048, pad_token_id=2048, bos_token_id=2048,
+                                               do_sample=True, guidance_scale=3.0, max_length=1500)
+    model.save_pretrained(str(folder))
+    MusicgenMelodyFeatureExtractor().save_pretrained(str(folder))
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--stereo", action="store_true")
+    parser.add_argument("--melody", action="store_true", help="a MusicGen-Melody checkpoint")
     parser.add_argument("--decoder", default="tiny", choices=sorted(DECODER_SHAPES))
     parser.add_argument("--text-encoder", default="tiny", choices=sorted(T5_SHAPES))
     parser.add_argument("--codec", default="tiny", choices=sorted(ENCODEC_SHAPES))
     args = parser.parse_args()
-    build_musicgen(args.folder, stereo=args.stereo, decoder=args.decoder, text_encoder=args.text_encoder,
-                   codec=args.codec)
+    build = build_musicgen_melody if args.melody else build_musicgen
+    build(args.folder, stereo=args.stereo, decoder=args.decoder, text_encoder=args.text_encoder, codec=args.codec)
     print(args.folder)
 
 

@@ -14,3 +14,9 @@ def set_max_value(command: app_commands.Command, parameter: str, value: int) -> 
     """
     params = command._params  # noqa: SLF001 - discord.py has no public way to change a bound after definition
     params[parameter] = dataclasses.replace(params[parameter], max_value=value)
+
+
+def remove_option(command: app_commands.Command, parameter: str) -> None:
+    """Leave an optional option out of this cog instance's command (e.g. ``melody`` when the model takes none):
+    it is not synced, and the callback gets its default."""
+    command._params.pop(parameter)  # noqa: SLF001 - as set_max_value

@@ -14,7 +14,7 @@ from .. import formatting, intake
 from ..checks import UserError
 from ..jobs import SEED_LIMIT, Job, JobKind, JobStatus
 from ..views import ClipButton
-from . import set_max_value
+from . import remove_option, set_max_value
 
 if TYPE_CHECKING:
     from ..client import MusicBot
@@ -33,6 +33,8 @@ class Music(commands.Cog):
         self.bot = bot
         set_max_value(self.music, "seconds", bot.queue.max_seconds_ceiling)
         set_max_value(self.continue_, "seconds", bot.queue.max_seconds_ceiling)
+        if not bot.worker.is_melody:  # only a melody model follows a tune: members do not see the option
+            remove_option(self.music, "melody")
 
     async def cog_load(self) -> None:
         # Buttons under clips delivered by this or any earlier run are understood from their custom_id alone.
@@ -48,14 +50,18 @@ class Music(commands.Cog):
         seconds="Length of the clip in seconds",
         seed="Same prompt + same seed = the same clip (random if left out)",
         format="File format: wav (default), flac, ogg or mp3",
+        melody="A tune for the music to follow (wav, flac, ogg, mp3 or m4a; at most 30 s and 10 MB)",
     )
     async def music(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 300],
                     seconds: app_commands.Range[int, 1, 30] | None = None,
                     seed: app_commands.Range[int, 0, SEED_LIMIT - 1] | None = None,
-                    format: Format = "wav") -> None:  # noqa: A002 - the option's name members see
+                    format: Format = "wav",  # noqa: A002 - the option's name members see
+                    melody: discord.Attachment | None = None) -> None:
         """Turn a text prompt into a music clip."""
-        await intake.enqueue(self.bot, interaction, intake.music_job(self.bot, interaction, prompt, seconds, seed,
-                                                                     format))
+        job = intake.music_job(self.bot, interaction, prompt, seconds, seed, format)
+        if melody is not None:
+            job = await intake.with_melody(self.bot, job, melody)
+        await intake.enqueue(self.bot, interaction, job)
 
     @app_commands.command(name="continue")
     @app_commands.guild_only()
