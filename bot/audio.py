@@ -3,9 +3,7 @@ finishing touches (peak normalisation, a short fade-out). Members' uploads are d
 
 from __future__ import annotations
 
-import io
 import logging
-import wave
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,10 +17,7 @@ log = logging.getLogger(__name__)
 WAV_HEADER_BYTES = 44
 
 
-def pcm16(samples: np.ndarray) -> np.ndarray:
-    """Float samples in [-1, 1] (anything outside is clipped; NaN becomes 0) as int16."""
-    x = np.nan_to_num(np.asarray(samples, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
-    return np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype("<i2")
+pcm16 = audio_files.pcm16
 
 
 def wav_bytes(clip: ClipData) -> bytes:
@@ -59,16 +54,7 @@ def fit_wav(clip: ClipData, max_bytes: int) -> list[bytes]:
 
 
 def _wav(samples: np.ndarray, sampling_rate: int) -> bytes:
-    samples = np.asarray(samples)
-    if samples.ndim == 1:
-        samples = samples[:, None]
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(samples.shape[1])
-        w.setsampwidth(2)
-        w.setframerate(int(sampling_rate))
-        w.writeframes(pcm16(samples).tobytes())
-    return buf.getvalue()
+    return audio_files.encode(samples, sampling_rate, "wav")
 
 
 # -- finishing and encoding ------------------------------------------------------------------------------------
