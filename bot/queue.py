@@ -50,7 +50,8 @@ class QueueRefused(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-member and global limits; admins can change them at run time (persisted in the store)."""
+    """One guild's limits (per member, and for the guild's queue); the settings give every guild's defaults and
+    each guild's admins can change theirs at run time (persisted in the store)."""
 
     max_seconds: int = 30
     max_pending_per_user: int = 2

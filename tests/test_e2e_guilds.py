@@ -38,6 +38,7 @@ class World:
     admin_a: Member
     admin_b: Member
     owner: Member  # the application's owner, a plain member of guild B (no Manage Server)
+    configured_owner: Member  # in OWNER_USER_IDS, a plain member of guild A
 
     def channel(self, guild: Guild) -> Channel:
         return guild.text_channels[0]
@@ -62,7 +63,9 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         b = fake.add_guild("Other Guild")
         admin_a, admin_b = a.add_member("admin-a", admin=True), b.add_member("admin-b", admin=True)
         owner = b.add_member(user=fake.owner)
+        configured_owner = a.add_member("operator")
         env = dict(fake.env(), DATABASE_PATH=str(tmp_path / "bot.sqlite3"), COOLDOWN_SECONDS="0",
+                   OWNER_USER_IDS=str(configured_owner.id),
                    MAX_PENDING_PER_USER="5", MAX_SECONDS="10", MAX_BATCH="1")
         settings = Settings.from_env(env)
         gen = FakeGenerator(sampling_rate=RATE, step_delay=0.002)
@@ -76,7 +79,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             runner = asyncio.create_task(bot.connect())
             await fake.wait_ready()
             try:
-                yield World(fake, bot, gen, store, a, b, admin_a, admin_b, owner)
+                yield World(fake, bot, gen, store, a, b, admin_a, admin_b, owner, configured_owner)
             finally:
                 await bot.shutdown(grace=0)
                 await asyncio.wait_for(runner, 10)
@@ -97,7 +100,8 @@ async def test_two_servers_are_served_in_turn_with_their_own_positions(world: Wo
     status = await world.run(world.owner, "admin status", {"everywhere": True})
     assert f"server `{world.a.id}`: 3 waiting" in status.original.content
     assert f"server `{world.b.id}`: 2 waiting" in status.original.content
-    await world.run(world.owner, "admin resume", {"everywhere": True})
+    await world.run(world.configured_owner, "admin resume", {"everywhere": True})
+    assert not world.bot.queue.paused
     for interaction in requests:
         [wav] = await clips(interaction, 1, timeout=20)
         assert frames(wav.data) == RATE
