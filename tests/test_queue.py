@@ -516,3 +516,21 @@ def test_jobs_without_a_guild_are_one_more_guild_and_still_run(store, clock):
     assert prompts(q.ordered(None)) == ["legacy"] and q.position(old.id) == 1
     assert set(q.guilds()) == {None, 100}
     assert prompts(q.next_batch(2)) == ["legacy", "A0"]
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), min_size=1, max_size=30))
+def test_any_arrivals_are_served_one_guild_at_a_time_in_rounds(tmp_path_factory, arrivals):
+    store = SQLiteJobStore(tmp_path_factory.mktemp("rr") / "bot.sqlite3")
+    clock = Clock()
+    q = JobQueue(store, OPEN, clock=clock)
+    for guild, user in arrivals:  # members are per guild here: user ids do not repeat across guilds
+        submit(q, clock, 10 * guild + user, guild=guild)
+    order = q.ordered()
+    rounds = [[j.id for j in order if j.guild_id == g].index(job.id) for job in order for g in [job.guild_id]]
+    assert rounds == sorted(rounds)  # every guild's first job, then every guild's second, ...
+    for guild in {g for g, _ in arrivals}:
+        assert [j.id for j in order if j.guild_id == guild] == [j.id for j in q.ordered(guild)]
+    for user in {10 * g + u for g, u in arrivals}:
+        ids = [j.id for j in order if j.user_id == user]
+        assert ids == sorted(ids)  # FIFO per member
+    store.close()
