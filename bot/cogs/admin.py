@@ -51,7 +51,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Control th
 
     async def _require_owner(self, interaction: discord.Interaction) -> None:
         if not await is_owner(interaction, self.bot.settings):
-            raise UserError("Only the bot's owners can pause or resume every server at once.")
+            raise UserError("Only the bot's owners can act on every server at once.")
 
     def _status_line(self, guild_id: int | None) -> str:
         queue = self.bot.queue
@@ -60,7 +60,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Control th
     @app_commands.command(name="pause")
     @app_commands.describe(everywhere="Owners only: pause every server's queue")
     async def pause(self, interaction: discord.Interaction, everywhere: bool = False) -> None:
-        """Hold this server's queue: requests are still taken and wait; nothing new starts (running clips finish)."""
+        """Hold this server's queue: requests are taken and wait; nothing new starts (running clips finish)."""
         queue, guild_id = self.bot.queue, interaction.guild_id
         if everywhere:
             await self._require_owner(interaction)
