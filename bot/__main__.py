@@ -110,7 +110,8 @@ COMMANDS = (
     ("/cancel", "cancel your own clips"),
     ("/history", "your last 10 clips"),
     ("/session start|status|end", "a community session in a thread"),
-    ("/admin pause|resume|clear|remove|skip|limits", "queue control (Manage Server, ADMIN_ROLE_IDS/ADMIN_USER_IDS)"),
+    ("/admin pause|resume|close|open|status|clear|remove|skip|limits",
+     "this server's queue control (Manage Server, ADMIN_ROLE_IDS/ADMIN_USER_IDS, owners)"),
 )
 
 

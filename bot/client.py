@@ -103,7 +103,7 @@ class MusicBot(commands.Bot):
         await self.sync_commands()
         self.dispatcher.start()
         log.info("ready: clips up to %d s, MAX_BATCH %d, %d job(s) waiting%s", self.queue.max_seconds_ceiling,
-                 self.worker.max_batch, len(self.queue), " (queue paused)" if self.queue.paused else "")
+                 self.worker.max_batch, self.queue.waiting(), " (paused everywhere)" if self.queue.paused else "")
 
     async def sync_commands(self) -> None:
         """Register the commands: to the configured guilds (instant), globally, or not at all."""
@@ -143,8 +143,10 @@ class MusicBot(commands.Bot):
             return "Queued."
         wait = self.queue.estimated_wait(job.id)
         start = "starting now" if wait < 1 else f"estimated start in {formatting.format_seconds(wait)}"
-        paused = " The queue is paused by an admin for now." if self.queue.paused else ""
-        return f"Queued at position **{position}** — {start}.{paused}"
+        state = self.queue.state(job.guild_id)
+        if state.holding:  # held: it starts once the queue is resumed
+            return f"Queued at position **{position}**. {state.describe()}"
+        return f"Queued at position **{position}** — {start}."
 
     # -- shutdown ---------------------------------------------------------------------------------------------
     async def shutdown(self, grace: float | None = None) -> None:

@@ -152,7 +152,7 @@ class Dispatcher:
                     await asyncio.sleep(self.batch_window)  # let requests sent together share one batch
                     if self.stopping or self.queue.paused:
                         break
-                size = self.runner.fit_batch(self.queue.ordered()[:self.runner.max_batch])
+                size = self.runner.fit_batch(self.queue.runnable()[:self.runner.max_batch])
                 batch = self.queue.next_batch(size)
                 if not batch:
                     break

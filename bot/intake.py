@@ -91,10 +91,10 @@ def music_job(bot: MusicBot, interaction: discord.Interaction, prompt: object, s
     session = bot.store.session_for_thread(interaction.channel_id) if interaction.channel_id else None
     if seconds is None:
         default = session.default_seconds if session is not None and session.default_seconds else DEFAULT_SECONDS
-        seconds = min(default, bot.queue.max_seconds)
+        seconds = min(default, bot.queue.max_seconds(interaction.guild_id))
     return Job(channel_id=interaction.channel_id or 0, prompt=text,
                model_prompt=formatting.model_prompt(text, session.theme if session else ""),
-               new_seconds=bot.queue.check_length(seconds), seed=new_seed() if seed is None else parse_seed(seed),
+               new_seconds=bot.queue.check_length(seconds, guild_id=interaction.guild_id), seed=new_seed() if seed is None else parse_seed(seed),
                session_id=session.id if session else None, format=parse_format(fmt), **_requester(interaction),
                **interaction_fields(interaction))
 
@@ -103,12 +103,14 @@ async def continue_job(bot: MusicBot, interaction: discord.Interaction, attachme
                        prompt: object, seconds: object | None, fmt: object) -> Job:
     """The job for /continue: the upload is checked and decoded first, and kept on disk for the worker."""
     text, file_format = formatting.clean_prompt(prompt), parse_format(fmt)
-    bot.queue.check_length(DEFAULT_SECONDS if seconds is None else seconds)  # before the download
+    guild_id = interaction.guild_id
+    bot.queue.check_length(DEFAULT_SECONDS if seconds is None else seconds, guild_id=guild_id)  # before the download
     rate = bot.worker.sampling_rate
     # already at the model's rate and channels, and no longer than the model's longest clip
     samples = await read_upload(attachment, rate, bot.worker.channels, bot.worker.max_seconds)
     upload_seconds = samples.shape[0] / rate
-    new_seconds = bot.queue.check_length(DEFAULT_SECONDS if seconds is None else seconds, upload_seconds)
+    new_seconds = bot.queue.check_length(DEFAULT_SECONDS if seconds is None else seconds, upload_seconds,
+                                         guild_id=guild_id)
     path = save_upload(files_dir_of(bot), samples, rate)  # the model-rate version only: ~4 MB for 30 s of mono
     session = bot.store.session_for_thread(interaction.channel_id) if interaction.channel_id else None
     return Job(channel_id=interaction.channel_id or 0, prompt=text,
@@ -235,13 +237,13 @@ def follow_up_job(bot: MusicBot, interaction: discord.Interaction, action: str, 
         except (OSError, ValueError, IndexError):
             raise UserError(GONE.format(what=what)) from None
         prompt_seconds = frames / bot.worker.frame_rate
-        room = bot.queue.room(prompt_seconds)
+        room = bot.queue.room(prompt_seconds, guild_id=interaction.guild_id)
         if room < 1:
             raise UserError(f"That clip is already {prompt_seconds:.0f} s long, as long as I can make a clip "
                             f"({bot.queue.model_max_seconds:g} s).")
         kind, new_seconds, tokens_path, audio_path = JobKind.EXTEND, min(EXTEND_SECONDS, room), str(path), None
     # the admins may have lowered the limit since the parent was made
-    new_seconds = min(new_seconds, bot.queue.room(prompt_seconds))
+    new_seconds = min(new_seconds, bot.queue.room(prompt_seconds, guild_id=interaction.guild_id))
     session = bot.store.session_for_thread(interaction.channel_id) if interaction.channel_id else None
     return Job(channel_id=interaction.channel_id or parent.channel_id, prompt=parent.prompt,
                model_prompt=parent.model_prompt, new_seconds=new_seconds, prompt_seconds=prompt_seconds, seed=seed,

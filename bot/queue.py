@@ -1,10 +1,16 @@
-"""The fair job queue: round-robin between lanes, round-robin between the members of a session, FIFO per member.
+"""The fair job queue: round-robin between guilds, then between lanes, then between the members of a session,
+FIFO per member.
 
-A *lane* is one open session (all its members share it) or one member's requests outside sessions. The next job
-comes from the lane served least recently (a lane never served comes first, lanes that tie in arrival order), so a
-lane that was just served goes to the back: round-robin in which a newcomer does not wait behind a member whose
-clip is already being made. Inside a session lane the members take turns the same way. The queue keeps no jobs in memory: the store is the single source of truth, so the order, the
-pause state and the limits survive a restart.
+Each guild (server) has its own queue as its members and admins see it: positions, limits, pause and close are
+per guild, and nothing of one guild is listed to another. The one worker takes turns between guilds the same way
+as between lanes. A *lane* is one open session (all its members share it) or one member's requests outside
+sessions. The next job comes from the lane served least recently (a lane never served comes first, lanes that tie
+in arrival order), so a lane that was just served goes to the back: round-robin in which a newcomer does not wait
+behind a member whose clip is already being made. Inside a session lane the members take turns the same way. The
+queue keeps no jobs in memory: the store is the single source of truth, so the order, the pause and close state and
+the limits survive a restart.
+
+*Pause* holds a guild's queue (requests are accepted and wait, nothing of it starts); *close* refuses new requests.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
+from enum import Enum
 from typing import Any
 
 from .jobs import Job, JobStatus
@@ -25,7 +32,10 @@ MAX_ATTEMPTS = 3  # a job interrupted this many times (a crash or a kill mid-gen
 DEFAULT_RATE = 4.0  # seconds of compute per second of audio until the first job has been measured
 RATE_SMOOTHING = 0.3
 
+# Stored state. ``queue.paused`` and ``queue.limits`` predate guilds: the first is the owners' pause of every guild,
+# the second the limits every guild starts from; each guild's own are ``<key>.guild.<id>``.
 _PAUSED_KEY = "queue.paused"
+_CLOSED_KEY = "queue.closed"
 _LIMITS_KEY = "queue.limits"
 _RATE_KEY = "queue.rate"
 
@@ -40,7 +50,8 @@ class QueueRefused(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-member and global limits; admins can change them at run time (persisted in the store)."""
+    """One guild's limits (per member, and for the guild's queue); the settings give every guild's defaults and
+    each guild's admins can change theirs at run time (persisted in the store)."""
 
     max_seconds: int = 30
     max_pending_per_user: int = 2
@@ -85,13 +96,59 @@ def parse_seconds(value: object, max_seconds: int) -> int:
     return value
 
 
+class Scope(Enum):
+    """A scope wider than one guild: every guild (the owners' view, the dispatcher's order)."""
+
+    ALL = "all"
+
+
+ALL = Scope.ALL
+GuildScope = int | None | Scope  # a guild id, None for jobs without a guild (legacy rows), or ALL
+
+
+def guild_key(guild_id: int | None) -> str:
+    """The guild's part of a stored key: its id, or ``none`` for jobs without a guild (legacy rows)."""
+    return "none" if guild_id is None else str(int(guild_id))
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """Whether a guild's queue holds (``paused``: requests wait, nothing starts) and whether it takes new requests
+    (``closed``: they are refused); ``paused_everywhere`` is an owner's pause of every guild."""
+
+    paused: bool = False
+    closed: bool = False
+    paused_everywhere: bool = False
+
+    @property
+    def holding(self) -> bool:
+        """Nothing of this guild starts now."""
+        return self.paused or self.paused_everywhere
+
+    def describe(self) -> str:
+        """One line for members and admins: which of pause and close is in force."""
+        if self.holding and self.closed:
+            return "The queue is paused and closed: waiting requests are held, new ones are refused for now."
+        if self.closed:
+            return "The queue is closed to new requests for now; waiting requests are still being made."
+        if self.paused_everywhere:
+            return "The queue is paused by the bot's owner: requests are accepted and held, nothing new starts."
+        if self.paused:
+            return "The queue is paused by an admin: requests are accepted and held, nothing new starts."
+        return "The queue is running."
+
+
 class JobQueue:
-    """Fair scheduling, limits, pause and positions over a :class:`~bot.store.JobStore`.
+    """Fair scheduling, limits, pause and positions over a :class:`~bot.store.JobStore`, per guild.
+
+    Every guild (server) has its own queue view, limits, pause and close state; the one worker serves them
+    round-robin: guilds take turns, then the lanes inside a guild (sessions, members), FIFO per member. Jobs
+    without a guild (rows written before guilds were kept) form one more guild, ``None``, served like any other.
 
     Use it only from the event-loop thread. ``limits`` are the configured defaults: an admin's changes stored
-    earlier take precedence, and ``limits.max_seconds`` is the ceiling nobody can raise ``max_seconds`` above;
-    :meth:`set_model_max` lowers that ceiling to the model's longest clip. :meth:`check_length` is the one check of
-    a requested length, used by every way in (commands, buttons, :meth:`submit`).
+    for a guild take precedence there, and ``limits.max_seconds`` is the ceiling nobody can raise ``max_seconds``
+    above; :meth:`set_model_max` lowers that ceiling to the model's longest clip. :meth:`check_length` is the one
+    check of a requested length, used by every way in (commands, buttons, :meth:`submit`).
     ``stop_running``, when set (e.g. to ``worker.cancel``), is called with the id of a running job that is
     cancelled so its generation stops.
     """
@@ -102,112 +159,141 @@ class JobQueue:
         self.clock = clock
         self.batch_size = batch_size
         self.stop_running: Callable[[int], Any] | None = None
-        defaults = limits or Limits()
-        self.max_seconds_ceiling = defaults.max_seconds  # settings ∧ model: admins choose limits up to it
+        self._defaults = limits or Limits()
+        self.max_seconds_ceiling = self._defaults.max_seconds  # settings ∧ model: admins choose limits up to it
         self.model_max_seconds: float | None = None  # the longest clip (continued audio included) the model makes
-        saved = store.get_value(_LIMITS_KEY) or {}
-        known = {f.name for f in fields(Limits)}
-        merged = replace(defaults, **{k: v for k, v in saved.items() if k in known})
-        merged = replace(merged, max_seconds=min(merged.max_seconds, self.max_seconds_ceiling))
-        try:
-            merged.check(self.max_seconds_ceiling)
-        except ValueError:
-            log.warning("stored queue limits %s are invalid; using the configured ones", saved)
-            merged = defaults
-        self._limits = merged
-        # When each lane, and each member inside a session, was last served (fair-share state).
-        self._lane_served: dict[tuple[str, int], float] = {}
+        # When each guild, each lane of a guild and each member inside a session was last served (fair share).
+        self._guild_served: dict[int | None, float] = {}
+        self._lane_served: dict[tuple[int | None, tuple[str, int]], float] = {}
         self._member_served: dict[tuple[int, int], float] = {}
-        for session_id, user_id, started in store.last_started():
-            lane = ("session", session_id) if session_id is not None else ("user", user_id)
+        for guild_id, session_id, user_id, started in store.last_started_by_guild():
+            lane = (guild_id, ("session", session_id) if session_id is not None else ("user", user_id))
             self._lane_served[lane] = max(self._lane_served.get(lane, started), started)
+            self._guild_served[guild_id] = max(self._guild_served.get(guild_id, started), started)
             if session_id is not None:
                 self._member_served[(session_id, user_id)] = started
 
-    # -- limits and pause ---------------------------------------------------------------------------------------
+    # -- limits -------------------------------------------------------------------------------------------------
     @property
     def limits(self) -> Limits:
-        return self._limits
+        """The limits of a guild whose admins changed none: the settings, then limits stored before guilds had
+        their own (they applied to every guild then, so they still do)."""
+        return self._read_limits(self._defaults, self.store.get_value(_LIMITS_KEY))
 
-    @limits.setter
-    def limits(self, value: Limits) -> None:
+    def limits_for(self, guild_id: int | None) -> Limits:
+        """The limits in force in one guild."""
+        return self._read_limits(self.limits, self.store.get_value(_guild_limits_key(guild_id)))
+
+    def _read_limits(self, base: Limits, saved: Any) -> Limits:
+        known = {f.name for f in fields(Limits)}
+        merged = replace(base, **{k: v for k, v in (saved or {}).items() if k in known})
+        merged = replace(merged, max_seconds=min(merged.max_seconds, self.max_seconds_ceiling))
+        try:
+            merged.check(self.max_seconds_ceiling)
+        except (ValueError, TypeError):
+            log.warning("stored queue limits %s are invalid; using the configured ones", saved)
+            return replace(self._defaults, max_seconds=min(self._defaults.max_seconds, self.max_seconds_ceiling))
+        return merged
+
+    def set_limits(self, guild_id: int | None, **changes: Any) -> Limits:
+        """Change some limits of one guild (ValueError with a readable message when out of range) and return
+        them; other guilds keep theirs."""
+        value = replace(self.limits_for(guild_id), **changes)
         value.check(self.max_seconds_ceiling)
-        self._limits = value
-        self.store.set_value(_LIMITS_KEY, asdict(value))
-        log.info("queue limits set to %s", value)
-
-    def set_limits(self, **changes: Any) -> Limits:
-        """Change some limits (ValueError with a readable message when out of range) and return them."""
-        self.limits = replace(self._limits, **changes)
-        return self._limits
+        self.store.set_value(_guild_limits_key(guild_id), asdict(value))
+        log.info("queue limits of guild %s set to %s", guild_key(guild_id), value)
+        return value
 
     def set_model_max(self, model_max_seconds: float) -> None:
         """The model is loaded: no clip may be longer than ``model_max_seconds`` in all (the continued audio
-        included), and the ceiling of ``max_seconds`` becomes the lower of the configured one and the model's."""
+        included), and the ceiling of ``max_seconds`` becomes the lower of the configured one and the model's
+        (stored limits above it are lowered when read)."""
         self.model_max_seconds = float(model_max_seconds)
         self.max_seconds_ceiling = max(1, min(self.max_seconds_ceiling, int(model_max_seconds)))
-        if self._limits.max_seconds > self.max_seconds_ceiling:
-            self.set_limits(max_seconds=self.max_seconds_ceiling)
 
-    @property
-    def max_seconds(self) -> int:
-        """The most new seconds a member may ask for now (settings ∧ model ∧ the admins' limit)."""
-        return self._limits.max_seconds
+    def max_seconds(self, guild_id: int | None = None) -> int:
+        """The most new seconds a member of ``guild_id`` may ask for now (settings ∧ model ∧ the admins' limit)."""
+        return self.limits_for(guild_id).max_seconds
 
-    def room(self, prompt_seconds: float = 0.0) -> int:
+    def room(self, prompt_seconds: float = 0.0, *, guild_id: int | None = None) -> int:
         """The most new seconds a clip continuing ``prompt_seconds`` of audio may get (below 1: none)."""
+        most = self.max_seconds(guild_id)
         if self.model_max_seconds is None:
-            return self.max_seconds
-        return min(self.max_seconds, int(self.model_max_seconds - prompt_seconds + 1e-6))
+            return most
+        return min(most, int(self.model_max_seconds - prompt_seconds + 1e-6))
 
-    def check_length(self, new_seconds: object, prompt_seconds: float = 0.0) -> int:
-        """``new_seconds`` as whole seconds if a clip may add that much to ``prompt_seconds`` of audio (the one
-        length check); :class:`QueueRefused` with a polite reason otherwise."""
-        room = self.room(prompt_seconds)
+    def check_length(self, new_seconds: object, prompt_seconds: float = 0.0, *, guild_id: int | None = None) -> int:
+        """``new_seconds`` as whole seconds if a clip in ``guild_id`` may add that much to ``prompt_seconds`` of
+        audio (the one length check); :class:`QueueRefused` with a polite reason otherwise."""
+        room = self.room(prompt_seconds, guild_id=guild_id)
         if prompt_seconds > 0 and room < 1:
             raise QueueRefused(f"That audio is already {prompt_seconds:.1f} s long; I can make clips of at most "
                                f"{self.model_max_seconds:g} s in all, so there is no room to continue it.")
-        seconds = parse_seconds(new_seconds, self.max_seconds)
+        seconds = parse_seconds(new_seconds, self.max_seconds(guild_id))
         if seconds > room:
             raise QueueRefused(f"That audio is {prompt_seconds:.1f} s long, so I can add at most {room} s to it "
                                f"(at most {self.model_max_seconds:g} s in all).")
         return seconds
 
+    # -- pause (hold) and close (refuse new) ----------------------------------------------------------------------
+    def state(self, guild_id: int | None) -> QueueState:
+        """Pause and close state of one guild (the owners' pause of every guild included)."""
+        key = guild_key(guild_id)
+        return QueueState(paused=bool(self.store.get_value(f"{_PAUSED_KEY}.guild.{key}", False)),
+                          closed=bool(self.store.get_value(f"{_CLOSED_KEY}.guild.{key}", False)),
+                          paused_everywhere=self.paused)
+
     @property
     def paused(self) -> bool:
+        """Paused everywhere (by an owner): no job of any guild starts."""
         return bool(self.store.get_value(_PAUSED_KEY, False))
 
-    def pause(self) -> None:
-        """Stop starting jobs and accepting requests (the running batch finishes)."""
-        self.store.set_value(_PAUSED_KEY, True)
-        log.info("queue paused")
+    def pause(self, guild_id: int | None) -> None:
+        """Hold one guild's queue: its requests are still accepted and wait; none of them starts (a running batch
+        finishes). Other guilds go on."""
+        self.store.set_value(f"{_PAUSED_KEY}.guild.{guild_key(guild_id)}", True)
+        log.info("queue of guild %s paused", guild_key(guild_id))
 
-    def resume(self) -> None:
-        self.store.set_value(_PAUSED_KEY, False)
-        log.info("queue resumed")
+    def resume(self, guild_id: int | None) -> None:
+        """Let one guild's held requests start again, in their fair order."""
+        self.store.set_value(f"{_PAUSED_KEY}.guild.{guild_key(guild_id)}", False)
+        log.info("queue of guild %s resumed", guild_key(guild_id))
+
+    def pause_everywhere(self, paused: bool = True) -> None:
+        """Hold (or, with ``False``, release) every guild's queue at once: for the bot's owners."""
+        self.store.set_value(_PAUSED_KEY, bool(paused))
+        log.info("queue %s everywhere", "paused" if paused else "resumed")
+
+    def close(self, guild_id: int | None, closed: bool = True) -> None:
+        """Refuse (or, with ``False``, accept again) new requests in one guild; waiting ones are still made."""
+        self.store.set_value(f"{_CLOSED_KEY}.guild.{guild_key(guild_id)}", bool(closed))
+        log.info("queue of guild %s %s", guild_key(guild_id), "closed" if closed else "opened")
 
     # -- submitting ---------------------------------------------------------------------------------------------
     def submit(self, job: Job, *, exempt: bool = False) -> Job:
-        """Check the limits, write the job as queued and return it with its id, or raise :class:`QueueRefused`.
+        """Check the limits of the job's guild, write the job as queued and return it with its id, or raise
+        :class:`QueueRefused`. A paused queue accepts the job (it waits); a closed one refuses it.
 
-        ``exempt`` skips the per-member, cooldown and queue-size limits (but not pause or the length).
+        ``exempt`` skips the per-member, cooldown and queue-size limits (but not close or the length).
         """
-        limits = self._limits
-        if self.paused:
-            raise QueueRefused("The queue is paused by an admin right now. Please try again a bit later.")
-        job.new_seconds = self.check_length(job.new_seconds, job.prompt_seconds)
+        guild_id = job.guild_id
+        if self.state(guild_id).closed:
+            raise QueueRefused("The queue is closed to new requests by an admin right now. "
+                               "Please try again a bit later.")
+        limits = self.limits_for(guild_id)
+        job.new_seconds = self.check_length(job.new_seconds, job.prompt_seconds, guild_id=guild_id)
         now = self.clock()
         if not exempt:
-            if self.store.count(JobStatus.QUEUED) >= limits.max_queue_size:
+            if len(self.store.guild_jobs(guild_id, JobStatus.QUEUED)) >= limits.max_queue_size:
                 raise QueueRefused(f"The queue is full ({limits.max_queue_size} requests). "
                                    "Please try again in a few minutes.")
-            pending = len(self.store.jobs_of(job.user_id, JobStatus.QUEUED, JobStatus.RUNNING))
+            pending = len(self.jobs_of(job.user_id, guild_id))
             if pending >= limits.max_pending_per_user:
                 noun = "request" if limits.max_pending_per_user == 1 else "requests"
                 raise QueueRefused(f"You already have {pending} pending {noun} (the limit is "
                                    f"{limits.max_pending_per_user}). You can add another when one is done, "
                                    "or /cancel one.")
-            last = self.store.last_created_at(job.user_id)
+            last = self.store.last_created_in(guild_id, job.user_id)
             if last is not None and now - last < limits.cooldown_seconds:
                 wait = max(1, round(limits.cooldown_seconds - (now - last)))
                 raise QueueRefused(f"Please wait {wait} s before your next request.")
@@ -215,27 +301,56 @@ class JobQueue:
         job.created_at = now
         job.started_at = job.finished_at = None
         self.store.add(job)
-        log.info("job %d queued: user=%s new_seconds=%d seed=%d session=%s", job.id, job.user_id, job.new_seconds,
-                 job.seed, job.session_id)
+        log.info("job %d queued: guild=%s user=%s new_seconds=%d seed=%d session=%s", job.id, guild_key(guild_id),
+                 job.user_id, job.new_seconds, job.seed, job.session_id)
         return job
 
     # -- order and positions ------------------------------------------------------------------------------------
-    def ordered(self) -> list[Job]:
-        """Queued jobs in the order they will run (jobs interrupted by a restart first)."""
+    def ordered(self, guild_id: GuildScope = ALL) -> list[Job]:
+        """Queued jobs in the order they will run once nothing is held (jobs interrupted by a restart first):
+        round-robin between guilds, then between lanes inside a guild. With a guild: only its jobs, in that
+        order."""
         queued = self.store.by_status(JobStatus.QUEUED)
         resumed = [j for j in queued if j.attempts > 0]
-        lanes: dict[tuple[str, int], list[Job]] = defaultdict(list)
+        guilds: dict[int | None, list[Job]] = defaultdict(list)
         for job in queued:
             if job.attempts == 0:
-                lanes[job.lane].append(job)
+                guilds[job.guild_id].append(job)
         streams = []
-        for lane, jobs in lanes.items():
-            if lane[0] == "session":
-                jobs = self._session_order(lane[1], jobs)
-            key = (self._lane_served.get(lane, float("-inf")), jobs[0].created_at, jobs[0].id)
-            streams.append((key, jobs))
+        for guild, jobs in guilds.items():
+            guild_order = self._guild_order(guild, jobs)
+            key = (self._guild_served.get(guild, float("-inf")), min(j.created_at for j in jobs),
+                   min(j.id for j in jobs))
+            streams.append((key, guild_order))
         streams.sort(key=lambda s: s[0])
-        return resumed + _interleave([jobs for _, jobs in streams])
+        order = resumed + _interleave([jobs for _, jobs in streams])
+        return order if guild_id is ALL else [j for j in order if j.guild_id == guild_id]
+
+    def runnable(self) -> list[Job]:
+        """:meth:`ordered` without the jobs of held (paused) guilds: what may start now, in order."""
+        if self.paused:
+            return []
+        held: dict[int | None, bool] = {}
+        order = []
+        for job in self.ordered():
+            if job.guild_id not in held:
+                held[job.guild_id] = self.state(job.guild_id).paused
+            if not held[job.guild_id]:
+                order.append(job)
+        return order
+
+    def _guild_order(self, guild_id: int | None, jobs: list[Job]) -> list[Job]:
+        lanes: dict[tuple[str, int], list[Job]] = defaultdict(list)
+        for job in jobs:
+            lanes[job.lane].append(job)
+        streams = []
+        for lane, lane_jobs in lanes.items():
+            if lane[0] == "session":
+                lane_jobs = self._session_order(lane[1], lane_jobs)
+            key = (self._lane_served.get((guild_id, lane), float("-inf")), lane_jobs[0].created_at, lane_jobs[0].id)
+            streams.append((key, lane_jobs))
+        streams.sort(key=lambda s: s[0])
+        return _interleave([lane_jobs for _, lane_jobs in streams])
 
     def _session_order(self, session_id: int, jobs: list[Job]) -> list[Job]:
         members: dict[int, list[Job]] = defaultdict(list)
@@ -246,38 +361,59 @@ class JobQueue:
         return _interleave([member_jobs for _, member_jobs in streams])
 
     def position(self, job_id: int) -> int | None:
-        """1-based place of a queued job in :meth:`ordered`, or None when it is not queued."""
-        for i, job in enumerate(self.ordered(), 1):
-            if job.id == job_id:
+        """1-based place of a queued job among its guild's queued jobs (what /queue shows that guild), or None
+        when it is not queued."""
+        job = self.store.get(job_id)
+        if job is None or job.status is not JobStatus.QUEUED:
+            return None
+        for i, queued in enumerate(self.ordered(job.guild_id), 1):
+            if queued.id == job_id:
                 return i
         return None
 
-    def running(self) -> list[Job]:
-        return self.store.by_status(JobStatus.RUNNING)
+    def running(self, guild_id: GuildScope = ALL) -> list[Job]:
+        """Jobs being generated now (of one guild, or of all)."""
+        running = self.store.by_status(JobStatus.RUNNING)
+        return running if guild_id is ALL else [j for j in running if j.guild_id == guild_id]
 
-    def jobs_of(self, user_id: int) -> list[Job]:
-        """A member's running jobs, then their queued jobs in run order."""
-        running = [j for j in self.running() if j.user_id == user_id]
-        return running + [j for j in self.ordered() if j.user_id == user_id]
+    def jobs_of(self, user_id: int, guild_id: GuildScope = ALL) -> list[Job]:
+        """A member's running jobs, then their queued jobs in run order (in one guild, or in all)."""
+        running = [j for j in self.running(guild_id) if j.user_id == user_id]
+        return running + [j for j in self.ordered(guild_id) if j.user_id == user_id]
+
+    def waiting(self, guild_id: GuildScope = ALL) -> int:
+        """How many jobs are queued (in one guild, or in all), held ones included."""
+        if guild_id is ALL:
+            return self.store.count(JobStatus.QUEUED)
+        return len(self.store.guild_jobs(guild_id, JobStatus.QUEUED))
+
+    def guilds(self) -> list[int | None]:
+        """Every guild with a queued or running job (for the owners' overview)."""
+        seen: dict[int | None, None] = {}
+        for job in self.store.by_status(JobStatus.RUNNING, JobStatus.QUEUED):
+            seen.setdefault(job.guild_id)
+        return list(seen)
 
     def __len__(self) -> int:
-        return self.store.count(JobStatus.QUEUED)
+        """Queued jobs that may start now (those of held guilds are not counted)."""
+        return len(self.runnable())
 
     # -- taking work --------------------------------------------------------------------------------------------
     def next_batch(self, n: int) -> list[Job]:
-        """Take the first ``n`` jobs in fair order and mark them running (none while paused)."""
-        if n < 1 or self.paused:
+        """Take the first ``n`` jobs in fair order that may start and mark them running (none while paused)."""
+        if n < 1:
             return []
-        batch = self.ordered()[:n]
+        batch = self.runnable()[:n]
         now = self.clock()
         for job in batch:
             job.status, job.started_at, job.attempts = JobStatus.RUNNING, now, job.attempts + 1
             self.store.update(job.id, status=job.status, started_at=now, attempts=job.attempts)
-            self._lane_served[job.lane] = now
+            self._guild_served[job.guild_id] = now
+            self._lane_served[(job.guild_id, job.lane)] = now
             if job.session_id is not None:
                 self._member_served[(job.session_id, job.user_id)] = now
-            log.info("job %d started: user=%s new_seconds=%d attempt=%d", job.id, job.user_id, job.new_seconds,
-                     job.attempts)
+            log.info("job %d started: guild=%s user=%s new_seconds=%d attempt=%d", job.id, guild_key(job.guild_id),
+                     job.user_id, job.new_seconds, job.attempts)
         return batch
 
     def finish(self, job_id: int, status: JobStatus, *, error: str | None = None, **changes: Any) -> Job:
@@ -319,22 +455,24 @@ class JobQueue:
             self.stop_running(job_id)
         return job
 
-    def remove(self, position: int) -> Job:
-        """Cancel the queued job at a 1-based position; IndexError when there is none."""
-        order = self.ordered()
+    def remove(self, guild_id: int | None, position: int) -> Job:
+        """Cancel the queued job at a 1-based position of one guild's queue; IndexError when there is none."""
+        order = self.ordered(guild_id)
         if not 1 <= position <= len(order):
             raise IndexError(f"There is no request at position {position} (the queue has {len(order)}).")
         return self.finish(order[position - 1].id, JobStatus.CANCELLED, error="Removed from the queue by an admin.")
 
-    def clear(self) -> list[Job]:
-        """Cancel every queued job (running ones go on) and return them in the order they would have run."""
-        order = self.ordered()
+    def clear(self, guild_id: GuildScope) -> list[Job]:
+        """Cancel every queued job of one guild (or of all; running ones go on) and return them in the order they
+        would have run."""
+        order = self.ordered(guild_id)
         now = self.clock()
         reason = "The queue was cleared by an admin."
         self.store.update_many([j.id for j in order], status=JobStatus.CANCELLED, error=reason, finished_at=now)
         for job in order:
             job.status, job.error, job.finished_at = JobStatus.CANCELLED, reason, now
-        log.info("queue cleared: %d job(s) cancelled", len(order))
+        log.info("queue of guild %s cleared: %d job(s) cancelled",
+                 "all" if guild_id is ALL else guild_key(guild_id), len(order))
         return order
 
     # -- restart recovery ---------------------------------------------------------------------------------------
@@ -376,7 +514,9 @@ class JobQueue:
         if running:
             started = min(j.started_at or now for j in running)
             wait = max(0.0, rate * max(j.total_seconds for j in running) - (now - started))
-        order = self.ordered()
+        order = self.runnable()
+        if job_id is not None and all(j.id != job_id for j in order):
+            order = self.ordered()  # a held job: the wait once its guild resumes
         if job_id is not None:
             ids = [j.id for j in order]
             if job_id not in ids:
@@ -387,6 +527,10 @@ class JobQueue:
         for i in range(0, len(order), self.batch_size):
             wait += rate * max(j.total_seconds for j in order[i:i + self.batch_size])
         return wait
+
+
+def _guild_limits_key(guild_id: int | None) -> str:
+    return f"{_LIMITS_KEY}.guild.{guild_key(guild_id)}"
 
 
 def _interleave(streams: list[list[Job]]) -> list[Job]:

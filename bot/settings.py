@@ -26,11 +26,13 @@ VARIABLES = (
     ("DISCORD_GUILD_IDS", "", "comma-separated server ids whose slash commands are synced at start"),
     ("SYNC_COMMANDS", "guilds if ids set, else none", "where commands are synced at start: guilds, global, none"),
     ("MAX_SECONDS", "60", "longest clip a member may ask for"),
-    ("MAX_PENDING_PER_USER", "2", "requests one member may have waiting or running"),
-    ("MAX_QUEUE_SIZE", "50", "requests the whole queue may hold"),
+    ("MAX_PENDING_PER_USER", "2", "requests one member may have waiting or running in one server"),
+    ("MAX_QUEUE_SIZE", "50", "requests one server's queue may hold"),
     ("COOLDOWN_SECONDS", "10", "seconds between two requests of one member"),
     ("ADMIN_ROLE_IDS", "", "role ids allowed to use /admin (besides Manage Server)"),
-    ("ADMIN_USER_IDS", "", "user ids allowed to use /admin"),
+    ("ADMIN_USER_IDS", "", "user ids allowed to use /admin (in any server they use it in, for that server)"),
+    ("OWNER_USER_IDS", "", "the bot's owners (besides the application's owner or team): admins in every server, "
+                           "and /admin pause everywhere"),
     ("DATABASE_PATH", "./var/bot.sqlite3", "SQLite file for jobs, sessions, pause state and limits; a relative "
                                           "path is taken from the .env file's folder (or the current folder)"),
     ("MAX_BATCH", "4", "clips generated together in one batch"),
@@ -66,6 +68,7 @@ class Settings:
     cooldown_seconds: float = 10.0
     admin_role_ids: frozenset[int] = frozenset()
     admin_user_ids: frozenset[int] = frozenset()
+    owner_user_ids: frozenset[int] = frozenset()
     database_path: Path = Path("./var/bot.sqlite3")
     max_batch: int = 4
     job_timeout_seconds: float = 600.0
@@ -144,6 +147,7 @@ class Settings:
             cooldown_seconds=_float(env, "COOLDOWN_SECONDS", 10.0, minimum=0.0),
             admin_role_ids=frozenset(_id_list(env, "ADMIN_ROLE_IDS")),
             admin_user_ids=frozenset(_id_list(env, "ADMIN_USER_IDS")),
+            owner_user_ids=frozenset(_id_list(env, "OWNER_USER_IDS")),
             database_path=database,
             max_batch=_int(env, "MAX_BATCH", 4, minimum=1, maximum=64),
             job_timeout_seconds=_float(env, "JOB_TIMEOUT_SECONDS", 600.0, minimum=1.0),

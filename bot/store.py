@@ -124,6 +124,11 @@ class JobStore(Protocol):
     def get_value(self, key: str, default: Any = None) -> Any: ...
     def set_value(self, key: str, value: Any) -> None: ...
     def recent_done(self, user_id: int, limit: int = 10) -> list[Job]: ...
+    # per guild (``guild_id`` None: jobs without a guild, i.e. rows written before guilds were kept)
+    def guild_jobs(self, guild_id: int | None, *statuses: JobStatus) -> list[Job]: ...
+    def last_created_in(self, guild_id: int | None, user_id: int) -> float | None: ...
+    def recent_done_in(self, guild_id: int | None, user_id: int, limit: int = 10) -> list[Job]: ...
+    def last_started_by_guild(self) -> list[tuple[int | None, int | None, int, float]]: ...
     def close(self) -> None: ...
 
     @property
@@ -147,6 +152,7 @@ class SQLiteJobStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._migrate()
+        self._migrate_guilds()
         self._files_dir = None if str(path) == ":memory:" else self.path.parent / "clips"
         log.debug("job store opened at %s", self.path)
 
@@ -161,6 +167,11 @@ class SQLiteJobStore:
             if name not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
                 log.info("job store: added column %s", name)
+
+    def _migrate_guilds(self) -> None:
+        """Per-guild queues: an index for the guild's queries. Jobs always had a ``guild_id`` column; rows where it
+        is NULL (none from a server, as /music refuses DMs) are one more guild, served and listed to owners."""
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_by_guild ON jobs (guild_id, status, id)")
 
     @property
     def files_dir(self) -> Path | None:
@@ -249,6 +260,32 @@ class SQLiteJobStore:
         rows = self._db.execute("SELECT session_id, user_id, MAX(started_at) FROM jobs "
                                 "WHERE started_at IS NOT NULL GROUP BY session_id, user_id")
         return [(r[0], r[1], r[2]) for r in rows]
+
+    # -- per guild ----------------------------------------------------------------------------------------------
+    def guild_jobs(self, guild_id: int | None, *statuses: JobStatus) -> list[Job]:
+        """One guild's jobs with any of these statuses (all when none is given), in creation order."""
+        where, args = _status_clause(statuses)
+        rows = self._db.execute(f"SELECT * FROM jobs WHERE guild_id IS ? {('AND ' + where) if where else ''} "
+                                "ORDER BY id", [guild_id, *args])
+        return [_job(r) for r in rows]
+
+    def last_created_in(self, guild_id: int | None, user_id: int) -> float | None:
+        """When this member's latest accepted request in this guild was made (for the guild's cooldown)."""
+        return self._db.execute("SELECT MAX(created_at) FROM jobs WHERE guild_id IS ? AND user_id = ?",
+                                (guild_id, user_id)).fetchone()[0]
+
+    def recent_done_in(self, guild_id: int | None, user_id: int, limit: int = 10) -> list[Job]:
+        """This member's latest delivered clips in this guild, newest first."""
+        rows = self._db.execute("SELECT * FROM jobs WHERE guild_id IS ? AND user_id = ? AND status = ? "
+                                "ORDER BY id DESC LIMIT ?", (guild_id, user_id, JobStatus.DONE.value, limit))
+        return [_job(r) for r in rows]
+
+    def last_started_by_guild(self) -> list[tuple[int | None, int | None, int, float]]:
+        """``(guild_id, session_id, user_id, latest started_at)`` for every member that had a job started in a
+        guild (the fair queue's state)."""
+        rows = self._db.execute("SELECT guild_id, session_id, user_id, MAX(started_at) FROM jobs "
+                                "WHERE started_at IS NOT NULL GROUP BY guild_id, session_id, user_id")
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     # -- sessions -----------------------------------------------------------------------------------------------
     def add_session(self, session: Session) -> Session:

@@ -144,6 +144,56 @@ async def test_killed_while_jobs_are_queued_they_keep_their_order_and_pause(
     assert await again.stop() == 0
 
 
+async def test_pause_holds_requests_across_a_restart_and_close_refuses_them(
+        fake_discord: FakeDiscord, run_bot: Callable[..., Awaitable[BotProcess]], tiny_model: Path,
+        tmp_path: Path) -> None:
+    fake = fake_discord
+    settings = dict(MUSICGEN_MODEL=str(tiny_model), COOLDOWN_SECONDS="0", MAX_BATCH="1")
+    admin = fake.guild.add_member("root", admin=True)
+    one, two, late = (fake.guild.add_member(name) for name in ("one", "two", "late"))
+
+    async def ask(user, command: str, options: dict | None = None) -> str:
+        answered = await fake.invoke(user, command, options or {})
+        await answered.wait(lambda i: i.original is not None, 10)
+        return answered.original.content
+
+    bot = await run_bot(**settings)
+    assert "accepted and wait" in await ask(admin, "admin pause")
+    held = []
+    for user, prompt in [(one, "one first"), (one, "one second"), (two, "two first")]:
+        interaction = await fake.invoke(user, "music", {"prompt": prompt, "seconds": 1})
+        await interaction.wait(lambda i: says(i, "position"), 10)
+        assert not interaction.ephemeral and says(interaction, "paused by an admin")  # accepted, and told why
+        held.append(interaction)
+    assert "paused by an admin" in await ask(one, "queue")
+    assert "closed" in await ask(admin, "admin close")
+    refused = await fake.invoke(late, "music", {"prompt": "knock knock", "seconds": 1})
+    await refused.wait(lambda i: i.original is not None, 10)
+    assert refused.ephemeral and "closed to new requests" in refused.original.content
+    bot.kill()
+    await bot.wait_exit()
+    assert [status for status, _ in db_rows(tmp_path / "bot.sqlite3").values()] == ["queued"] * 3
+
+    again = await run_bot(**settings)
+    assert "paused and closed" in await ask(admin, "admin status")  # both states survive the restart
+    await asyncio.sleep(1.0)
+    assert audio(fake.files) == []
+    assert "3 request(s) waiting" in await ask(admin, "admin resume")
+    for interaction in held:
+        await clips(interaction, 1, timeout=60)
+    # served in fair order: one, two, then one's second request
+    arrival = [next(n for n, i in enumerate(held) if a in audio(i.files)) for a in audio(fake.files)]
+    assert arrival == [0, 2, 1]
+    still_closed = await fake.invoke(late, "music", {"prompt": "knock again", "seconds": 1})
+    await still_closed.wait(lambda i: i.original is not None, 10)
+    assert still_closed.ephemeral and "closed" in still_closed.original.content
+    assert "Open" in await ask(admin, "admin open")
+    welcome = await fake.invoke(late, "music", {"prompt": "come in", "seconds": 1})
+    [wav] = await clips(welcome, 1, timeout=60)
+    assert frames(wav.data) == RATE
+    assert await again.stop() == 0
+
+
 async def test_sigterm_while_generating_finishes_the_clip_within_the_grace_period(
         fake_discord: FakeDiscord, run_bot: Callable[..., Awaitable[BotProcess]], tiny_model: Path,
         tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bot.jobs import Job, JobStatus, Session
-from bot.queue import MAX_ATTEMPTS, JobQueue, Limits, QueueRefused, parse_seconds
+from bot.queue import MAX_ATTEMPTS, JobQueue, Limits, QueueRefused, QueueState, parse_seconds
 from bot.store import SQLiteJobStore
 
 
@@ -38,9 +38,10 @@ def store(tmp_path):
     s.close()
 
 
-def make_job(user: int, prompt: str = "", *, session: int | None = None, seconds: int = 5, seed: int = 1) -> Job:
+def make_job(user: int, prompt: str = "", *, session: int | None = None, seconds: int = 5, seed: int = 1,
+             guild: int | None = 1) -> Job:
     prompt = prompt or f"u{user}"
-    return Job(guild_id=1, channel_id=10, user_id=user, user_name=f"user{user}", prompt=prompt, model_prompt=prompt,
+    return Job(guild_id=guild, channel_id=10, user_id=user, user_name=f"user{user}", prompt=prompt, model_prompt=prompt,
                new_seconds=seconds, seed=seed, session_id=session)
 
 
@@ -191,17 +192,36 @@ def test_refused_requests_are_not_stored(store, clock):
     assert store.count() == 1
 
 
-def test_pause_refuses_requests_and_stops_batches(store, clock):
+def test_pause_holds_requests_and_resume_serves_them_in_fair_order(store, clock):
     q = JobQueue(store, OPEN, clock=clock)
-    submit(q, clock, 1)
-    q.pause()
-    assert q.paused
-    with pytest.raises(QueueRefused, match="paused"):
+    submit(q, clock, 1, "a0")
+    q.pause(1)
+    assert q.state(1).paused and q.state(1).holding and not q.state(1).closed and "held" in q.state(1).describe()
+    # accepted while paused: written to the store with a position, nothing starts
+    for user, prompt in [(1, "a1"), (2, "b0"), (3, "c0"), (2, "b1")]:
+        job = submit(q, clock, user, prompt)
+        assert store.get(job.id).status is JobStatus.QUEUED and q.position(job.id) is not None
+    assert q.next_batch(4) == [] and len(q) == 0 and q.waiting(1) == 5
+    q.resume(1)
+    assert not q.state(1).holding
+    assert prompts(q.next_batch(5)) == ["a0", "b0", "c0", "a1", "b1"]
+
+
+def test_close_refuses_new_requests_and_keeps_serving_the_waiting_ones(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    submit(q, clock, 1, "a0")
+    q.close(1)
+    with pytest.raises(QueueRefused, match="closed"):
         submit(q, clock, 2)
+    with pytest.raises(QueueRefused, match="closed"):
+        q.submit(make_job(2), exempt=True)
+    assert store.count() == 1 and "closed" in q.state(1).describe()
+    assert prompts(q.next_batch(4)) == ["a0"]  # closed, not paused: the waiting job still runs
+    q.pause(1)
+    assert "paused and closed" in q.state(1).describe()
+    q.close(1, False)
+    submit(q, clock, 2, "b0")
     assert q.next_batch(4) == []
-    q.resume()
-    assert not q.paused
-    assert len(q.next_batch(4)) == 1
 
 
 def test_cancel_queued_and_running(store, clock):
@@ -231,14 +251,14 @@ def test_remove_by_position_and_clear(store, clock):
     q = JobQueue(store, OPEN, clock=clock)
     a0, a1 = submit(q, clock, 1), submit(q, clock, 1)
     b0 = submit(q, clock, 2)
-    removed = q.remove(2)
+    removed = q.remove(1, 2)
     assert removed.id == b0.id and removed.status is JobStatus.CANCELLED and "admin" in removed.error
     with pytest.raises(IndexError, match="position 3"):
-        q.remove(3)
+        q.remove(1, 3)
     with pytest.raises(IndexError):
-        q.remove(0)
+        q.remove(1, 0)
     q.next_batch(1)
-    cleared = q.clear()
+    cleared = q.clear(1)
     assert [j.id for j in cleared] == [a1.id]
     assert store.get(a1.id).status is JobStatus.CANCELLED
     assert q.ordered() == [] and q.running()[0].id == a0.id  # the running job goes on
@@ -246,12 +266,12 @@ def test_remove_by_position_and_clear(store, clock):
 
 def test_limits_are_validated_and_capped(store, clock):
     q = JobQueue(store, Limits(max_seconds=20), clock=clock)
-    assert q.set_limits(max_seconds=10).max_seconds == 10
+    assert q.set_limits(1, max_seconds=10).max_seconds == 10
     with pytest.raises(ValueError, match="from 1 to 20"):
-        q.set_limits(max_seconds=25)
+        q.set_limits(1, max_seconds=25)
     with pytest.raises(ValueError):
-        q.set_limits(max_pending_per_user=0)
-    assert q.limits.max_seconds == 10
+        q.set_limits(1, max_pending_per_user=0)
+    assert q.limits_for(1).max_seconds == 10
 
 
 def test_state_survives_a_reopened_store(tmp_path, clock):
@@ -266,16 +286,17 @@ def test_state_survives_a_reopened_store(tmp_path, clock):
     submit(q, clock, 3, "s0", session=session.id)
     q.next_batch(1)  # a0 runs: member 1 was served
     submit(q, clock, 4, "d0")
-    q.set_limits(max_pending_per_user=5, cooldown_seconds=3)
-    q.pause()
+    q.set_limits(1, max_pending_per_user=5, cooldown_seconds=3)
+    q.pause(1)
+    q.close(1)
     order = prompts(q.ordered())
     store.close()
 
     store2 = SQLiteJobStore(path)
     q2 = JobQueue(store2, OPEN, clock=clock)
     assert prompts(q2.ordered()) == order == ["b0", "s0", "d0", "a1", "a2"]
-    assert q2.paused
-    assert q2.limits == Limits(max_seconds=30, max_pending_per_user=5, max_queue_size=1000, cooldown_seconds=3)
+    assert q2.state(1) == QueueState(paused=True, closed=True)
+    assert q2.limits_for(1) == Limits(max_seconds=30, max_pending_per_user=5, max_queue_size=1000, cooldown_seconds=3)
     s = store2.session_for_thread(11)
     assert (s.id, s.theme, s.default_seconds, s.host_id, s.open) == (session.id, "lofi", 8, 7, True)
     store2.close()
@@ -283,8 +304,8 @@ def test_state_survives_a_reopened_store(tmp_path, clock):
 
 def test_stored_max_seconds_is_capped_by_a_lower_configured_maximum(tmp_path, clock):
     store = SQLiteJobStore(tmp_path / "db")
-    JobQueue(store, Limits(max_seconds=30), clock=clock).set_limits(max_seconds=25)
-    assert JobQueue(store, Limits(max_seconds=10), clock=clock).limits.max_seconds == 10
+    JobQueue(store, Limits(max_seconds=30), clock=clock).set_limits(1, max_seconds=25)
+    assert JobQueue(store, Limits(max_seconds=10), clock=clock).limits_for(1).max_seconds == 10
     store.close()
 
 
@@ -339,9 +360,9 @@ def test_estimated_wait_uses_the_measured_rate_and_batches(store, clock):
 
 def test_the_model_lowers_the_ceiling_and_bounds_the_total_length(store, clock):
     q = JobQueue(store, Limits(max_seconds=60, cooldown_seconds=0, max_pending_per_user=10), clock=clock)
-    assert q.max_seconds == 60 and q.room(50.0) == 60  # no model yet: only the limit
+    assert q.max_seconds(1) == 60 and q.room(50.0) == 60  # no model yet: only the limit
     q.set_model_max(30.5)
-    assert (q.max_seconds_ceiling, q.max_seconds, q.model_max_seconds) == (30, 30, 30.5)
+    assert (q.max_seconds_ceiling, q.max_seconds(1), q.model_max_seconds) == (30, 30, 30.5)
     assert q.check_length(30) == 30 and q.check_length("12") == 12 and q.check_length(4.0) == 4
     assert q.room(25.0) == 5 and q.room(30.0) == 0
     assert q.check_length(5, 25.0) == 5
@@ -350,7 +371,7 @@ def test_the_model_lowers_the_ceiling_and_bounds_the_total_length(store, clock):
     with pytest.raises(QueueRefused, match="no room to continue"):
         q.check_length(1, 30.0)
     with pytest.raises(ValueError):
-        q.set_limits(max_seconds=31)
+        q.set_limits(1, max_seconds=31)
     extend = make_job(1, seconds=6)
     extend.prompt_seconds = 25.0
     with pytest.raises(QueueRefused, match="add at most 5 s"):
@@ -375,3 +396,141 @@ def test_parse_seconds_accepts_whole_seconds_in_range(n):
 def test_parse_seconds_refuses_everything_else_politely(value):
     with pytest.raises(QueueRefused, match="whole number of seconds from 1 to 30"):
         parse_seconds(value, 30)
+
+
+# -- one queue per guild ----------------------------------------------------------------------------------------
+def test_guilds_take_turns_then_lanes_inside_each_guild(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    for i in range(3):
+        submit(q, clock, 1, f"A1.{i}", guild=100)  # guild A floods first, with two members
+    submit(q, clock, 2, "A2.0", guild=100)
+    submit(q, clock, 3, "B3.0", guild=200)
+    submit(q, clock, 3, "B3.1", guild=200)
+    submit(q, clock, 4, "C4.0", guild=300)
+    # A, B, C in turn; inside A its members in turn; FIFO per member
+    assert prompts(q.ordered()) == ["A1.0", "B3.0", "C4.0", "A2.0", "B3.1", "A1.1", "A1.2"]
+    assert prompts(q.ordered(100)) == ["A1.0", "A2.0", "A1.1", "A1.2"]
+    assert prompts(q.ordered(200)) == ["B3.0", "B3.1"]
+    assert prompts(q.next_batch(1)) == ["A1.0"]
+    submit(q, clock, 5, "A5.0", guild=100)  # A was just served: it goes behind B and C
+    assert prompts(q.ordered()) == ["B3.0", "C4.0", "A2.0", "B3.1", "A5.0", "A1.1", "A1.2"]
+    served = []
+    for _ in range(5):
+        clock.tick()
+        served += prompts(q.next_batch(1))
+    assert served == ["B3.0", "C4.0", "A2.0", "B3.1", "A5.0"]
+
+
+def test_the_order_across_guilds_survives_a_restart(tmp_path, clock):
+    path = tmp_path / "bot.sqlite3"
+    store = SQLiteJobStore(path)
+    q = JobQueue(store, OPEN, clock=clock)
+    for g, user in [(100, 1), (100, 1), (200, 2), (200, 2)]:
+        submit(q, clock, user, f"{g}", guild=g)
+    q.next_batch(1)  # guild 100 served
+    order = [j.id for j in q.ordered()]
+    store.close()
+    store2 = SQLiteJobStore(path)
+    assert [j.id for j in JobQueue(store2, OPEN, clock=clock).ordered()] == order
+    assert prompts(JobQueue(store2, OPEN, clock=clock).ordered()) == ["200", "100", "200"]
+    store2.close()
+
+
+def test_positions_are_per_guild_and_the_estimate_counts_every_guild(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    q.record_timing(1.0, 1.0)  # 1 s of compute per second of audio
+    a = submit(q, clock, 1, guild=100, seconds=5)
+    b = submit(q, clock, 2, guild=200, seconds=5)
+    a2 = submit(q, clock, 3, guild=100, seconds=5)
+    assert [q.position(j.id) for j in (a, b, a2)] == [1, 1, 2]
+    assert q.estimated_wait(a2.id) == pytest.approx(10.0)  # behind a and b: the worker serves both guilds
+
+
+def test_limits_are_per_guild(store, clock):
+    q = JobQueue(store, Limits(max_seconds=30, max_pending_per_user=1, max_queue_size=2, cooldown_seconds=0),
+                 clock=clock)
+    q.set_limits(100, max_seconds=5, max_queue_size=1)
+    assert q.limits_for(100).max_seconds == 5 and q.limits_for(200).max_seconds == 30
+    with pytest.raises(QueueRefused, match="from 1 to 5"):
+        q.submit(make_job(1, seconds=6, guild=100))
+    q.submit(make_job(1, seconds=20, guild=200))  # another guild keeps the defaults
+    q.submit(make_job(1, seconds=5, guild=100))  # one pending per member *per guild*
+    with pytest.raises(QueueRefused, match=r"full \(1 requests\)"):
+        q.submit(make_job(2, guild=100))
+    q.submit(make_job(2, guild=200))  # guild 200's queue holds 2
+
+
+def test_the_cooldown_is_per_guild(store, clock):
+    q = JobQueue(store, Limits(cooldown_seconds=10, max_pending_per_user=10), clock=clock)
+    q.submit(make_job(1, guild=100))
+    q.submit(make_job(1, guild=200))
+    with pytest.raises(QueueRefused, match="wait"):
+        q.submit(make_job(1, guild=100))
+
+
+def test_a_paused_guild_holds_only_its_own_jobs(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    submit(q, clock, 1, "A0", guild=100)
+    submit(q, clock, 2, "B0", guild=200)
+    submit(q, clock, 2, "B1", guild=200)
+    q.pause(100)
+    assert not q.state(200).holding
+    assert prompts(q.runnable()) == ["B0", "B1"] and len(q) == 2
+    assert prompts(q.next_batch(4)) == ["B0", "B1"]
+    q.resume(100)
+    assert prompts(q.next_batch(4)) == ["A0"]
+
+
+def test_an_owners_pause_holds_every_guild_and_their_own_pause_stays(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    submit(q, clock, 1, "A0", guild=100)
+    submit(q, clock, 2, "B0", guild=200)
+    q.pause(100)
+    q.pause_everywhere()
+    assert q.paused and q.state(200).holding and "owner" in q.state(200).describe()
+    submit(q, clock, 3, "B1", guild=200)  # still accepted: held
+    assert q.next_batch(4) == []
+    q.pause_everywhere(False)
+    assert prompts(q.next_batch(4)) == ["B0", "B1"]  # guild 100 is still paused by its own admins
+
+
+def test_clear_and_remove_touch_one_guild_only(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    a = submit(q, clock, 1, "A0", guild=100)
+    b = submit(q, clock, 2, "B0", guild=200)
+    b1 = submit(q, clock, 3, "B1", guild=200)
+    with pytest.raises(IndexError):
+        q.remove(100, 2)
+    assert q.remove(200, 2).id == b1.id
+    assert [j.id for j in q.clear(200)] == [b.id]
+    assert [j.id for j in q.ordered()] == [a.id]
+    assert q.jobs_of(1, 200) == [] and [j.id for j in q.jobs_of(1, 100)] == [a.id]
+
+
+def test_jobs_without_a_guild_are_one_more_guild_and_still_run(store, clock):
+    q = JobQueue(store, OPEN, clock=clock)
+    old = make_job(1, "legacy", guild=None)  # a row written before guilds were kept
+    old.created_at = clock.now - 100
+    store.add(old)
+    submit(q, clock, 2, "A0", guild=100)
+    assert prompts(q.ordered(None)) == ["legacy"] and q.position(old.id) == 1
+    assert set(q.guilds()) == {None, 100}
+    assert prompts(q.next_batch(2)) == ["legacy", "A0"]
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), min_size=1, max_size=30))
+def test_any_arrivals_are_served_one_guild_at_a_time_in_rounds(tmp_path_factory, arrivals):
+    store = SQLiteJobStore(tmp_path_factory.mktemp("rr") / "bot.sqlite3")
+    clock = Clock()
+    q = JobQueue(store, OPEN, clock=clock)
+    for guild, user in arrivals:  # members are per guild here: user ids do not repeat across guilds
+        submit(q, clock, 10 * guild + user, guild=guild)
+    order = q.ordered()
+    rounds = [[j.id for j in order if j.guild_id == g].index(job.id) for job in order for g in [job.guild_id]]
+    assert rounds == sorted(rounds)  # every guild's first job, then every guild's second, ...
+    for guild in {g for g, _ in arrivals}:
+        assert [j.id for j in order if j.guild_id == guild] == [j.id for j in q.ordered(guild)]
+    for user in {10 * g + u for g, u in arrivals}:
+        ids = [j.id for j in order if j.user_id == user]
+        assert ids == sorted(ids)  # FIFO per member
+    store.close()

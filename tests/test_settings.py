@@ -20,7 +20,7 @@ def test_defaults():
     assert (s.musicgen_model, s.musicgen_dtype) == ("facebook/musicgen-small", "float32")
     assert (s.discord_guild_ids, s.sync_commands) == ((), "none")
     assert (s.max_seconds, s.max_pending_per_user, s.max_queue_size, s.cooldown_seconds) == (60, 2, 50, 10.0)
-    assert (s.admin_role_ids, s.admin_user_ids) == (frozenset(), frozenset())
+    assert (s.admin_role_ids, s.admin_user_ids, s.owner_user_ids) == (frozenset(), frozenset(), frozenset())
     assert s.database_path == Path.cwd().resolve() / "var" / "bot.sqlite3"  # absolute: it must not follow chdir
     assert (s.max_batch, s.job_timeout_seconds, s.shutdown_grace_seconds) == (4, 600.0, 30.0)
     assert (s.progress_interval_seconds, s.log_level) == (2.0, "INFO")
@@ -32,7 +32,7 @@ def test_values_are_parsed():
     s = Settings.from_env({
         "DISCORD_TOKEN": f"  {TOKEN}\n", "MUSICGEN_MODEL": "/models/small", "MUSICGEN_DTYPE": "BFloat16",
         "DISCORD_GUILD_IDS": "111, 222", "MAX_SECONDS": "12", "MAX_PENDING_PER_USER": "3", "MAX_QUEUE_SIZE": "9",
-        "COOLDOWN_SECONDS": "0", "ADMIN_ROLE_IDS": "5,6", "ADMIN_USER_IDS": "7", "DATABASE_PATH": "/tmp/x.db",
+        "COOLDOWN_SECONDS": "0", "ADMIN_ROLE_IDS": "5,6", "ADMIN_USER_IDS": "7", "OWNER_USER_IDS": "8, 9", "DATABASE_PATH": "/tmp/x.db",
         "MAX_BATCH": "8", "JOB_TIMEOUT_SECONDS": "60", "SHUTDOWN_GRACE_SECONDS": "5",
         "PROGRESS_INTERVAL_SECONDS": "1.5", "LOG_LEVEL": "debug", "DISCORD_API_BASE": "http://127.0.0.1:9/api/v10/",
         "DISCORD_GATEWAY_URL": "ws://127.0.0.1:9/", "EXTEND_STRIDE_SECONDS": "12.5", "MEMORY_LIMIT_MB": "2048",
@@ -42,6 +42,7 @@ def test_values_are_parsed():
     assert (s.discord_guild_ids, s.sync_commands) == ((111, 222), "guilds")
     assert (s.max_seconds, s.max_pending_per_user, s.max_queue_size, s.cooldown_seconds) == (12, 3, 9, 0.0)
     assert (s.admin_role_ids, s.admin_user_ids) == (frozenset({5, 6}), frozenset({7}))
+    assert s.owner_user_ids == frozenset({8, 9})
     assert s.database_path == Path("/tmp/x.db")
     assert (s.max_batch, s.job_timeout_seconds, s.shutdown_grace_seconds, s.progress_interval_seconds) == (8, 60, 5, 1.5)
     assert s.log_level == "DEBUG"

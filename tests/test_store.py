@@ -7,6 +7,7 @@ import sqlite3
 import pytest
 
 from bot.jobs import Job, JobKind, JobStatus, Session, SessionStatus
+from bot.queue import JobQueue, Limits
 from bot.store import SQLiteJobStore
 
 
@@ -166,3 +167,43 @@ def test_recent_done_lists_a_members_clips_newest_first(tmp_path):
     assert [j.prompt for j in store.recent_done(1, limit=2)] == ["p2", "p1"]
     assert store.recent_done(2) == []
     assert store.files_dir == tmp_path / "clips"
+
+
+def test_an_old_database_gets_per_guild_queues_and_its_jobs_still_run(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(FIRST_SCHEMA)
+    db.execute("INSERT INTO jobs (channel_id, user_id, user_name, prompt, model_prompt, seconds, seed, status, "
+               "created_at) VALUES (10, 2, 'Bo', 'waiting', 'waiting', 12, 8, 'queued', 2.0)")
+    db.execute("INSERT INTO jobs (guild_id, channel_id, user_id, user_name, prompt, model_prompt, seconds, seed, "
+               "status, created_at) VALUES (5, 10, 3, 'Cy', 'in a guild', 'in a guild', 4, 9, 'queued', 3.0)")
+    db.execute("""INSERT INTO kv VALUES ('queue.limits', '{"max_seconds": 20, "cooldown_seconds": 0}')""")
+    db.commit()
+    db.close()
+    store = SQLiteJobStore(path)
+    indexes = {r[1] for r in store._db.execute("PRAGMA index_list(jobs)")}  # noqa: SLF001
+    assert "jobs_by_guild" in indexes
+    assert [j.prompt for j in store.guild_jobs(None, JobStatus.QUEUED)] == ["waiting"]  # NULL guild: its own
+    assert [j.prompt for j in store.guild_jobs(5)] == ["in a guild"]
+    queue = JobQueue(store, Limits(max_seconds=30))
+    # limits stored before guilds had their own still apply, to every guild, until a guild's admins change them
+    assert queue.limits_for(5).max_seconds == 20 and queue.limits_for(6).max_seconds == 20
+    queue.set_limits(6, max_seconds=10)
+    assert queue.limits_for(5).max_seconds == 20 and queue.limits_for(6).max_seconds == 10
+    assert [j.prompt for j in queue.next_batch(4)] == ["waiting", "in a guild"]
+    assert store.last_started_by_guild()[0][0] is None
+    store.close()
+
+
+def test_per_guild_queries(tmp_path):
+    store = SQLiteJobStore(tmp_path / "bot.sqlite3")
+    a = store.add(make_job(user=1, prompt="a", created_at=5.0, guild_id=100))
+    b = store.add(make_job(user=1, prompt="b", created_at=7.0, guild_id=200))
+    store.update_many([a.id, b.id], status=JobStatus.DONE, started_at=9.0)
+    assert [j.prompt for j in store.recent_done_in(100, 1)] == ["a"] and store.recent_done_in(300, 1) == []
+    assert store.last_created_in(100, 1) == 5.0 and store.last_created_in(200, 1) == 7.0
+    assert store.last_created_in(100, 2) is None
+    assert sorted(store.last_started_by_guild()) == [(100, None, 1, 9.0), (200, None, 1, 9.0)]
+    assert [j.prompt for j in store.guild_jobs(200, JobStatus.DONE)] == ["b"]
+    assert store.guild_jobs(200, JobStatus.QUEUED) == []
+    store.close()

@@ -13,6 +13,7 @@ from discord.ext import commands
 from .. import formatting, intake
 from ..checks import UserError
 from ..jobs import SEED_LIMIT, Job, JobKind, JobStatus
+from ..queue import QueueState
 from ..views import ClipButton
 from . import remove_option, set_max_value
 
@@ -82,8 +83,8 @@ class Music(commands.Cog):
     @app_commands.command(name="history")
     @app_commands.guild_only()
     async def history(self, interaction: discord.Interaction) -> None:
-        """Your latest clips: prompt, seed, length and a link to each."""
-        jobs = self.bot.store.recent_done(interaction.user.id, HISTORY_SIZE)
+        """Your latest clips in this server: prompt, seed, length and a link to each."""
+        jobs = self.bot.store.recent_done_in(interaction.guild_id, interaction.user.id, HISTORY_SIZE)
         if not jobs:
             raise UserError("You have no clips yet: use /music to make one!")
         lines = [f"**Your last {len(jobs)} clip{'s' if len(jobs) != 1 else ''}**"]
@@ -99,34 +100,39 @@ class Music(commands.Cog):
     @app_commands.command(name="queue")
     @app_commands.guild_only()
     async def queue(self, interaction: discord.Interaction) -> None:
-        """Show what is being generated and what comes next."""
+        """Show what is being generated for this server and what comes next here."""
         bot = self.bot
+        guild_id = interaction.guild_id
         lines = []
-        running = bot.queue.running()
+        running = bot.queue.running(guild_id)
         if running:
             lines.append("**Generating now**")
             lines += [f"• {_describe(job)}" for job in running]
-        order = bot.queue.ordered()
+        order = bot.queue.ordered(guild_id)
+        state = bot.queue.state(guild_id)
         if order:
             lines.append("**Up next**")
             for position, job in enumerate(order[:QUEUE_PAGE], 1):
-                wait = formatting.format_seconds(bot.queue.estimated_wait(job.id))
-                lines.append(f"{position}. {_describe(job)} — starts in about {wait}")
+                if state.holding:
+                    lines.append(f"{position}. {_describe(job)} — held")
+                else:
+                    wait = formatting.format_seconds(bot.queue.estimated_wait(job.id))
+                    lines.append(f"{position}. {_describe(job)} — starts in about {wait}")
             if len(order) > QUEUE_PAGE:
                 lines.append(f"…and {len(order) - QUEUE_PAGE} more.")
         if not lines:
             lines.append("The queue is empty: use /music to make something!")
-        if bot.queue.paused:
-            lines.append("The queue is paused by an admin for now.")
+        if state != QueueState():
+            lines.append(state.describe())
         await interaction.response.send_message(formatting.fit_message("\n".join(lines)), ephemeral=True,
                                                 allowed_mentions=discord.AllowedMentions.none())
 
     @app_commands.command(name="cancel")
     @app_commands.guild_only()
     async def cancel(self, interaction: discord.Interaction) -> None:
-        """Cancel your queued or running requests."""
+        """Cancel your queued or running requests in this server."""
         bot = self.bot
-        mine = bot.queue.jobs_of(interaction.user.id)
+        mine = bot.queue.jobs_of(interaction.user.id, interaction.guild_id)
         if not mine:
             raise UserError("You have no queued or running requests.")
         cancelled = []

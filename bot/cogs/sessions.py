@@ -10,7 +10,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from .. import formatting
-from ..checks import UserError, is_admin
+from ..checks import UserError, is_admin_here
 from ..jobs import Job, JobStatus, Session
 from . import set_max_value
 
@@ -40,7 +40,7 @@ class Sessions(commands.GroupCog, group_name="session", group_description="Commu
         bot = self.bot
         theme_text = formatting.clean_theme(theme)
         if seconds is not None:
-            seconds = bot.queue.check_length(seconds)
+            seconds = bot.queue.check_length(seconds, guild_id=interaction.guild_id)
         channel = interaction.channel
         if isinstance(channel, discord.Thread) or bot.store.session_for_thread(interaction.channel_id or 0):
             raise UserError("Start a session from a text channel, not inside a thread.")
@@ -90,7 +90,7 @@ class Sessions(commands.GroupCog, group_name="session", group_description="Commu
         """End this session and post its setlist (host or admin)."""
         bot = self.bot
         session = self._session_here(interaction)
-        if interaction.user.id != session.host_id and not is_admin(interaction, bot.settings):
+        if interaction.user.id != session.host_id and not await is_admin_here(interaction, bot.settings):
             raise UserError("Only the session's host or an admin can end it.")
         await interaction.response.defer(thinking=True)
         session = bot.store.close_session(session.id)
