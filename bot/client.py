@@ -106,7 +106,8 @@ class MusicBot(commands.Bot):
                  self.worker.max_batch, len(self.queue), " (queue paused)" if self.queue.paused else "")
 
     async def sync_commands(self) -> None:
-        """Register the commands: to the configured guilds (instant), globally, or not at all."""
+        """Register the commands: to the configured guilds (instant), globally, globally only when none are
+        registered yet (a first start without DISCORD_GUILD_IDS), or not at all."""
         mode = self.settings.sync_commands
         if mode == "guilds":
             for guild_id in self.settings.discord_guild_ids:
@@ -117,6 +118,17 @@ class MusicBot(commands.Bot):
         elif mode == "global":
             synced = await self.tree.sync()
             log.info("synced %d commands globally (may take up to an hour to show)", len(synced))
+        elif mode == "first":
+            registered = await self.tree.fetch_commands()
+            if registered:
+                log.info("%d global commands already registered; not syncing (after changing commands, start once "
+                         "with SYNC_COMMANDS=global, or set DISCORD_GUILD_IDS for instant per-server sync)",
+                         len(registered))
+                return
+            synced = await self.tree.sync()
+            log.warning("no slash commands were registered for this bot: synced %d commands globally, once. They can "
+                        "take up to an hour to show in every server; for instant commands on your own server set "
+                        "DISCORD_GUILD_IDS=<server id> (right-click the server → Copy Server ID).", len(synced))
         else:
             log.info("command sync skipped (SYNC_COMMANDS=none)")
 
@@ -137,8 +149,7 @@ class MusicBot(commands.Bot):
         """"Queued: position 3, about 40 s" for a queued job, or what it is doing now."""
         position = self.queue.position(job.id)
         if position is None:
-            current = self.store.get(job.id)
-            if current is not None and current.status is JobStatus.RUNNING:
+            if self.dispatcher.holds(job.id):
                 return "Generating now…"
             return "Queued."
         wait = self.queue.estimated_wait(job.id)

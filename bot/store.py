@@ -92,6 +92,10 @@ ADDED_JOB_COLUMNS = {
     "upload_limit": "INTEGER",
     "prompt_seconds": "REAL NOT NULL DEFAULT 0",
 }
+# Columns of idempotent delivery (kept apart from the others so each feature's migration reads on its own).
+DELIVERY_JOB_COLUMNS = {
+    "delivering_at": "REAL",
+}
 # Columns renamed since: old name -> new name (RENAME COLUMN keeps the values).
 RENAMED_JOB_COLUMNS = {
     "seconds": "new_seconds",  # the new audio a member asked for, not the clip's total length
@@ -143,6 +147,8 @@ class SQLiteJobStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._migrate()
+        self._migrate_delivery()
+        self._check_writable()
         self._files_dir = None if str(path) == ":memory:" else self.path.parent / "clips"
         log.debug("job store opened at %s", self.path)
 
@@ -157,6 +163,20 @@ class SQLiteJobStore:
             if name not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
                 log.info("job store: added column %s", name)
+
+    def _migrate_delivery(self) -> None:
+        """Add the columns of idempotent delivery to a database made before them."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, declaration in DELIVERY_JOB_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+                log.info("job store: added column %s", name)
+
+    def _check_writable(self) -> None:
+        """Fail now, not at the first request, when the database can be read but not written (a read-only file
+        or folder): ``BEGIN IMMEDIATE`` takes the write lock without changing anything."""
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("ROLLBACK")
 
     @property
     def files_dir(self) -> Path | None:

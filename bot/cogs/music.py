@@ -88,6 +88,7 @@ class Music(commands.Cog):
             lines.append(f"`#{job.id}` {formatting.display(job.prompt, 80)} — seed `{job.seed}` — {job.new_seconds} s "
                          f"{_KIND_LABEL.get(job.kind, '')}— {when} ago{link}")
         await interaction.response.send_message(formatting.fit_message("\n".join(lines)), ephemeral=True,
+                                                suppress_embeds=True,
                                                 allowed_mentions=discord.AllowedMentions.none())
 
     @app_commands.command(name="queue")
@@ -96,7 +97,7 @@ class Music(commands.Cog):
         """Show what is being generated and what comes next."""
         bot = self.bot
         lines = []
-        running = bot.queue.running()
+        running = [job for job in bot.queue.running() if bot.dispatcher.holds(job.id)]
         if running:
             lines.append("**Generating now**")
             lines += [f"• {_describe(job)}" for job in running]
@@ -113,6 +114,7 @@ class Music(commands.Cog):
         if bot.queue.paused:
             lines.append("The queue is paused by an admin for now.")
         await interaction.response.send_message(formatting.fit_message("\n".join(lines)), ephemeral=True,
+                                                suppress_embeds=True,
                                                 allowed_mentions=discord.AllowedMentions.none())
 
     @app_commands.command(name="cancel")
