@@ -174,9 +174,14 @@ class SQLiteJobStore:
 
     def _check_writable(self) -> None:
         """Fail now, not at the first request, when the database can be read but not written (a read-only file
-        or folder): ``BEGIN IMMEDIATE`` takes the write lock without changing anything."""
+        or folder, a lock held by another process): rewrite the header's ``user_version`` unchanged and roll back."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
         self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("ROLLBACK")
+        try:
+            self._db.execute(f"PRAGMA user_version = {int(version)}")
+        finally:
+            self._db.execute("ROLLBACK")
+
 
     @property
     def files_dir(self) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +167,22 @@ def test_recent_done_lists_a_members_clips_newest_first(tmp_path):
     assert [j.prompt for j in store.recent_done(1, limit=2)] == ["p2", "p1"]
     assert store.recent_done(2) == []
     assert store.files_dir == tmp_path / "clips"
+
+
+def test_a_read_only_database_is_refused_when_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database that can be read but not written fails at open, not at the first request. SQLite's own read-only
+    mode stands in for a file without write permission (which root, as on CI, could write anyway)."""
+    from bot.__main__ import StartupError, open_store
+
+    path = tmp_path / "bot.sqlite3"
+    SQLiteJobStore(path).close()
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda p, **kw: connect(f"file:{p}?mode=ro", uri=True, **kw))
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        SQLiteJobStore(path)
+    with pytest.raises(StartupError, match="Cannot use the database .*DATABASE_PATH"):
+        open_store(path)
+    monkeypatch.undo()
+    store = SQLiteJobStore(path)  # the probe changed nothing
+    assert store.count() == 0
+    store.close()
