@@ -339,7 +339,11 @@ class Dispatcher:
                 batch.cancel()
                 await asyncio.gather(batch, return_exceptions=True)
                 for job_id in interrupted:
-                    job = self.queue.requeue(job_id, count_attempt=False)
+                    try:
+                        job = self.queue.requeue(job_id, count_attempt=False)
+                    except Exception as exc:  # the next start re-queues it anyway (it is still marked running)
+                        log.warning("job %d interrupted by shutdown; could not queue it again now: %s", job_id, exc)
+                        continue
                     log.info("job %d interrupted by shutdown: queued again for the next start", job_id)
                     self.outbox.interrupted(job)
         if self._loop_task is not None:
