@@ -158,8 +158,11 @@ async def enqueue(bot: MusicBot, interaction: discord.Interaction, job: Job) -> 
         return
     if answer.message_id is None:
         return
-    message = discord.Object(answer.message_id)
-    current = bot.store.update(job.id, status_message_id=message.id)
+    try:
+        current = bot.store.update(job.id, status_message_id=answer.message_id)
+    except Exception as exc:  # the job is queued and answered; only later edits of this answer are lost
+        log.warning("job %d: could not record its status message: %s", job.id, exc)
+        return
     if current.status is JobStatus.CANCELLED:
         # cancelled (by the member or an admin) while this answer was on its way: the cancel found no status
         # message to edit then, and the answer just said "Queued", so show why it is not

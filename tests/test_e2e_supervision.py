@@ -130,7 +130,7 @@ async def test_a_full_disk_while_a_clip_is_made_delays_it_and_later_jobs_run_onc
         world: World) -> None:
     gate = world.gen.block = threading.Event()
     first = await music(world, "first")
-    await world.fake.wait_until(lambda: world.gen.calls, 10)
+    await world.fake.wait_until(lambda: world.gen.calls and job_of(world, first).status_message_id, 10)
     world.store.full.add("*")  # the disk fills while the clip is being made
     gate.set()
     await world.fake.wait_until(lambda: world.store.refused >= 3, 20)  # the outcome waits for the store
@@ -172,7 +172,7 @@ async def test_a_failed_job_is_reported_even_when_the_store_never_takes_it(world
     world.gen.fail_with = RuntimeError("kaboom")
     gate = world.gen.block = threading.Event()
     unlucky = await music(world, "unlucky")
-    await world.fake.wait_until(lambda: world.gen.calls, 10)
+    await world.fake.wait_until(lambda: world.gen.calls and job_of(world, unlucky).status_message_id, 10)
     world.store.full.add("update")
     gate.set()
     await unlucky.wait(lambda i: says(i, "could not be made"), 20)
