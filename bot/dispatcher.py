@@ -173,6 +173,7 @@ class Dispatcher:
         delay = self.store_backoff
         failed = False
         while not self.stopping:
+            began = time.monotonic()
             try:
                 if failed:
                     self._release_stale()
@@ -181,6 +182,8 @@ class Dispatcher:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if time.monotonic() - began > 2 * MAX_BACKOFF_SECONDS:  # it had been working: a new fault
+                    delay = self.store_backoff
                 self.restarts += 1
                 log.exception("the dispatch loop failed; starting it again in %.1f s", delay)
                 failed = True
