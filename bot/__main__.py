@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -51,10 +52,19 @@ def model_factory(settings: Settings):
     return load
 
 
+def open_store(path: Path) -> SQLiteJobStore:
+    """The job store at ``path``; :class:`StartupError` (one line) when it cannot be opened, created or written."""
+    try:
+        return SQLiteJobStore(path)
+    except (sqlite3.Error, OSError) as exc:
+        raise StartupError(f"Cannot use the database {str(path)!r} ({exc}); check DATABASE_PATH: a file the bot "
+                           "can create and write, in a folder it can write (not used by another running bot).") from None
+
+
 async def run(settings: Settings) -> None:
     """Build everything and run until the bot closes or a signal asks it to stop."""
     log.info("database: %s", settings.database_path)
-    store = SQLiteJobStore(settings.database_path)
+    store = open_store(settings.database_path)
     memory_limit = settings.memory_limit_mb * 2**20 if settings.memory_limit_mb else None
     worker = GenerationWorker(model_factory(settings), max_batch=settings.max_batch,
                               job_timeout=settings.job_timeout_seconds, memory_limit=memory_limit,

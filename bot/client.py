@@ -81,8 +81,9 @@ class MusicBot(commands.Bot):
         self.queue = queue
         self.worker = worker
         self.deliverer = Deliverer(self, files_dir=store.files_dir, normalize=settings.normalize_audio)
-        outbox = DiscordOutbox(self.deliverer, spawn=self.spawn, progress_interval=settings.progress_interval_seconds)
-        self.dispatcher = Dispatcher(queue, store, worker, outbox, batch_window=batch_window)
+        self.outbox = DiscordOutbox(self.deliverer, spawn=self.spawn,
+                                    progress_interval=settings.progress_interval_seconds)
+        self.dispatcher = Dispatcher(queue, store, worker, self.outbox, batch_window=batch_window)
         self.shutting_down = False
         self._background: set[asyncio.Task] = set()
 
@@ -100,13 +101,28 @@ class MusicBot(commands.Bot):
         for job in self.queue.recover():
             if job.status is JobStatus.FAILED:
                 self.spawn(self.deliverer.notify(job, f"Sorry, your clip could not be made: {job.error}"))
+            elif job.delivering_at is not None:
+                await self._found_before_restart(job)
         await self.sync_commands()
         self.dispatcher.start()
         log.info("ready: clips up to %d s, MAX_BATCH %d, %d job(s) waiting%s", self.queue.max_seconds_ceiling,
                  self.worker.max_batch, self.queue.waiting(), " (paused everywhere)" if self.queue.paused else "")
 
+    async def _found_before_restart(self, job: Job) -> None:
+        """A job whose clip was being posted when the bot stopped: if the message is there, record it as delivered
+        (no need to make the clip again); otherwise it stays queued, and delivery looks once more."""
+        found = await self.deliverer.find_delivered(job)
+        if found is None:
+            return
+        log.info("job %d: its clip was already posted before the restart (message %s); recorded, not made again",
+                 job.id, found.message_id)
+        job = self.queue.finish(job.id, JobStatus.DONE, delivered_message_id=found.message_id,
+                                delivered_url=found.url)
+        self.spawn(self.outbox.delivered(job))
+
     async def sync_commands(self) -> None:
-        """Register the commands: to the configured guilds (instant), globally, or not at all."""
+        """Register the commands: to the configured guilds (instant), globally, globally only when none are
+        registered yet (a first start without DISCORD_GUILD_IDS), or not at all."""
         mode = self.settings.sync_commands
         if mode == "guilds":
             for guild_id in self.settings.discord_guild_ids:
@@ -117,6 +133,17 @@ class MusicBot(commands.Bot):
         elif mode == "global":
             synced = await self.tree.sync()
             log.info("synced %d commands globally (may take up to an hour to show)", len(synced))
+        elif mode == "first":
+            registered = await self.tree.fetch_commands()
+            if registered:
+                log.info("%d global commands already registered; not syncing (after changing commands, start once "
+                         "with SYNC_COMMANDS=global, or set DISCORD_GUILD_IDS for instant per-server sync)",
+                         len(registered))
+                return
+            synced = await self.tree.sync()
+            log.warning("no slash commands were registered for this bot: synced %d commands globally, once. They can "
+                        "take up to an hour to show in every server; for instant commands on your own server set "
+                        "DISCORD_GUILD_IDS=<server id> (right-click the server → Copy Server ID).", len(synced))
         else:
             log.info("command sync skipped (SYNC_COMMANDS=none)")
 
@@ -137,8 +164,7 @@ class MusicBot(commands.Bot):
         """"Queued: position 3, about 40 s" for a queued job, or what it is doing now."""
         position = self.queue.position(job.id)
         if position is None:
-            current = self.store.get(job.id)
-            if current is not None and current.status is JobStatus.RUNNING:
+            if self.dispatcher.holds(job.id):
                 return "Generating now…"
             return "Queued."
         wait = self.queue.estimated_wait(job.id)

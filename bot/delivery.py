@@ -3,15 +3,22 @@
 A job remembers the interaction it came from. While that interaction's token lives (15 minutes) the clip is sent
 as a followup and the status message is edited through it; once the token is gone — by the clock, or because
 Discord answers 401 / "Invalid Webhook Token" — the clip goes to the channel as a normal message that mentions the
-requester. Only the requester can ever be pinged. Server errors and rate limits are retried with backoff; an
+requester. Only the requester can ever be pinged, and no message of the bot shows link previews (a prompt may hold
+a bare URL). Server errors and rate limits are retried with backoff; an
 upload that is too large is re-encoded smaller (Ogg Vorbis) once; a deleted channel or a missing permission makes
 the job undeliverable. :meth:`Deliverer.deliver_clip` is the whole finished-clip message: audio in the member's
 format (or a smaller one that fits), a PNG of the waveform and the Regenerate / Extend / Variation buttons.
+
+Delivery is idempotent as far as Discord allows: a channel message carries the job's ``nonce`` with
+``enforce_nonce`` (Discord answers a repeat within a few minutes with the message it already has), and a job that
+was being delivered when the bot stopped (``delivering_at`` set) is first looked for in its channel's recent
+history — a message of the bot with the job's buttons — whichever way it was posted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import logging
 import time
@@ -29,7 +36,7 @@ from .dispatcher import Delivered, DeliveryError, Undeliverable
 from .formatting import display, fit_message, format_seconds, progress_bar, status_text
 from .jobs import TOKEN_SAFETY_MARGIN, ClipData, Job, JobKind, save_tokens
 from .picture import waveform_png
-from .views import clip_view
+from .views import clip_view, custom_id
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,9 @@ INVALID_WEBHOOK_TOKEN = 50027
 UNKNOWN_WEBHOOK = 10015
 UNKNOWN_MESSAGE = 10008
 PAYLOAD_TOO_LARGE = 40005
+
+HISTORY_LOOKBACK = 100  # channel messages read, at most, when looking for a clip posted before a restart
+HISTORY_MARGIN_SECONDS = 60  # look from this long before the first delivery attempt (clocks differ)
 
 T = TypeVar("T")
 
@@ -200,6 +210,12 @@ class Deliverer:
                 save_tokens(self.files_dir, job.id, clip.tokens)
             except OSError as exc:
                 log.warning("job %s: could not keep the clip's tokens: %s", job.id, exc)
+        if job.delivering_at is not None:
+            found = await self.find_delivered(job)
+            if found is not None:
+                log.info("job %s: its clip was already posted before a restart (message %s); not posting again",
+                         job.id, found.message_id)
+                return found
         samples = audio.finish(clip.samples, clip.sampling_rate, normalize=self.normalize)
         picture = waveform_png(samples, clip.sampling_rate, job.prompt)
         wanted = job.format if job.format in audio.FORMATS else "wav"
@@ -212,6 +228,23 @@ class Deliverer:
         suffix = audio.FORMATS[fmt].suffix
         return await self.send(job, content, data=data, filename=f"musicgen-{job.id}.{suffix}",
                                extra_files=[(f"musicgen-{job.id}.png", picture)], view=clip_view(job.id))
+
+    async def find_delivered(self, job: Job) -> Delivered | None:
+        """The clip message of ``job`` if an earlier attempt posted it (a message of the bot in the job's channel,
+        since shortly before ``job.delivering_at``, carrying the job's buttons); None when there is none or the
+        history cannot be read."""
+        me = self.client.user
+        if me is None or job.delivering_at is None:
+            return None
+        since = datetime.datetime.fromtimestamp(job.delivering_at - HISTORY_MARGIN_SECONDS, tz=datetime.timezone.utc)
+        marker = custom_id("regen", job.id)
+        try:
+            async for message in self._channel(job).history(limit=HISTORY_LOOKBACK, after=since):
+                if message.author.id == me.id and marker in _custom_ids(message):
+                    return Delivered(message.id, self._url(job, message.id), "found")
+        except (discord.HTTPException, aiohttp.ClientError, asyncio.TimeoutError) as error:
+            log.warning("job %s: could not read the channel's history to look for the clip: %s", job.id, error)
+        return None
 
     def _as_delivery_error(self, job: Job, error: discord.HTTPException) -> DeliveryError:
         if isinstance(error, (discord.Forbidden, discord.NotFound)):
@@ -235,7 +268,8 @@ class Deliverer:
             try:
                 message = await self._retry(
                     f"job {job.id}: followup",
-                    lambda: webhook.send(content, files=files(), allowed_mentions=mentions, wait=True, **extra),
+                    lambda: webhook.send(content, files=files(), allowed_mentions=mentions, wait=True,
+                                         suppress_embeds=True, **extra),
                 )
                 return Delivered(message.id, self._url(job, message.id), "interaction")
             except discord.HTTPException as error:
@@ -245,7 +279,8 @@ class Deliverer:
         channel = self._channel(job)
         message = await self._retry(
             f"job {job.id}: channel message",
-            lambda: channel.send(content, files=files(), allowed_mentions=mentions, **extra),
+            lambda: channel.send(content, files=files(), allowed_mentions=mentions, suppress_embeds=True,
+                                 nonce=job.delivery_nonce if job.id else None, **extra),
         )
         return Delivered(message.id, self._url(job, message.id), "channel")
 
@@ -270,12 +305,19 @@ class Deliverer:
         try:
             await self._retry(
                 f"job {job.id}: notice",
-                lambda: self._channel(job).send(f"<@{job.user_id}> {content}", allowed_mentions=only_mention(job.user_id)),
+                lambda: self._channel(job).send(f"<@{job.user_id}> {content}", allowed_mentions=only_mention(job.user_id),
+                                                suppress_embeds=True),
             )
             return True
         except Exception as error:  # noqa: BLE001 - a notice must never take the bot down
             log.warning("job %s: could not notify the requester: %s", job.id, error)
             return False
+
+
+def _custom_ids(message: discord.Message) -> list[str]:
+    """The custom_id of every button and select on a message."""
+    return [child.custom_id for row in message.components if isinstance(row, discord.ActionRow)
+            for child in row.children if isinstance(child, (discord.Button, discord.SelectMenu)) and child.custom_id]
 
 
 class DiscordOutbox:

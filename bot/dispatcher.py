@@ -6,6 +6,12 @@ Discord itself.
 Whenever the worker is idle and the queue is not paused it takes up to ``runner.max_batch`` jobs in fair order
 (fewer when :meth:`Runner.fit_batch` says memory is short) and runs them together; each finished job is delivered
 in its own task so the next batch starts at once.
+
+The store can fail (a full disk, a locked or vanished file). The loop is supervised: when it dies it is logged and
+started again with backoff, and jobs it had marked running but no longer holds are queued again. How a finished
+job ended is written with retries and backoff for up to ``store_retry_seconds`` while its clip waits in memory; a
+clip is delivered even when the store never comes back in that time (the member gets it, the log says it could not
+be recorded).
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, fields, replace
+from typing import Any, Protocol, TypeVar
 
 from .jobs import ClipData, Job, JobResult, JobStatus
 from .queue import JobQueue
@@ -23,8 +29,14 @@ from .store import JobStore
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+_JOB_FIELD_NAMES = {f.name for f in fields(Job)}
+
 BATCH_WINDOW_SECONDS = 0.3  # after the first job arrives at an idle worker, wait this long for more to batch
 IDLE_POLL_SECONDS = 5.0  # look at the queue this often even without a wake-up
+STORE_RETRY_SECONDS = 600.0  # how long a finished job's outcome (and its clip, in memory) waits for the store
+STORE_BACKOFF_SECONDS = 0.5  # first wait after a refused store write; doubles up to MAX_BACKOFF_SECONDS
+MAX_BACKOFF_SECONDS = 30.0
 
 
 class Runner(Protocol):
@@ -56,6 +68,10 @@ class Delivered:
     via: str  # "interaction" or "channel"
 
 
+class StoreUnavailable(Exception):
+    """The store kept refusing a write for ``store_retry_seconds``."""
+
+
 class DeliveryError(Exception):
     """The clip could not be delivered; the message is fit to record as the job's error."""
 
@@ -84,7 +100,9 @@ class Outbox(Protocol):
         ...
 
     async def deliver(self, job: Job, clip: ClipData, *, generated_in: float) -> Delivered:
-        """Send the finished clip; :class:`DeliveryError` (or :class:`Undeliverable`) when it cannot."""
+        """Send the finished clip; :class:`DeliveryError` (or :class:`Undeliverable`) when it cannot. A job whose
+        ``delivering_at`` is set was being delivered before (a restart came between): the outbox looks for the
+        message already posted and returns it instead of posting again."""
         ...
 
     async def delivered(self, job: Job) -> None:
@@ -99,23 +117,33 @@ class Dispatcher:
     """
 
     def __init__(self, queue: JobQueue, store: JobStore, runner: Runner, outbox: Outbox, *,
-                 batch_window: float = BATCH_WINDOW_SECONDS) -> None:
+                 batch_window: float = BATCH_WINDOW_SECONDS, store_retry_seconds: float = STORE_RETRY_SECONDS,
+                 store_backoff: float = STORE_BACKOFF_SECONDS) -> None:
         self.queue = queue
         self.store = store
         self.runner = runner
         self.outbox = outbox
         self.batch_window = batch_window
+        self.store_retry_seconds = store_retry_seconds
+        self.store_backoff = store_backoff
         self.stopping = False
+        self.restarts = 0  # how many times the supervised loop died and was started again
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._batch_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
+        self._held: set[int] = set()  # ids of the jobs being generated or finished now
         queue.stop_running = runner.cancel
 
     def start(self) -> None:
-        """Start the loop (in the running event loop) and look at the queue at once."""
-        self._loop_task = asyncio.create_task(self._run(), name="dispatcher")
+        """Start the supervised loop (in the running event loop) and look at the queue at once."""
+        self._loop_task = asyncio.create_task(self._supervise(), name="dispatcher")
         self.wake()
+
+    def holds(self, job_id: int) -> bool:
+        """Whether the job is being generated or delivered now (the store may still say "running" for a job a
+        failure left behind until the loop has put it back in the queue)."""
+        return job_id in self._held
 
     def wake(self) -> None:
         """There may be work (a job was queued, the queue resumed)."""
@@ -140,6 +168,36 @@ class Dispatcher:
             log.error("finishing a job failed", exc_info=task.exception())
 
     # -- the loop -----------------------------------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        """Run :meth:`_run`; when it dies, log it, wait (doubling up to MAX_BACKOFF_SECONDS) and start it again."""
+        delay = self.store_backoff
+        failed = False
+        while not self.stopping:
+            began = time.monotonic()
+            try:
+                if failed:
+                    self._release_stale()
+                await self._run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if time.monotonic() - began > 2 * MAX_BACKOFF_SECONDS:  # it had been working: a new fault
+                    delay = self.store_backoff
+                self.restarts += 1
+                log.exception("the dispatch loop failed; starting it again in %.1f s", delay)
+                failed = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+
+    def _release_stale(self) -> None:
+        """Queue again the jobs the store says are running but this dispatcher no longer holds (a failure between
+        marking a batch running and starting it)."""
+        for job in self.queue.running():
+            if job.id not in self._held:
+                self.queue.requeue(job.id, count_attempt=False)
+                log.warning("job %d was marked running but is not: queued again", job.id)
+
     async def _run(self) -> None:
         while not self.stopping:
             try:
@@ -167,47 +225,103 @@ class Dispatcher:
                     self._batch_task = None
 
     async def _run_batch(self, batch: list[Job]) -> None:
+        self._held.update(j.id for j in batch)
         for job in batch:
             self.outbox.started(self._fresh(job))
         started = time.monotonic()
-        results = await self.runner.run_batch(batch, on_progress=self._progress)
+        try:
+            results = await self.runner.run_batch(batch, on_progress=self._progress)
+        except asyncio.CancelledError:
+            self._held.difference_update(j.id for j in batch)
+            raise
+        except Exception as exc:  # the runner's own bug: fail the batch's jobs, not the loop
+            log.exception("batch %s failed unexpectedly", [j.id for j in batch])
+            results = [JobResult(j, JobStatus.FAILED, error=f"Generation failed ({exc.__class__.__name__}).")
+                       for j in batch]
         elapsed = time.monotonic() - started
         if any(r.status is JobStatus.DONE for r in results):
-            self.queue.record_timing(max(r.job.total_seconds for r in results), elapsed)
+            try:
+                self.queue.record_timing(max(r.job.total_seconds for r in results), elapsed)
+            except Exception as exc:  # only the wait estimate suffers
+                log.warning("could not record the batch's timing: %s", exc)
         for result in results:
             self._spawn(self._finish(result))
 
     def _fresh(self, job: Job) -> Job:
-        return self.store.get(job.id) or job
+        try:
+            return self.store.get(job.id) or job
+        except Exception as exc:  # a store that cannot be read: the copy in hand will do
+            log.warning("job %d: could not read it from the store: %s", job.id, exc)
+            return job
+
+    async def _write(self, what: str, call: Callable[[], T]) -> T:
+        """``call()`` (a store write), retried with backoff while it raises, for up to ``store_retry_seconds``
+        (once when stopping); :class:`StoreUnavailable` after that."""
+        delay = self.store_backoff
+        deadline = time.monotonic() + self.store_retry_seconds
+        while True:
+            try:
+                return call()
+            except Exception as exc:
+                if self.stopping or time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(f"{what}: the store refused it ({exc})") from exc
+                log.warning("%s: the store refused it (%s); trying again in %.1f s", what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+
+    async def _end(self, job: Job, status: JobStatus, **changes: Any) -> Job:
+        """Record how ``job`` ended (with retries); the job as it ended even when the store never took it."""
+        try:
+            return await self._write(f"job {job.id}: recording {status.value}",
+                                     lambda: self.queue.finish(job.id, status, **changes))
+        except StoreUnavailable as exc:
+            log.error("%s; the job stays marked running until the next start", exc)
+            error = changes.pop("error", None)
+            return replace(job, status=status, error=error, finished_at=time.time(),
+                           **{k: v for k, v in changes.items() if k in _JOB_FIELD_NAMES})
 
     def _progress(self, job: Job, step: int, total: int) -> None:
         self.outbox.progress(self._fresh(job), step, total)
 
     async def _finish(self, result: JobResult) -> None:
-        """Record how the job ended, then hand it to the outbox (a clip is delivered before DONE is recorded)."""
+        """Record how the job ended and hand it to the outbox; the job is held until then."""
+        try:
+            await self._finish_job(result)
+        finally:
+            self._held.discard(result.job.id)
+
+    async def _finish_job(self, result: JobResult) -> None:
+        """Record "delivering", deliver the clip, then record DONE (or record the failure and tell the member)."""
         job = self._fresh(result.job)
         if result.status is JobStatus.CANCELLED:
-            job = self.queue.finish(job.id, JobStatus.CANCELLED, error=job.error or result.error)
+            job = await self._end(job, JobStatus.CANCELLED, error=job.error or result.error)
             await self.outbox.notify(job, job.error or "Cancelled.")
             return
         if result.status is JobStatus.FAILED or result.clip is None:
             error = result.error or "The generator returned no audio."
-            job = self.queue.finish(job.id, JobStatus.FAILED, error=error)
+            job = await self._end(job, JobStatus.FAILED, error=error)
             await self.outbox.notify(job, f"Sorry, your clip could not be made: {error}")
             return
+        # "delivering" goes to the store before the upload: after a crash between the upload and the record
+        # below, the next start knows to look for the message already posted (the earliest attempt is kept)
+        try:
+            await self._write(f"job {job.id}: recording delivering",
+                              lambda: self.store.update(job.id, delivering_at=job.delivering_at or time.time()))
+        except StoreUnavailable as exc:
+            log.error("%s; delivering the clip anyway", exc)
         try:
             delivered = await self.outbox.deliver(job, result.clip, generated_in=result.elapsed)
         except Undeliverable as exc:
             log.warning("job %d undeliverable: %s", job.id, exc)
-            self.queue.finish(job.id, JobStatus.UNDELIVERABLE, error=str(exc))
+            await self._end(job, JobStatus.UNDELIVERABLE, error=str(exc))
             return
         except DeliveryError as exc:
             log.warning("job %d delivery failed: %s", job.id, exc)
-            job = self.queue.finish(job.id, JobStatus.FAILED, error=f"The clip could not be uploaded: {exc}")
+            job = await self._end(job, JobStatus.FAILED, error=f"The clip could not be uploaded: {exc}")
             await self.outbox.notify(job, f"Sorry, your clip was made but could not be uploaded: {exc}")
             return
-        job = self.queue.finish(job.id, JobStatus.DONE, delivered_message_id=delivered.message_id,
-                                delivered_url=delivered.url)
+        job = await self._end(job, JobStatus.DONE, delivered_message_id=delivered.message_id,
+                              delivered_url=delivered.url)
         log.info("job %d delivered via %s in %.1f s of generation: %s", job.id, delivered.via, result.elapsed,
                  delivered.url)
         await self.outbox.delivered(job)
@@ -228,7 +342,11 @@ class Dispatcher:
                 batch.cancel()
                 await asyncio.gather(batch, return_exceptions=True)
                 for job_id in interrupted:
-                    job = self.queue.requeue(job_id, count_attempt=False)
+                    try:
+                        job = self.queue.requeue(job_id, count_attempt=False)
+                    except Exception as exc:  # the next start re-queues it anyway (it is still marked running)
+                        log.warning("job %d interrupted by shutdown; could not queue it again now: %s", job_id, exc)
+                        continue
                     log.info("job %d interrupted by shutdown: queued again for the next start", job_id)
                     self.outbox.interrupted(job)
         if self._loop_task is not None:

@@ -20,6 +20,7 @@ import numpy as np
 from . import audio, formatting, untrusted_audio
 from .checks import UserError
 from .jobs import (
+    MAX_JOB_ID,
     MAX_TEMPERATURE,
     SEED_LIMIT,
     VARIATION_TEMPERATURE,
@@ -42,6 +43,7 @@ DEFAULT_SECONDS = 10
 EXTEND_SECONDS = 10  # what one click on Extend adds (less when the clip is near the model's longest)
 READ_UPLOAD_SECONDS = 2.4  # download + decode must finish before Discord's 3 s deadline for the first answer
 DOWNLOAD_SECONDS = 1.0  # of those, at most this for the download from Discord's CDN
+NOT_THIS_CLIP = "That button doesn't belong to a clip I made here, so I can't use it."
 GONE = ("Sorry, the data of that clip is gone (it was made before I kept it, or it was cleaned up), so I can't "
         "{what} it. Use /music to make a new one!")
 
@@ -169,8 +171,8 @@ async def download(url: str, max_bytes: int, timeout: float) -> bytes:
 
 
 async def enqueue(bot: MusicBot, interaction: discord.Interaction, job: Job) -> None:
-    """Queue ``job`` (written to the store before the member hears anything; QueueRefused → ephemeral), answer
-    within 3 s, and show the position in the answer, which becomes the job's status message. An upload kept for
+    """Queue ``job`` (written to the store before the member hears anything; QueueRefused → ephemeral) and answer
+    with its position (within Discord's 3 s); that answer becomes the job's status message. An upload kept for
     a refused job is removed."""
     try:
         bot.queue.submit(job)
@@ -180,15 +182,22 @@ async def enqueue(bot: MusicBot, interaction: discord.Interaction, job: Job) -> 
         if job.melody_path and job.parent_id is None:  # a new tune nobody else uses
             Path(job.melody_path).unlink(missing_ok=True)
         raise
-    await interaction.response.defer(thinking=True)
     bot.dispatcher.wake()
     try:
-        message = await interaction.edit_original_response(
-            content=formatting.status_text(job, bot.position_text(job)), allowed_mentions=discord.AllowedMentions.none())
+        # the answer carries the prompt: no link previews (the flag stays on through every later edit)
+        answer = await interaction.response.send_message(
+            formatting.status_text(job, bot.position_text(job)), allowed_mentions=discord.AllowedMentions.none(),
+            suppress_embeds=True)
     except discord.HTTPException as exc:
         log.warning("job %d: could not show the position: %s", job.id, exc)
         return
-    current = bot.store.update(job.id, status_message_id=message.id)
+    if answer.message_id is None:
+        return
+    try:
+        current = bot.store.update(job.id, status_message_id=answer.message_id)
+    except Exception as exc:  # the job is queued and answered; only later edits of this answer are lost
+        log.warning("job %d: could not record its status message: %s", job.id, exc)
+        return
     if current.status is JobStatus.CANCELLED:
         # cancelled (by the member or an admin) while this answer was on its way: the cancel found no status
         # message to edit then, and the answer just said "Queued", so show why it is not
@@ -215,9 +224,16 @@ async def follow_up(bot: MusicBot, interaction: discord.Interaction, action: str
 def follow_up_job(bot: MusicBot, interaction: discord.Interaction, action: str, job_id: int) -> Job:
     """The job a click on ``action`` ("regen", "extend", "vary") under clip ``job_id`` asks for."""
     what = {"regen": "regenerate", "extend": "extend", "vary": "make a variation of"}[action]
-    parent = bot.store.get(job_id)
+    parent = bot.store.get(job_id) if 0 < job_id <= MAX_JOB_ID else None
     if parent is None:
         raise UserError(GONE.format(what=what))
+    # a custom_id is whatever the client sends: the clip must be of this server, and the button must be on the
+    # clip's own message (not a copy of its custom_id somewhere else)
+    pressed = interaction.message.id if interaction.message is not None else None
+    if parent.guild_id != interaction.guild_id or pressed is None or pressed != parent.delivered_message_id:
+        log.info("button %s for clip %d refused: pressed on message %s in guild %s", action, job_id, pressed,
+                 interaction.guild_id)
+        raise UserError(NOT_THIS_CLIP)
     for path in (parent.prompt_tokens_path, parent.prompt_audio_path, parent.melody_path):
         if path and not Path(path).exists():  # a clip made from files that are gone cannot be made again
             raise UserError(GONE.format(what=what))

@@ -23,6 +23,7 @@ INTERACTION_TOKEN_LIFETIME = 15 * 60
 TOKEN_SAFETY_MARGIN = 60
 
 SEED_LIMIT = 2**32
+MAX_JOB_ID = 2**63 - 1  # SQLite's largest INTEGER: a larger id (from a forged button) names no job
 
 
 def new_seed() -> int:
@@ -100,6 +101,7 @@ class Job:
     prompt_seconds: float = 0.0  # EXTEND/CONTINUE: length of the audio continued (0 for a fresh clip)
     melody_path: str | None = None  # melody models: the decoded tune (/music melody:), an .npz like an upload
     melody_name: str | None = None  # the tune's file name, shown with the clip
+    delivering_at: float | None = None  # when the first attempt to post the clip began (see delivery_nonce)
     id: int = 0
 
     def __post_init__(self) -> None:
@@ -112,6 +114,12 @@ class Job:
             return False
         now = time.time() if now is None else now
         return now < self.interaction_created_at + INTERACTION_TOKEN_LIFETIME - margin
+
+    @property
+    def delivery_nonce(self) -> str:
+        """The ``nonce`` the clip's channel message carries: the same for every attempt to deliver this job, so
+        Discord (``enforce_nonce``) answers a repeat within a few minutes with the message already posted."""
+        return f"clip-{self.id}"  # Discord takes at most 25 characters
 
     @property
     def total_seconds(self) -> float:

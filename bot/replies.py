@@ -17,9 +17,10 @@ async def reply(interaction: discord.Interaction, message: str) -> None:
     """An ephemeral answer, as a followup when the interaction was already answered; never raises for Discord."""
     try:
         if interaction.response.is_done():
-            await interaction.followup.send(message, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+            await interaction.followup.send(message, ephemeral=True, allowed_mentions=discord.AllowedMentions.none(),
+                                            suppress_embeds=True)
         else:
-            await interaction.response.send_message(message, ephemeral=True,
+            await interaction.response.send_message(message, ephemeral=True, suppress_embeds=True,
                                                     allowed_mentions=discord.AllowedMentions.none())
     except discord.HTTPException as exc:
         log.warning("could not answer interaction %s: %s", interaction.id, exc)

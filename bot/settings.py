@@ -13,7 +13,7 @@ from core.options import DEFAULT_MODEL, blas_choice_problem
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
-SYNC_MODES = ("guilds", "global", "none")
+SYNC_MODES = ("guilds", "global", "first", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
@@ -24,7 +24,8 @@ VARIABLES = (
     ("MUSICGEN_MODEL", DEFAULT_MODEL, "hub id or local checkpoint folder"),
     ("MUSICGEN_DTYPE", "float32", "decoder weights: float32, float16 or bfloat16"),
     ("DISCORD_GUILD_IDS", "", "comma-separated server ids whose slash commands are synced at start"),
-    ("SYNC_COMMANDS", "guilds if ids set, else none", "where commands are synced at start: guilds, global, none"),
+    ("SYNC_COMMANDS", "guilds if ids set, else first", "where commands are synced at start: guilds, global, "
+                                                        "first (globally when none are registered yet), none"),
     ("MAX_SECONDS", "60", "longest clip a member may ask for"),
     ("MAX_PENDING_PER_USER", "2", "requests one member may have waiting or running in one server"),
     ("MAX_QUEUE_SIZE", "50", "requests one server's queue may hold"),
@@ -105,7 +106,7 @@ class Settings:
             raise SettingsError("DISCORD_TOKEN contains spaces: paste only the token itself.")
 
         guild_ids = tuple(_id_list(env, "DISCORD_GUILD_IDS"))
-        sync = (get("SYNC_COMMANDS") or ("guilds" if guild_ids else "none")).lower()
+        sync = (get("SYNC_COMMANDS") or ("guilds" if guild_ids else "first")).lower()
         if sync not in SYNC_MODES:
             raise SettingsError(f"SYNC_COMMANDS must be one of {', '.join(SYNC_MODES)} (got {sync!r}).")
         if sync == "guilds" and not guild_ids:

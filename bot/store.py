@@ -96,6 +96,10 @@ ADDED_JOB_COLUMNS = {
     "melody_path": "TEXT",
     "melody_name": "TEXT",
 }
+# Columns of idempotent delivery (kept apart from the others so each feature's migration reads on its own).
+DELIVERY_JOB_COLUMNS = {
+    "delivering_at": "REAL",
+}
 # Columns renamed since: old name -> new name (RENAME COLUMN keeps the values).
 RENAMED_JOB_COLUMNS = {
     "seconds": "new_seconds",  # the new audio a member asked for, not the clip's total length
@@ -153,6 +157,8 @@ class SQLiteJobStore:
         self._db.executescript(SCHEMA)
         self._migrate()
         self._migrate_guilds()
+        self._migrate_delivery()
+        self._check_writable()
         self._files_dir = None if str(path) == ":memory:" else self.path.parent / "clips"
         log.debug("job store opened at %s", self.path)
 
@@ -172,6 +178,25 @@ class SQLiteJobStore:
         """Per-guild queues: an index for the guild's queries. Jobs always had a ``guild_id`` column; rows where it
         is NULL (none from a server, as /music refuses DMs) are one more guild, served and listed to owners."""
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_by_guild ON jobs (guild_id, status, id)")
+
+    def _migrate_delivery(self) -> None:
+        """Add the columns of idempotent delivery to a database made before them."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, declaration in DELIVERY_JOB_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+                log.info("job store: added column %s", name)
+
+    def _check_writable(self) -> None:
+        """Fail now, not at the first request, when the database can be read but not written (a read-only file
+        or folder, a lock held by another process): rewrite the header's ``user_version`` unchanged and roll back."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(f"PRAGMA user_version = {int(version)}")
+        finally:
+            self._db.execute("ROLLBACK")
+
 
     @property
     def files_dir(self) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -147,3 +148,31 @@ async def test_a_stop_past_the_grace_requeues_the_running_batch(store):
     assert again.status is JobStatus.QUEUED and again.attempts == 1  # a deliberate stop is not a new attempt
     assert [j.id for j in queue.ordered()] == [stuck.id, later.id]  # and it goes first on the next start
     assert ("interrupted", "stuck") in outbox.events
+
+
+async def test_a_store_that_never_takes_the_outcome_still_lets_the_clip_through(store, monkeypatch, caplog):
+    """Writes refused for longer than ``store_retry_seconds``: retried with backoff meanwhile, then the clip is
+    delivered anyway, the failure logged, and the job no longer shown as being made."""
+    queue, runner, outbox = JobQueue(store, OPEN), ScriptedRunner(), RecordingOutbox()
+    runner.gate = asyncio.Event()
+    dispatcher = Dispatcher(queue, store, runner, outbox, batch_window=0.0, store_retry_seconds=0.5,
+                            store_backoff=0.05)
+    made = queue.submit(job(1, "ok"))
+    dispatcher.start()
+    await until(lambda: runner.batches == [["ok"]])
+    assert dispatcher.holds(made.id)
+    refused = []
+
+    def full(job_id, **changes):
+        refused.append(changes)
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "update", full)
+    runner.gate.set()
+    await until(lambda: ("delivered", "ok") in outbox.events)
+    assert len(refused) >= 4  # "delivering", then DONE, each retried with backoff
+    assert not dispatcher.holds(made.id)
+    assert "delivering the clip anyway" in caplog.text and "stays marked running" in caplog.text
+    monkeypatch.undo()
+    assert store.get(made.id).status is JobStatus.RUNNING  # the next start (or loop restart) sorts it out
+    await dispatcher.stop(grace=1.0)

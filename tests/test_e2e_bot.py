@@ -123,7 +123,7 @@ async def test_music_delivers_exact_clip_with_progress(world: World) -> None:
     interaction = await fake.invoke(alice, "music", {"prompt": "calm **piano** @everyone", "seconds": seconds,
                                                      "seed": 1234})
     callback = await interaction.wait_callback()
-    assert callback["type"] == 5 and interaction.latency < 3  # deferred within 3 s, not ephemeral
+    assert callback["type"] == 4 and interaction.latency < 3  # answered with the position within 3 s
     assert not interaction.ephemeral
     [wav, _png] = await interaction.wait_files(2, timeout=60)  # the clip and its picture
     await finished(interaction)
@@ -137,7 +137,7 @@ async def test_music_delivers_exact_clip_with_progress(world: World) -> None:
 
     versions = contents(fake, interaction.original)
     texts = [text for _, text in versions]
-    assert "position **1**" in texts[0]
+    assert "position **1**" in interaction.original.history[0]["content"]  # the answer, before any edit
     progress = [(at, text) for at, text in versions if "Generating" in text]
     assert any(re.search(r"Generating… \S+ [1-9]\d*%", text) for _, text in progress), texts
     gaps = [b[0] - a[0] for a, b in zip(progress, progress[1:], strict=False)]

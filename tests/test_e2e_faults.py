@@ -263,14 +263,14 @@ async def test_the_token_is_never_logged(world: World, caplog) -> None:
 
 async def test_a_cancel_before_the_position_is_shown_still_reaches_the_status_message(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    """/cancel handled while the bot's "Queued" edit is still on its way (a slow Discord): the member ends up
+    """/cancel handled while the bot's "Queued" answer is still on its way (a slow Discord): the member ends up
     seeing the cancel, not a "Queued" that never changes."""
     world.bot.batch_window = 5.0  # the job stays queued for the whole test
     read_body = FakeDiscord._read_body
     slow_edit = asyncio.Event()
 
     async def slow(self: FakeDiscord, request) -> Body:
-        if request.method == "PATCH" and request.path.endswith("/messages/@original") and not slow_edit.is_set():
+        if request.method == "POST" and request.path.endswith("/callback") and not slow_edit.is_set():
             slow_edit.set()
             await asyncio.sleep(0.5)
         return await read_body(self, request)
@@ -278,7 +278,7 @@ async def test_a_cancel_before_the_position_is_shown_still_reaches_the_status_me
     monkeypatch.setattr(FakeDiscord, "_read_body", slow)
     member = world.member("quick")
     request = await world.fake.invoke(member, "music", {"prompt": "calm piano", "seconds": 1})
-    await asyncio.wait_for(slow_edit.wait(), 10)  # the position edit is being answered, slowly
+    await asyncio.wait_for(slow_edit.wait(), 10)  # the answer with the position is being taken, slowly
     cancel = await world.fake.invoke(member, "cancel")
     await cancel.wait(lambda i: i.original is not None, 10)
     assert "Cancelled 1 request" in cancel.original.content

@@ -340,3 +340,19 @@ async def test_heartbeats_are_acknowledged() -> None:
             finally:
                 await client.close()
                 await asyncio.wait_for(task, 10)
+
+
+async def test_enforce_nonce_returns_the_message_already_posted_and_flags_are_kept(
+        fake: FakeDiscord, bot: TinyBot) -> None:
+    channel = bot.get_channel(fake.channel.id)
+    first = await channel.send("clip", nonce="clip-7", suppress_embeds=True)  # discord.py adds enforce_nonce
+    again = await channel.send("clip", nonce="clip-7")
+    other = await channel.send("clip", nonce="clip-8")
+    assert first.id == again.id != other.id and len(fake.events_of("nonce_repeat")) == 1
+    [stored, _] = [m for m in fake.channel.messages if m.interaction is None]
+    assert stored.nonce == "clip-7" and stored.suppress_embeds and first.flags.suppress_embeds
+    fake.nonce_window = 0.0  # past Discord's few minutes the nonce is forgotten
+    late = await channel.send("clip", nonce="clip-7")
+    assert late.id != first.id
+    history = [m.id async for m in channel.history(limit=10)]
+    assert history == [late.id, other.id, first.id]

@@ -18,7 +18,7 @@ def test_defaults():
     s = Settings.from_env({"DISCORD_TOKEN": TOKEN})
     assert s.discord_token == TOKEN
     assert (s.musicgen_model, s.musicgen_dtype) == ("facebook/musicgen-small", "float32")
-    assert (s.discord_guild_ids, s.sync_commands) == ((), "none")
+    assert (s.discord_guild_ids, s.sync_commands) == ((), "first")
     assert (s.max_seconds, s.max_pending_per_user, s.max_queue_size, s.cooldown_seconds) == (60, 2, 50, 10.0)
     assert (s.admin_role_ids, s.admin_user_ids, s.owner_user_ids) == (frozenset(), frozenset(), frozenset())
     assert s.database_path == Path.cwd().resolve() / "var" / "bot.sqlite3"  # absolute: it must not follow chdir
@@ -68,7 +68,7 @@ def test_values_are_parsed():
     ({"PROGRESS_INTERVAL_SECONDS": "0.5"}, "PROGRESS_INTERVAL_SECONDS must be a finite number of at least 1"),
     ({"DISCORD_GUILD_IDS": "123,abc"}, "DISCORD_GUILD_IDS must be a comma-separated list"),
     ({"ADMIN_ROLE_IDS": "-5"}, "ADMIN_ROLE_IDS must be a comma-separated list"),
-    ({"SYNC_COMMANDS": "always"}, "SYNC_COMMANDS must be one of guilds, global, none"),
+    ({"SYNC_COMMANDS": "always"}, "SYNC_COMMANDS must be one of guilds, global, first, none"),
     ({"SYNC_COMMANDS": "guilds"}, "SYNC_COMMANDS=guilds needs DISCORD_GUILD_IDS"),
     ({"MUSICGEN_DTYPE": "int8"}, "MUSICGEN_DTYPE must be one of"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be one of"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -206,4 +207,23 @@ def test_per_guild_queries(tmp_path):
     assert sorted(store.last_started_by_guild()) == [(100, None, 1, 9.0), (200, None, 1, 9.0)]
     assert [j.prompt for j in store.guild_jobs(200, JobStatus.DONE)] == ["b"]
     assert store.guild_jobs(200, JobStatus.QUEUED) == []
+    store.close()
+
+
+def test_a_read_only_database_is_refused_when_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database that can be read but not written fails at open, not at the first request. SQLite's own read-only
+    mode stands in for a file without write permission (which root, as on CI, could write anyway)."""
+    from bot.__main__ import StartupError, open_store
+
+    path = tmp_path / "bot.sqlite3"
+    SQLiteJobStore(path).close()
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda p, **kw: connect(f"file:{p}?mode=ro", uri=True, **kw))
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        SQLiteJobStore(path)
+    with pytest.raises(StartupError, match="Cannot use the database .*DATABASE_PATH"):
+        open_store(path)
+    monkeypatch.undo()
+    store = SQLiteJobStore(path)  # the probe changed nothing
+    assert store.count() == 0
     store.close()

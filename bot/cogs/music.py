@@ -95,6 +95,7 @@ class Music(commands.Cog):
             lines.append(f"`#{job.id}` {formatting.display(job.prompt, 80)} — seed `{job.seed}` — {job.new_seconds} s "
                          f"{_KIND_LABEL.get(job.kind, '')}— {when} ago{link}")
         await interaction.response.send_message(formatting.fit_message("\n".join(lines)), ephemeral=True,
+                                                suppress_embeds=True,
                                                 allowed_mentions=discord.AllowedMentions.none())
 
     @app_commands.command(name="queue")
@@ -104,7 +105,7 @@ class Music(commands.Cog):
         bot = self.bot
         guild_id = interaction.guild_id
         lines = []
-        running = bot.queue.running(guild_id)
+        running = [job for job in bot.queue.running(guild_id) if bot.dispatcher.holds(job.id)]
         if running:
             lines.append("**Generating now**")
             lines += [f"• {_describe(job)}" for job in running]
@@ -125,6 +126,7 @@ class Music(commands.Cog):
         if state != QueueState():
             lines.append(state.describe())
         await interaction.response.send_message(formatting.fit_message("\n".join(lines)), ephemeral=True,
+                                                suppress_embeds=True,
                                                 allowed_mentions=discord.AllowedMentions.none())
 
     @app_commands.command(name="cancel")

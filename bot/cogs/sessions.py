@@ -72,7 +72,7 @@ class Sessions(commands.GroupCog, group_name="session", group_description="Commu
         about.append("Use `/music` in this thread to add to the session; everyone takes turns. "
                      "`/session status` shows the setlist, and the host ends it with `/session end`.")
         try:
-            await thread.send("\n".join(about), allowed_mentions=NO_MENTIONS)
+            await thread.send("\n".join(about), allowed_mentions=NO_MENTIONS, suppress_embeds=True)
         except discord.HTTPException as exc:
             log.warning("session %d: could not post the welcome message: %s", session.id, exc)
         await interaction.edit_original_response(content=f"Session started in {thread.mention}. Join in there!",
@@ -83,7 +83,8 @@ class Sessions(commands.GroupCog, group_name="session", group_description="Commu
         """Show this session's setlist so far and who is waiting."""
         session = self._session_here(interaction)
         text = self._setlist(session, final=False)
-        await interaction.response.send_message(text[0], ephemeral=True, allowed_mentions=NO_MENTIONS)
+        await interaction.response.send_message(text[0], ephemeral=True, allowed_mentions=NO_MENTIONS,
+                                                suppress_embeds=True)
 
     @app_commands.command(name="end")
     async def end(self, interaction: discord.Interaction) -> None:
@@ -96,9 +97,8 @@ class Sessions(commands.GroupCog, group_name="session", group_description="Commu
         session = bot.store.close_session(session.id)
         log.info("session %d ended by %s", session.id, interaction.user.id)
         parts = self._setlist(session, final=True)
-        await interaction.edit_original_response(content=parts[0], allowed_mentions=NO_MENTIONS)
-        for part in parts[1:]:
-            await interaction.followup.send(part, allowed_mentions=NO_MENTIONS)
+        for part in parts:  # the first fills in the deferred answer; the setlist's prompts get no link previews
+            await interaction.followup.send(part, allowed_mentions=NO_MENTIONS, suppress_embeds=True)
         thread = interaction.channel
         if isinstance(thread, discord.Thread):
             try:

@@ -51,6 +51,7 @@ PRIVATE_THREAD = 12
 THREAD_TYPES = (PUBLIC_THREAD, PRIVATE_THREAD)
 
 # message flags
+SUPPRESS_EMBEDS = 1 << 2
 EPHEMERAL = 1 << 6
 LOADING = 1 << 7
 
@@ -189,6 +190,13 @@ class Message:
     edited_at: str | None = None
     timestamp: str = field(default_factory=iso_now)
     history: list[dict[str, Any]] = field(default_factory=list)
+    nonce: str | None = None
+    created: float = field(default_factory=time.monotonic)
+
+    @property
+    def suppress_embeds(self) -> bool:
+        """Whether link previews are off for this message (flag SUPPRESS_EMBEDS)."""
+        return bool(self.flags & SUPPRESS_EMBEDS)
 
     @property
     def ephemeral(self) -> bool:
@@ -223,6 +231,8 @@ class Message:
         }
         if self.channel.guild is not None:
             data["guild_id"] = str(self.channel.guild.id)
+        if self.nonce is not None:
+            data["nonce"] = self.nonce
         if self.webhook_id is not None:
             data["webhook_id"] = str(self.webhook_id)
             data["application_id"] = str(self.webhook_id)

@@ -27,6 +27,7 @@ from .models import (
     LOADING,
     PRIVATE_THREAD,
     PUBLIC_THREAD,
+    SUPPRESS_EMBEDS,
     Attachment,
     Channel,
     Event,
@@ -140,11 +141,16 @@ class FakeDiscord:
         callback_deadline: float | None = 3.0,
         token_lifetime: float | None = 15 * 60,
         heartbeat_interval: float = 41.25,
+        nonce_window: float = 5 * 60,
     ) -> None:
         self.token = token or f"fake.{secrets.token_hex(12)}"
         self.callback_deadline = callback_deadline
         self.token_lifetime = token_lifetime  # seconds of webhook (followup/edit) life; None = forever
         self.heartbeat_interval = heartbeat_interval
+        self.nonce_window = nonce_window  # seconds a nonce sent with enforce_nonce is remembered
+        # awaited with each message the bot posts (channel message or followup), after it is stored and before the
+        # bot gets the answer: a test can kill the bot there
+        self.on_posted: Callable[[Message], Awaitable[None]] | None = None
         self.application_id = snowflake()
         self.bot = User(self.application_id, bot_name, bot=True)
         self.owner = User(snowflake(), "app-owner")
@@ -889,7 +895,8 @@ class FakeDiscord:
             channel.archived = False  # sending into an archived, unlocked thread unarchives it
         message = Message(
             snowflake(), channel, author or self.bot, content=content, embeds=payload.get("embeds") or [],
-            components=payload.get("components") or [], flags=flags | (payload.get("flags") or 0) & EPHEMERAL,
+            components=payload.get("components") or [],
+            flags=flags | (payload.get("flags") or 0) & (EPHEMERAL | SUPPRESS_EMBEDS),
             webhook_id=self.application_id if webhook else None, interaction=interaction,
         )
         message.attachments = self._new_attachments(channel, body, payload.get("attachments"))
@@ -908,6 +915,8 @@ class FakeDiscord:
             message.embeds = payload["embeds"] or []
         if "components" in payload:
             message.components = payload["components"] or []
+        if payload.get("flags") is not None:  # of the flags, an edit can only set or clear SUPPRESS_EMBEDS
+            message.flags = message.flags & ~SUPPRESS_EMBEDS | payload["flags"] & SUPPRESS_EMBEDS
         new = self._new_attachments(message.channel, body, payload.get("attachments"))
         if "attachments" in payload:
             keep = {str(a.get("id")) for a in payload["attachments"] or []}
@@ -932,8 +941,22 @@ class FakeDiscord:
 
     async def _post_message(self, request: web.Request, body: Body, cid: str) -> dict[str, Any]:
         channel = self._channel(cid)
+        payload = body.json or {}
+        nonce = payload.get("nonce")
+        if nonce is not None and (not isinstance(nonce, (str, int)) or len(str(nonce)) > 25):
+            raise DiscordError(400, 50035, "Invalid Form Body: nonce")
+        if nonce is not None and payload.get("enforce_nonce"):
+            # as on Discord: a repeat of a recent nonce by the same author returns the message already created
+            for earlier in channel.messages:
+                if (earlier.nonce == str(nonce) and earlier.author.id == self.bot.id
+                        and time.monotonic() - earlier.created < self.nonce_window):
+                    self.record("nonce_repeat", earlier)
+                    return earlier.payload()
         message = self._create_message(channel, body)
+        message.nonce = None if nonce is None else str(nonce)
         self.record("message", message)
+        if self.on_posted is not None:
+            await self.on_posted(message)
         return message.payload()
 
     async def _get_message(self, request: web.Request, body: Body, cid: str, mid: str) -> dict[str, Any]:
@@ -1097,6 +1120,8 @@ class FakeDiscord:
                                            flags=flags & EPHEMERAL)
             interaction.followups.append(message)
             self.record("followup", message)
+        if self.on_posted is not None:
+            await self.on_posted(message)
         wait = request.query.get("wait", "").lower() in ("1", "true")
         return message.payload() if wait else None
 
