@@ -20,6 +20,7 @@ from . import formatting
 from .checks import UserError
 from .delivery import Deliverer, DiscordOutbox
 from .dispatcher import BATCH_WINDOW_SECONDS, Dispatcher
+from .job_files import FileSweeper
 from .jobs import Job, JobStatus
 from .queue import JobQueue, Limits, QueueRefused
 from .replies import OUR_FAULT, RESTARTING, SERVERS_ONLY, reply
@@ -84,6 +85,7 @@ class MusicBot(commands.Bot):
         self.outbox = DiscordOutbox(self.deliverer, spawn=self.spawn,
                                     progress_interval=settings.progress_interval_seconds)
         self.dispatcher = Dispatcher(queue, store, worker, self.outbox, batch_window=batch_window)
+        self.sweeper = FileSweeper(store, settings.clip_files_days)
         self.shutting_down = False
         self._background: set[asyncio.Task] = set()
 
@@ -103,6 +105,7 @@ class MusicBot(commands.Bot):
                 self.spawn(self.deliverer.notify(job, f"Sorry, your clip could not be made: {job.error}"))
             elif job.delivering_at is not None:
                 await self._found_before_restart(job)
+        self.sweeper.start()  # after recovery: files of jobs queued again are in use
         await self.sync_commands()
         self.dispatcher.start()
         log.info("ready: clips up to %d s, MAX_BATCH %d, %d job(s) waiting%s", self.queue.max_seconds_ceiling,
@@ -184,6 +187,7 @@ class MusicBot(commands.Bot):
         self.shutting_down = True
         log.info("shutting down (grace %.0f s)", grace)
         await self.dispatcher.stop(grace)
+        await self.sweeper.stop()
         if self._background:
             await asyncio.wait(set(self._background), timeout=max(grace, 5.0))
         self.worker.stop(timeout=5.0, cancel_running=True)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 from typing import Any
 
+from . import job_files
 from .jobs import Job, JobStatus
 from .store import JobStore
 
@@ -417,11 +418,13 @@ class JobQueue:
         return batch
 
     def finish(self, job_id: int, status: JobStatus, *, error: str | None = None, **changes: Any) -> Job:
-        """Record the end of a job (done, failed, cancelled or undeliverable) with any other fields to store."""
+        """Record the end of a job (done, failed, cancelled or undeliverable) with any other fields to store; a job
+        that ended without a clip lets go of its files (:func:`bot.job_files.release`)."""
         status = JobStatus(status)
         if not status.final:
             raise ValueError(f"{status.value} is not a final status")
         job = self.store.update(job_id, status=status, error=error, finished_at=self.clock(), **changes)
+        job_files.release(self.store, job)
         took = f"{job.finished_at - job.started_at:.1f}s" if job.started_at else "-"
         if status is JobStatus.FAILED:
             log.warning("job %d failed after %s: %s", job_id, took, error)
@@ -471,6 +474,7 @@ class JobQueue:
         self.store.update_many([j.id for j in order], status=JobStatus.CANCELLED, error=reason, finished_at=now)
         for job in order:
             job.status, job.error, job.finished_at = JobStatus.CANCELLED, reason, now
+            job_files.release(self.store, job)
         log.info("queue of guild %s cleared: %d job(s) cancelled",
                  "all" if guild_id is ALL else guild_key(guild_id), len(order))
         return order

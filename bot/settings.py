@@ -36,6 +36,8 @@ VARIABLES = (
                            "and /admin pause everywhere"),
     ("DATABASE_PATH", "./var/bot.sqlite3", "SQLite file for jobs, sessions, pause state and limits; a relative "
                                           "path is taken from the .env file's folder (or the current folder)"),
+    ("CLIP_FILES_DAYS", "30", "days the files of finished clips (uploads, tunes, tokens for Extend) are kept; "
+                             "0 keeps them for ever"),
     ("MAX_BATCH", "4", "clips generated together in one batch"),
     ("MEMORY_LIMIT_MB", "free memory", "memory a batch may use; batches shrink to fit"),
     ("JOB_TIMEOUT_SECONDS", "600", "a generation running longer is stopped"),
@@ -71,6 +73,7 @@ class Settings:
     admin_user_ids: frozenset[int] = frozenset()
     owner_user_ids: frozenset[int] = frozenset()
     database_path: Path = Path("./var/bot.sqlite3")
+    clip_files_days: int = 30  # 0: keep for ever
     max_batch: int = 4
     job_timeout_seconds: float = 600.0
     shutdown_grace_seconds: float = 30.0
@@ -150,6 +153,7 @@ class Settings:
             admin_user_ids=frozenset(_id_list(env, "ADMIN_USER_IDS")),
             owner_user_ids=frozenset(_id_list(env, "OWNER_USER_IDS")),
             database_path=database,
+            clip_files_days=_int(env, "CLIP_FILES_DAYS", 30, minimum=0, maximum=36500),
             max_batch=_int(env, "MAX_BATCH", 4, minimum=1, maximum=64),
             job_timeout_seconds=_float(env, "JOB_TIMEOUT_SECONDS", 600.0, minimum=1.0),
             shutdown_grace_seconds=_float(env, "SHUTDOWN_GRACE_SECONDS", 30.0, minimum=0.0),

@@ -133,6 +133,9 @@ class JobStore(Protocol):
     def last_created_in(self, guild_id: int | None, user_id: int) -> float | None: ...
     def recent_done_in(self, guild_id: int | None, user_id: int, limit: int = 10) -> list[Job]: ...
     def last_started_by_guild(self) -> list[tuple[int | None, int | None, int, float]]: ...
+    # the files of jobs (bot.job_files)
+    def file_in_use(self, path: str, *, besides: int) -> bool: ...
+    def jobs_since(self, cutoff: float) -> list[Job]: ...
     def close(self) -> None: ...
 
     @property
@@ -311,6 +314,22 @@ class SQLiteJobStore:
         rows = self._db.execute("SELECT guild_id, session_id, user_id, MAX(started_at) FROM jobs "
                                 "WHERE started_at IS NOT NULL GROUP BY guild_id, session_id, user_id")
         return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    # -- the files of jobs ---------------------------------------------------------------------------------------
+    def file_in_use(self, path: str, *, besides: int) -> bool:
+        """Whether a job other than ``besides`` that is queued, running or done names ``path`` as its upload, tune
+        or the tokens it extends (a job that ended without a clip needs its files no more)."""
+        row = self._db.execute(
+            "SELECT 1 FROM jobs WHERE id != ? AND status IN (?, ?, ?) "
+            "AND (prompt_audio_path = ? OR melody_path = ? OR prompt_tokens_path = ?) LIMIT 1",
+            (besides, JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.DONE.value, path, path, path))
+        return row.fetchone() is not None
+
+    def jobs_since(self, cutoff: float) -> list[Job]:
+        """Jobs queued or running, or finished at ``cutoff`` or later (the ones whose files are kept)."""
+        rows = self._db.execute("SELECT * FROM jobs WHERE status IN (?, ?) OR finished_at IS NULL OR finished_at >= ? "
+                                "ORDER BY id", (JobStatus.QUEUED.value, JobStatus.RUNNING.value, cutoff))
+        return [_job(r) for r in rows]
 
     # -- sessions -----------------------------------------------------------------------------------------------
     def add_session(self, session: Session) -> Session:

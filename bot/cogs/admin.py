@@ -42,8 +42,9 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Control th
         return True
 
     async def _answer(self, interaction: discord.Interaction, text: str) -> None:
+        # lists carry members' prompts: no link previews
         await interaction.response.send_message(formatting.fit_message(text), ephemeral=True,
-                                                allowed_mentions=NO_MENTIONS)
+                                                allowed_mentions=NO_MENTIONS, suppress_embeds=True)
 
     def _tell(self, jobs: list[Job], notice: str) -> None:
         for job in jobs:

@@ -148,7 +148,8 @@ class Music(commands.Cog):
         listed = "\n".join(f"• {_describe(job)}" for job in cancelled)
         noun = "request" if len(cancelled) == 1 else "requests"
         await interaction.response.send_message(formatting.fit_message(f"Cancelled {len(cancelled)} {noun}:\n{listed}"),
-                                                ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+                                                ephemeral=True, allowed_mentions=discord.AllowedMentions.none(),
+                                                suppress_embeds=True)
 
 
 _KIND_LABEL = {JobKind.REGENERATE: "(regenerated) ", JobKind.VARIATION: "(variation) ",

@@ -75,8 +75,9 @@ class Sessions(commands.GroupCog, group_name="session", group_description="Commu
             await thread.send("\n".join(about), allowed_mentions=NO_MENTIONS, suppress_embeds=True)
         except discord.HTTPException as exc:
             log.warning("session %d: could not post the welcome message: %s", session.id, exc)
-        await interaction.edit_original_response(content=f"Session started in {thread.mention}. Join in there!",
-                                                 allowed_mentions=NO_MENTIONS)
+        # the first followup fills in the deferred answer (an edit of it could not set SUPPRESS_EMBEDS)
+        await interaction.followup.send(f"Session started in {thread.mention}. Join in there!",
+                                        allowed_mentions=NO_MENTIONS, suppress_embeds=True)
 
     @app_commands.command(name="status")
     async def status(self, interaction: discord.Interaction) -> None:
