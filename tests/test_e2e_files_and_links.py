@@ -1,11 +1,13 @@
 """End to end, what the bot keeps and what it shows: a /continue request cancelled while queued leaves no upload
-behind, and a prompt with a bare URL is never shown with a link preview (every message of the bot carries
-SUPPRESS_EMBEDS). The real bot (``MusicBot`` in this process with a fake generator) against the fake Discord."""
+behind, the buttons of a clip whose files were swept answer politely, and a prompt with a bare URL is never shown
+with a link preview (every message of the bot carries SUPPRESS_EMBEDS). The real bot (``MusicBot`` in this process
+with a fake generator) against the fake Discord."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from bot import job_files
 from bot.client import MusicBot
 from bot.queue import JobQueue, Limits
 from bot.settings import Settings
@@ -132,3 +135,21 @@ async def test_a_bare_url_in_a_prompt_is_never_previewed(world: World) -> None:
     mine = [m for m in fake.messages if m.author.id == fake.bot.id]
     assert sum(URL in m.content for m in mine) >= 8
     assert all(m.suppress_embeds for m in mine), [(m.content[:60], m.flags) for m in mine if not m.suppress_embeds]
+
+
+async def test_after_retention_the_buttons_of_a_continued_clip_say_its_data_is_gone(world: World) -> None:
+    fake = world.fake
+    dora = fake.guild.add_member("dora")
+    request = await fake.invoke(dora, "continue", {"audio": fake.upload("mine.wav", wav(1.0), "audio/wav"),
+                                                   "prompt": "and then strings", "seconds": 1})
+    await request.wait_files(2, timeout=30)
+    [clip] = [m for m in request.messages if m.attachments]
+    job = world.store.recent_done(dora.id)[0]
+    files = [Path(job.prompt_audio_path), job_files.tokens_file(world.store.files_dir, job.id)]
+    assert all(p.exists() for p in files)
+    later = time.time() + 31 * job_files.DAY_SECONDS  # a month on, as the daily sweep would see it
+    assert sorted(job_files.sweep(world.store, 30, now=later)) == sorted(files)
+    for action in ("regen", "vary", "extend"):
+        pressed = await fake.click(clip, f"clip:{action}:{job.id}", dora)
+        await pressed.wait(lambda i: i.original is not None, 10)
+        assert pressed.ephemeral and "data of that clip is gone" in pressed.original.content
