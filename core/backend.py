@@ -31,6 +31,16 @@ def _cpu_backend_loaded() -> bool:
     return blas is not None and blas.active_library is not None
 
 
+def cpu_backend_missing() -> str | None:
+    """On a Linux CPU run whose MLX did not get the CPU backend (:func:`core.preload_backend` not called, or called
+    after MLX was imported), what MLX uses instead; None otherwise (a GPU run needs none)."""
+    if not sys.platform.startswith("linux") or mx.default_device() != mx.cpu:
+        return None
+    blas = sys.modules.get("core.cpu.blas")
+    chosen = blas.active_blas if blas is not None else "not chosen yet"
+    return chosen if chosen == "not chosen yet" or "too late" in chosen else None
+
+
 def linear_class() -> type[nn.Linear]:
     """The class of the decoder's projections."""
     if _cpu_backend_loaded():

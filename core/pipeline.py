@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -632,17 +631,15 @@ _warned = False
 
 
 def _warn_without_backend() -> None:
-    """Once per process on Linux: say so when :func:`core.preload_backend` did not give MLX the fast kernels (it was
-    not called, or MLX was imported before it)."""
+    """Once per process: say so when a Linux CPU run has not had :func:`core.preload_backend` give MLX the fast
+    kernels (it was not called, or MLX was imported before it)."""
     global _warned
-    if _warned or not sys.platform.startswith("linux"):
+    missing = backend.cpu_backend_missing()
+    if _warned or missing is None:
         return
-    blas = sys.modules.get("core.cpu.blas")
-    chosen = blas.active_blas if blas is not None else "not chosen yet"
-    if chosen == "not chosen yet" or "too late" in chosen:
-        _warned = True
-        warnings.warn("MLX runs on the slow reference BLAS: call core.preload_backend() before anything imports "
-                      f"mlx ({chosen})", RuntimeWarning, stacklevel=3)
+    _warned = True
+    warnings.warn("MLX runs on the slow reference BLAS: call core.preload_backend() before anything imports "
+                  f"mlx ({missing})", RuntimeWarning, stacklevel=3)
 
 
 def text_encoder_size(config: Mapping) -> int:
