@@ -181,3 +181,15 @@ def few_row_product(a: np.ndarray, w: np.ndarray, out: np.ndarray) -> Callable[[
             out.ctypes.data, outer)
     sgemm = cpu_kernels.cblas_sgemm
     return lambda: sgemm(*args)
+
+
+# quantized_matmul(rows, out_features, in_features, bits, group_size, x, w, scales, biases, out): a few float32 rows
+# times weights in MLX's quantized layout (core/cpu/_quantized_simd.h); 0, or -1 for arguments it does not take
+QUANTIZED_ARGTYPES = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 5
+
+
+def quantized_kernel() -> ctypes.CDLL | None:
+    """The loaded CPU kernels with ``quantized_matmul`` typed for ctypes, or None when they are not loaded."""
+    if cpu_kernels is not None and cpu_kernels.quantized_matmul.argtypes is None:
+        cpu_kernels.quantized_matmul.argtypes, cpu_kernels.quantized_matmul.restype = QUANTIZED_ARGTYPES, ctypes.c_int
+    return cpu_kernels
