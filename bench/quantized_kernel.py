@@ -15,6 +15,7 @@ import argparse
 import ctypes
 import statistics
 import time
+from collections.abc import Callable
 
 import core
 
@@ -30,16 +31,19 @@ GROUP = 64
 CYCLE_BYTES = 96 << 20
 
 
-def timed(call, copies: int, repeats: int) -> float:
-    """Median milliseconds of ``call(i)`` over ``repeats`` calls, cycling i through the copies (one warm round first)."""
-    for i in range(copies):
-        call(i)
-    times = []
+def timed(calls: dict[str, tuple[Callable[[int], object], int]], repeats: int) -> dict[str, float]:
+    """Median milliseconds of each ``call(i)`` over ``repeats`` calls, i cycling through its copies; the calls take
+    turns, so that a load on the machine falls on all of them alike (one warm round first)."""
+    for call, copies in calls.values():
+        for i in range(copies):
+            call(i)
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(repeats):
-        start = time.perf_counter()
-        call(r % copies)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for name, (call, copies) in calls.items():
+            start = time.perf_counter()
+            call(r % copies)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
 def bench_shape(kernel: ctypes.CDLL, rows_list: list[int], out_features: int, in_features: int, repeats: int) -> None:
@@ -57,7 +61,7 @@ def bench_shape(kernel: ctypes.CDLL, rows_list: list[int], out_features: int, in
     for rows in rows_list:
         x = rng.standard_normal((rows, in_features), dtype=np.float32)
         out = np.zeros((rows, out_features), np.float32)
-        results = {}
+        calls = {}
         for bits in (8, 4):
             copies = quantized[bits]
 
@@ -66,21 +70,22 @@ def bench_shape(kernel: ctypes.CDLL, rows_list: list[int], out_features: int, in
                 kernel.quantized_matmul(rows, out_features, in_features, bits, GROUP, x.ctypes.data, q.ctypes.data,
                                         s.ctypes.data, b.ctypes.data, out.ctypes.data)
 
-            results[f"ours {bits}-bit"] = timed(call, len(copies), repeats)
+            calls[f"ours {bits}-bit"] = (call, len(copies))
 
         def fp32_call(i):
             kernel.cblas_sgemm(blas.ROW_MAJOR, blas.NO_TRANS, blas.TRANS, rows, out_features, in_features, 1.0,
                                x.ctypes.data, in_features, fp32[i].ctypes.data, in_features, 0.0, out.ctypes.data,
                                out_features)
 
-        results["fp32 skinny"] = timed(fp32_call, len(fp32), repeats)
+        calls["fp32 skinny"] = (fp32_call, len(fp32))
+        results = timed(calls, repeats)
         xm = mx.array(x)
 
         def mlx_call(i):
             q, s, b = mlx_copies[i]
             mx.eval(mx.quantized_matmul(xm, q, s, b, transpose=True, group_size=GROUP, bits=8))
 
-        results["mlx 8-bit"] = timed(mlx_call, len(mlx_copies), max(5, repeats // 5))
+        results |= timed({"mlx 8-bit": (mlx_call, len(mlx_copies))}, max(5, repeats // 5))
         fp = results["fp32 skinny"]
         line = ", ".join(f"{name} {ms:.3f} ms ({fp / ms:.2f}x fp32)" for name, ms in results.items())
         print(f"{out_features}x{in_features} rows {rows}: {line}", flush=True)
@@ -96,11 +101,11 @@ def bench_overhead(kernel: ctypes.CDLL, repeats: int) -> None:
     out = np.zeros((2, 1024), np.float32)
     xn = np.asarray(x)
 
-    def bare(_):
+    def bare(_: int) -> None:
         kernel.quantized_matmul(2, 1024, 1024, 8, GROUP, xn.ctypes.data, q.ctypes.data, s.ctypes.data,
                                 b.ctypes.data, out.ctypes.data)
 
-    def crossing(_):
+    def crossing(_: int) -> mx.array:
         y = x * 1.0  # a fresh lazy input, as a layer receives it
         mx.eval(y)
         yn = np.asarray(y)
@@ -109,10 +114,11 @@ def bench_overhead(kernel: ctypes.CDLL, repeats: int) -> None:
                                 b.ctypes.data, result.ctypes.data)
         return mx.array(result)
 
-    def mlx_only(_):
+    def mlx_only(_: int) -> None:
         mx.eval(x * 1.0)
 
-    kernel_ms, crossing_ms, eval_ms = (timed(f, 1, repeats * 20) for f in (bare, crossing, mlx_only))
+    results = timed({"bare": (bare, 1), "crossing": (crossing, 1), "eval": (mlx_only, 1)}, repeats * 20)
+    kernel_ms, crossing_ms, eval_ms = results["bare"], results["crossing"], results["eval"]
     print(f"2-row 1024x1024 8-bit from Python: kernel call {kernel_ms * 1e3:.0f} us, with eval + np.asarray + "
           f"mx.array {crossing_ms * 1e3:.0f} us (an MLX eval of a trivial op alone {eval_ms * 1e3:.0f} us); "
           f"overhead {(crossing_ms - kernel_ms) * 1e3:.0f} us per product, x150 products = "

@@ -47,9 +47,13 @@ static void FN(quantized_permute)(int M, int K, int bits, const float *x, float 
     }
 }
 
-/* The scales (or biases) of one block as a vector: lane l gets s[PW · l / G]; NG = E / G values are read. */
-static inline __attribute__((always_inline)) vf FN(lane_groups)(int NG, const float *s) {
+/* The scales (or biases) of one block as a vector: lane l gets s[PW · l / G], NG = E / G values from s; a shuffle
+ * of one vector load where a whole vector lies before `end` (all but the last blocks of the matrix). */
+static inline __attribute__((always_inline)) vf FN(lane_groups)(int NG, const float *s, const float *end) {
     if (NG <= 1) return (vf){0} + s[0];
+    vi index;
+    for (int l = 0; l < LANES; l++) index[l] = l * NG / LANES;
+    if (s + LANES <= end) return __builtin_shuffle(*(const vf *)s, index);
     vf v;
     for (int l = 0; l < LANES; l++) v[l] = s[l * NG / LANES];
     return v;
@@ -62,6 +66,9 @@ FN(quantized_rows)(int MB, int R, int BITS, int NG, int K, int G, const float *x
                    const float *scales, const float *biases, float *out, int ldo, int n0, int n1) {
     const int PW = 32 / BITS, E = PW * LANES, KB = K - K % E, words = K / PW, groups = K / G;
     const uint32_t mask = (1u << BITS) - 1;
+    /* prefetch the same place in later rows, at least 4 KB on (measured: a fixed 4 KB ahead fell behind for 4 KB rows) */
+    const size_t ahead = (size_t)R * words * (1024 / (R * words) > 1 ? 1024 / (R * words) : 1);
+    const float *scales_end = scales + (size_t)n1 * groups, *biases_end = biases + (size_t)n1 * groups;
     int n = n0;
     for (; n < n1; n += R) {
         const int r_here = n1 - n < R ? n1 - n : R; /* the last columns: fewer rows of w, same order of sums */
@@ -72,10 +79,10 @@ FN(quantized_rows)(int MB, int R, int BITS, int NG, int K, int G, const float *x
             for (int r = 0; r < R; r++) {
                 int rr = r < r_here ? r : 0; /* a repeated row whose sums are dropped */
                 const uint32_t *wr = w + (size_t)(n + rr) * words + k0 / PW;
-                __builtin_prefetch(wr + 1024);
+                __builtin_prefetch(wr + ahead);
                 q[r] = *(const vu *)wr;
-                s[r] = FN(lane_groups)(NG, scales + (size_t)(n + rr) * groups + k0 / G);
-                b[r] = FN(lane_groups)(NG, biases + (size_t)(n + rr) * groups + k0 / G);
+                s[r] = FN(lane_groups)(NG, scales + (size_t)(n + rr) * groups + k0 / G, scales_end);
+                b[r] = FN(lane_groups)(NG, biases + (size_t)(n + rr) * groups + k0 / G, biases_end);
             }
             for (int j = 0; j < PW; j++) {
                 vf wv[2];
