@@ -8,8 +8,10 @@ import ctypes
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from core.cpu import blas
 
@@ -134,3 +136,35 @@ def test_refuses_what_it_cannot_do(kernel):
         assert call(**bad) == -1, bad
     assert np.all(out == 0)  # a refused call writes nothing
     assert kernel.quantized_max_rows() == 16
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_linear_matches_mlx(kernel, bits):
+    """The layer of core.cpu.quantized: the kernel for up to 16 rows, mx.quantized_matmul beyond; the same
+    parameters as nn.QuantizedLinear, and the same results."""
+    from core.cpu.quantized import QuantizedLinear
+
+    linear = nn.Linear(512, 96, bias=True)
+    layer, reference = QuantizedLinear.from_linear(linear, bits=bits), nn.QuantizedLinear.from_linear(linear, 64, bits)
+    assert sorted(k for k, _ in tree_flatten(layer.parameters())) == sorted(k for k, _ in tree_flatten(reference.parameters()))
+    for shape in ((1, 512), (2, 1, 512), (4, 4, 512), (20, 512)):
+        x = mx.random.normal(shape, key=mx.random.key(len(shape)))
+        y, expected = layer(x), reference(x)
+        assert y.shape == expected.shape
+        np.testing.assert_allclose(np.array(y), np.array(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_weights_in_place():
+    from core.cpu.quantized import quantize_weights
+
+    rng = np.random.default_rng(6)
+    weights = {"fc1.weight": mx.array(rng.standard_normal((128, 64), dtype=np.float32)),
+               "norm.weight": mx.ones((64,)), "head.weight": mx.array(rng.standard_normal((32, 64), dtype=np.float32))}
+    expected = mx.quantize(weights["fc1.weight"], 64, 4)
+    quantize_weights(weights, lambda name, _: name != "head", bits=4)
+    assert sorted(weights) == ["fc1.biases", "fc1.scales", "fc1.weight", "head.weight", "norm.weight"]
+    for got, want in zip((weights["fc1.weight"], weights["fc1.scales"], weights["fc1.biases"]), expected):
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+    assert weights["head.weight"].dtype == mx.float32 and weights["norm.weight"].shape == (64,)
+    model = nn.QuantizedLinear(64, 128, bias=False, group_size=64, bits=4)
+    model.load_weights([(k.removeprefix("fc1."), v) for k, v in weights.items() if k.startswith("fc1.")])
