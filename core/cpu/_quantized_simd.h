@@ -84,6 +84,7 @@ FN(quantized_rows)(int MB, int R, int BITS, int NG, int K, int G, const float *x
                 s[r] = FN(lane_groups)(NG, scales + (size_t)(n + rr) * groups + k0 / G, scales_end);
                 b[r] = FN(lane_groups)(NG, biases + (size_t)(n + rr) * groups + k0 / G, biases_end);
             }
+#pragma GCC unroll 8
             for (int j = 0; j < PW; j++) {
                 vf wv[2];
                 for (int r = 0; r < R; r++)
