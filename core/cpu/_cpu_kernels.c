@@ -57,7 +57,7 @@ static int n_threads = 1;
 
 /* Counters Python reads (kernel_counters) to prove the products and the attention went through here, and an error
  * flag for what cblas_sgemm (void) cannot return: Python raises on it (kernel_take_error) after each call/step. */
-static atomic_ulong count_skinny, count_fallback, count_attention;
+static atomic_ulong count_skinny, count_fallback, count_attention, count_quantized;
 static atomic_int kernel_error;
 
 /* ------------------------------------------------------------------------------------------------ kernels */
@@ -385,9 +385,10 @@ int skinny_max_rows(void) { return SKINNY_MAX_ROWS; }
 const char *kernel_instruction_set(void) { return instruction_set; }
 int kernel_abi_version(void) { return KERNEL_ABI; }
 
-/* Products the skinny kernel took, products handed to the BLAS, attention calls: out[0..2]. */
+/* Products the skinny kernel took, products handed to the BLAS, attention calls, quantized products: out[0..3]. */
 void kernel_counters(unsigned long long *out) {
     out[0] = atomic_load(&count_skinny), out[1] = atomic_load(&count_fallback), out[2] = atomic_load(&count_attention);
+    out[3] = atomic_load(&count_quantized);
 }
 
 /* The error a void entry point could not return (2: no BLAS behind the kernel, 1: out of memory), cleared; 0 if none. */
@@ -477,6 +478,7 @@ int quantized_matmul(int rows, int out_features, int in_features, int bits, int 
         (group_size != 32 && group_size != 64 && group_size != 128) || in_features % group_size ||
         !x || !w || !scales || !biases || !out)
         return -1;
+    atomic_fetch_add_explicit(&count_quantized, 1, memory_order_relaxed);
     quantized_permute_fn permute = quantized_permute_base;
     quantized_columns_fn columns = quantized_columns_base;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)

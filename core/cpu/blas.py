@@ -210,13 +210,13 @@ def few_row_product(a: np.ndarray, w: np.ndarray, out: np.ndarray) -> Callable[[
 
 def kernel_counters() -> dict[str, int]:
     """Calls that went through the CPU kernels since load: ``products`` (few-row products the skinny kernel took,
-    MLX's included), ``handed_on`` (products passed to the BLAS behind it), ``attention`` (step attention calls);
-    all 0 when the kernels are not loaded."""
+    MLX's included), ``handed_on`` (products passed to the BLAS behind it), ``attention`` (step attention calls),
+    ``quantized`` (quantized products, core.cpu.quantized); all 0 when the kernels are not loaded."""
     if cpu_kernels is None:
-        return {"products": 0, "handed_on": 0, "attention": 0}
-    out = (ctypes.c_ulonglong * 3)()
+        return {"products": 0, "handed_on": 0, "attention": 0, "quantized": 0}
+    out = (ctypes.c_ulonglong * 4)()
     cpu_kernels.kernel_counters(out)
-    return {"products": out[0], "handed_on": out[1], "attention": out[2]}
+    return {"products": out[0], "handed_on": out[1], "attention": out[2], "quantized": out[3]}
 
 
 def check(status: int, what: str) -> None:
