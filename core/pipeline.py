@@ -36,7 +36,7 @@ from .loading import (
     read_config,
     resolve,
 )
-from .quantize import check_quantization, quantize_layers, quantize_weights
+from .quantize import GROUP_SIZE, check_quantization, quantize_layers, quantize_weights
 from .t5 import T5Config, T5EncoderModel
 from .tokenizer import PromptTokenizer
 
@@ -157,9 +157,9 @@ class MusicGen:
         model = cls(config, text_encoder, decoder, audio_encoder, tokenizer, enc_to_dec_proj, generation_config,
                     max_seconds)
         mx.eval(model.parameters())
-        log.info("loaded %s: %d codebooks, %d channel(s), decoder %s%s, max %.4g s", folder,
-                 decoder_config.num_codebooks, model.channels, dtype, f" q{quantize}" if quantize else "",
-                 model.max_seconds)
+        weights = f"{quantize}-bit (groups of {GROUP_SIZE})" if quantize else str(dtype).rpartition(".")[2]
+        log.info("loaded %s: %d codebooks, %d channel(s), decoder weights %s, max %.4g s", folder,
+                 decoder_config.num_codebooks, model.channels, weights, model.max_seconds)
         return model
 
     def parameters(self) -> dict:
