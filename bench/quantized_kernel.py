@@ -65,14 +65,14 @@ def bench_shape(kernel: ctypes.CDLL, rows_list: list[int], out_features: int, in
         for bits in (8, 4):
             copies = quantized[bits]
 
-            def call(i, bits=bits, copies=copies, rows=rows, x=x, out=out):
+            def call(i, bits=bits, copies=copies):
                 q, s, b = copies[i]
                 kernel.quantized_matmul(rows, out_features, in_features, bits, GROUP, x.ctypes.data, q.ctypes.data,
                                         s.ctypes.data, b.ctypes.data, out.ctypes.data)
 
             calls[f"ours {bits}-bit"] = (call, len(copies))
 
-        def fp32_call(i, rows=rows, x=x, out=out):
+        def fp32_call(i):
             kernel.cblas_sgemm(blas.ROW_MAJOR, blas.NO_TRANS, blas.TRANS, rows, out_features, in_features, 1.0,
                                x.ctypes.data, in_features, fp32[i].ctypes.data, in_features, 0.0, out.ctypes.data,
                                out_features)
@@ -81,7 +81,7 @@ def bench_shape(kernel: ctypes.CDLL, rows_list: list[int], out_features: int, in
         results = timed(calls, repeats)
         xm = mx.array(x)
 
-        def mlx_call(i, xm=xm):
+        def mlx_call(i):
             q, s, b = mlx_copies[i]
             mx.eval(mx.quantized_matmul(xm, q, s, b, transpose=True, group_size=GROUP, bits=8))
 

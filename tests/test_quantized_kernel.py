@@ -163,7 +163,7 @@ def test_quantize_weights_in_place():
     expected = mx.quantize(weights["fc1.weight"], 64, 4)
     quantize_weights(weights, ["fc1"], bits=4)
     assert sorted(weights) == ["fc1.biases", "fc1.scales", "fc1.weight", "head.weight", "norm.weight"]
-    for got, want in zip((weights["fc1.weight"], weights["fc1.scales"], weights["fc1.biases"]), expected, strict=True):
+    for got, want in zip((weights["fc1.weight"], weights["fc1.scales"], weights["fc1.biases"]), expected):
         np.testing.assert_array_equal(np.array(got), np.array(want))
     assert weights["head.weight"].dtype == mx.float32 and weights["norm.weight"].shape == (64,)
     model = nn.QuantizedLinear(64, 128, bias=False, group_size=64, bits=4)

@@ -31,9 +31,10 @@ core.preload_backend()  # before MLX: the kernels' cblas_sgemm and decode_attent
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-from core.musicgen import DecoderConfig, HostCrossKV, HostKVCache, KVCache, MusicgenDecoder, _host_float32  # noqa: E402
 
 from core.cpu import blas  # noqa: E402
+from core.musicgen import (DecoderConfig, HostCrossKV, HostKVCache, KVCache, MusicgenDecoder,  # noqa: E402
+                           _host_float32)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "build"))
 import _step_attention as ext  # noqa: E402
@@ -73,17 +74,17 @@ def make_state(decoder: MusicgenDecoder, kind: str, rows: int, cached: int, capa
     head_dim = decoder.config.hidden_size // heads
     if kind == "ctypes":
         caches = []
-        for k, v in zip(keys, values, strict=True):
+        for k, v in zip(keys, values):
             cache = HostKVCache(rows, heads, head_dim, capacity)
             cache.keys[:], cache.values[:] = k, v
             cache.offset = cached
             caches.append(cache)
         return caches, [HostCrossKV(k, v, mask) for k, v in cross]
     if kind == "primitive":
-        return ([PrimitiveKVCache(k, v, cached) for k, v in zip(keys, values, strict=True)],
+        return ([PrimitiveKVCache(k, v, cached) for k, v in zip(keys, values)],
                 [PrimitiveCrossKV(k, v, mask) for k, v in cross])
     caches = []
-    for k, v in zip(keys, values, strict=True):
+    for k, v in zip(keys, values):
         cache = KVCache(rows, heads, head_dim, capacity, mx.float32)
         cache.keys, cache.values = mx.array(k), mx.array(v)
         cache.offset = cached
@@ -145,7 +146,7 @@ def step_benchmark(rows_list: list[int], rounds: int, steps: int, cached: int, t
                   f"quartiles {1e3 * t[len(t) // 4]:6.1f} {1e3 * t[3 * len(t) // 4]:6.1f}  min {1e3 * t[0]:6.1f}  "
                   f"graph built in {1e3 * statistics.median(build[kind]):5.1f}  (max |logits - mlx| {error[kind]:.1e})")
         # the two C-kernel ways ran back to back on the same step: their difference is less exposed to the load
-        paired = [c - p for c, p in zip(times["ctypes"], times["primitive"], strict=True)]
+        paired = [c - p for c, p in zip(times["ctypes"], times["primitive"])]
         print(f"  {rows} rows  ctypes - primitive, same step: median {1e3 * statistics.median(paired):+6.1f}, "
               f"primitive faster in {sum(d > 0 for d in paired)} of {len(paired)} steps")
         del state
