@@ -40,8 +40,7 @@ def run_ours(args) -> dict:
 
     model = core.MusicGen.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
     frames = model.frames_for(args.seconds)
-    result: dict = {"side": "ours", "blas": backend, "dtype": args.dtype, "quantize": args.quantize,
-                    "load_peak_rss_mib": peak_rss_mib()}  # loading alone: quantized layer by layer, or not
+    result: dict = {"side": "ours", "blas": backend, "dtype": args.dtype, "quantize": args.quantize}
 
     def encode():
         ids, mask = model.tokenizer([PROMPT])
@@ -125,19 +124,12 @@ def run_transformers(args) -> dict:
 
     torch.set_num_threads(args.threads)
     model = MusicgenForConditionalGeneration.from_pretrained(args.model).eval()
-    if args.int8:  # what a CPU user of transformers runs for speed: dynamic int8 on every nn.Linear
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     inputs = tokenizer([PROMPT], return_tensors="pt", padding=True)
     num_codebooks = model.decoder.num_codebooks
     delays = num_codebooks // model.decoder.config.audio_channels - 1
     frames = round(args.seconds * model.config.audio_encoder.frame_rate)
-    result: dict = {"side": "transformers", "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "int8": args.int8, "load_peak_rss_mib": peak_rss_mib()}
+    result: dict = {"side": "transformers", "torch": torch.__version__, "threads": torch.get_num_threads()}
 
     with torch.inference_mode():
         result["t5_ms"] = 1000 * median_time(lambda: model.text_encoder(**inputs), args.repeats)
@@ -181,7 +173,6 @@ def main() -> None:
     parser.add_argument("--quantize", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--int8", action="store_true", help="transformers: torch's dynamic int8 on nn.Linear")
     parser.add_argument("--batch-sizes", type=lambda s: [int(n) for n in s.split(",") if n], default=[])
     args = parser.parse_args()
     result = run_ours(args) if args.side == "ours" else run_transformers(args)

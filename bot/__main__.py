@@ -47,8 +47,7 @@ def model_factory(settings: Settings):
     """What the worker thread calls to load the model (on that thread: MLX streams are per thread)."""
 
     def load():
-        return core.MusicGen.from_pretrained(settings.musicgen_model, dtype=settings.musicgen_dtype,
-                                             quantize=settings.musicgen_quantize)
+        return core.MusicGen.from_pretrained(settings.musicgen_model, dtype=settings.musicgen_dtype)
 
     return load
 
@@ -72,8 +71,7 @@ async def run(settings: Settings) -> None:
                               extend_stride=settings.extend_stride_seconds)
     queue = JobQueue(store, Limits.from_settings(settings), batch_size=settings.max_batch)
     backend = core.preload_backend()  # before the worker thread imports MLX
-    weights = f"{settings.musicgen_quantize}-bit" if settings.musicgen_quantize else settings.musicgen_dtype
-    log.info("loading model %s (decoder weights %s); BLAS: %s", settings.musicgen_model, weights, backend)
+    log.info("loading model %s (%s); BLAS: %s", settings.musicgen_model, settings.musicgen_dtype, backend)
     worker.start()
     try:
         await worker.wait_ready()

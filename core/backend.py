@@ -4,8 +4,8 @@ attends through. Everything else in the model asks here and never which device i
 The MLX backend (:mod:`core.cache`, ``nn.Linear``) runs everywhere. On a Linux CPU run whose kernels
 :func:`core.preload_backend` loaded, :mod:`core.cpu` offers host caches the C kernels attend and a linear layer that
 follows the BLAS; a Metal (or CUDA) run never imports :mod:`core.cpu`. A later CPU kernel (e.g. few-row products of
-MLX's quantized layout) plugs in here too: :func:`linear_class` and :func:`quantized_linear_class` are where the
-model takes its layers from.
+MLX's quantized layout) plugs in here too: :func:`linear_class` (or a quantized counterpart) is where the model
+takes its layers from.
 """
 
 from __future__ import annotations
@@ -48,17 +48,6 @@ def linear_class() -> type[nn.Linear]:
 
         return FewRowLinear
     return nn.Linear
-
-
-def quantized_linear_class() -> type[nn.QuantizedLinear]:
-    """The class of the decoder's quantized projections: ``nn.QuantizedLinear`` (MLX's fast quantized products on
-    Metal), or on a Linux CPU run with the kernels loaded its subclass whose few-row products the kernel computes
-    (MLX's CPU quantized product is single-threaded and slower than fp32)."""
-    if _cpu_backend_loaded() and sys.modules["core.cpu.blas"].cpu_kernels is not None:
-        from .cpu.quantized import QuantizedLinear
-
-        return QuantizedLinear
-    return nn.QuantizedLinear
 
 
 def layer_norm_class() -> type[nn.LayerNorm]:

@@ -41,7 +41,6 @@ from .loading import (
     resolve,
 )
 from .melody import Melody, MelodyConditioning, MelodyConfig, is_melody_config
-from .quantize import GROUP_SIZE, check_quantization, quantize_layers, quantize_weights
 from .t5 import T5Config, T5EncoderModel
 from .tokenizer import PromptTokenizer
 
@@ -81,15 +80,12 @@ class MusicGen:
                         quantize: int | None = None, max_seconds: float | None = None) -> MusicGen:
         """Load a Hugging Face MusicGen checkpoint from a folder or a hub id.
 
-        ``quantize`` (4 or 8 bits) quantizes the decoder's linear layers while loading (:mod:`core.quantize`:
-        group-wise affine in MLX's layout, groups of 64; one tensor at a time, so the float decoder is never held
-        beside the quantized one); T5 and EnCodec stay float32. ``max_seconds`` is the
+        ``quantize`` (4 or 8 bits) quantizes the decoder's linear layers after loading. ``max_seconds`` is the
         longest clip :meth:`generate` accepts (default: twice the model's window, 60 s for the real checkpoints;
         clips longer than the window are made window by window). Every problem with the files
         raises :class:`CheckpointError` naming the file.
         """
         dtype = parse_dtype(dtype)
-        check_quantization(quantize)
         _warn_without_backend()
         folder = resolve(name_or_path)
         config = read_config(folder)
@@ -136,19 +132,11 @@ class MusicGen:
                                else "model.safetensors.index.json"))
         parts: dict[str, dict[str, mx.array]] = {"text_encoder": {}, "audio_encoder": {}, "decoder": {},
                                                  "enc_to_dec_proj": {}, "audio_enc_to_dec_proj": {}}
-        for key in list(weights):
+        for key, value in weights.items():
             prefix, _, rest = key.partition(".")
             if prefix not in parts:
                 raise CheckpointError(f"{source} holds an unexpected tensor {key}")
-            parts[prefix][rest] = weights.pop(key)  # one reference per tensor: quantizing frees each float source
-        decoder_weights = decoder.sanitize(parts.pop("decoder"))
-        if quantize is not None:
-            layers = quantize_layers(decoder, quantize)
-            missing = [name for name in layers if f"{name}.weight" not in decoder_weights]
-            if missing:
-                raise CheckpointError(f"{source} (decoder) does not match its config: {len(missing)} missing "
-                                      f"(e.g. {missing[0]}.weight) tensors")
-            quantize_weights(decoder_weights, layers, quantize)
+            parts[prefix][rest] = value
 
         def load(module: nn.Module, weights: dict[str, mx.array], name: str, to: mx.Dtype) -> None:
             weights = {k: v.astype(to) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
@@ -157,7 +145,7 @@ class MusicGen:
         try:
             load(text_encoder, text_encoder.sanitize(parts["text_encoder"]), "text_encoder", mx.float32)
             load(audio_encoder, audio_encoder.sanitize(parts["audio_encoder"]), "audio_encoder", mx.float32)
-            load(decoder, decoder_weights, "decoder", dtype)
+            load(decoder, decoder.sanitize(parts["decoder"]), "decoder", dtype)
             if enc_to_dec_proj is not None:
                 load(enc_to_dec_proj, parts["enc_to_dec_proj"], "enc_to_dec_proj", dtype)
             elif parts["enc_to_dec_proj"]:
@@ -171,12 +159,16 @@ class MusicGen:
             raise
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{source} does not match {config_file}: {e}") from None
+        if quantize is not None:
+            if quantize not in (4, 8):
+                raise ValueError(f"quantize must be 4 or 8 bits, got {quantize!r}")
+            nn.quantize(decoder, group_size=64, bits=quantize,
+                        class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0)
         model = cls(config, text_encoder, decoder, audio_encoder, tokenizer, enc_to_dec_proj, generation_config,
                     max_seconds, melody)
         mx.eval(model.parameters())
-        weights = f"{quantize}-bit (groups of {GROUP_SIZE})" if quantize else str(dtype).rpartition(".")[2]
-        log.info("loaded %s%s: %d codebooks, %d channel(s), decoder weights %s, max %.4g s", folder,
-                 " (melody)" if is_melody else "", decoder_config.num_codebooks, model.channels, weights,
+        log.info("loaded %s%s: %d codebooks, %d channel(s), decoder %s%s, max %.4g s", folder,
+                 " (melody)" if is_melody else "", decoder_config.num_codebooks, model.channels, dtype, f" q{quantize}" if quantize else "",
                  model.max_seconds)
         return model
 

@@ -206,25 +206,10 @@ def test_bad_blas_choice_is_refused(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: MUSICGEN_BLAS must be one of")
 
 
-def test_quantized_decoder(tmp_path_factory, tmp_path):
-    from tests.tiny_models import build_musicgen
-
-    folder = tmp_path_factory.mktemp("tiny64")
-    build_musicgen(folder, decoder="tiny-64", seed=5)  # every decoder layer splits into groups of 64
-    out = tmp_path / "clip.wav"
-    result = run("warm synthwave", "--seconds", "0.3", "--model", str(folder), "-o", str(out), "--quantize", "8",
-                 cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "decoder weights 8-bit (groups of 64)" in result.stderr
-    assert sf.read(out)[0].shape == (round(0.3 * 32000),)
-    refused = run("jazz", "--model", str(folder), "-o", str(tmp_path / "x.wav"), "--quantize", "3", cwd=tmp_path)
-    assert refused.returncode == 2 and "--quantize" in refused.stderr and not (tmp_path / "x.wav").exists()
-
-
 def test_help_names_the_program_and_every_option(tmp_path):
     result = run("--help", cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.startswith("usage: python -m core")
-    for option in ("--top-k", "--temperature", "--guidance", "--format", "--no-normalize", "--overwrite", "--quantize"):
+    for option in ("--top-k", "--temperature", "--guidance", "--format", "--no-normalize", "--overwrite"):
         assert option in result.stdout
     from core.__main__ import build_parser, program_name
 

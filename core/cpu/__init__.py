@@ -4,7 +4,6 @@
   kernels' ctypes signatures, their counters, errors (:class:`.blas.KernelError`) and the generation bracket.
 - :mod:`.cache`: host-memory KV caches the C kernels attend (same interface as :mod:`core.cache`).
 - :mod:`.linear`: the decoder's few-row ``Linear`` that follows the BLAS in use.
-- :mod:`.quantized`: the decoder's 8- and 4-bit ``QuantizedLinear`` whose step products the kernels compute.
 - :mod:`.encodec_numpy`: EnCodec's ELU and LSTM recurrence in NumPy; :mod:`.fast_ops`: fused GELU and layer norm.
 
 The model never imports these directly (but for the fused ops, which are plain MLX): :mod:`core.backend` is the

@@ -50,14 +50,14 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 #define SPIN_NS 2000000            /* a worker spins this long for the next product before it sleeps */
 
 /* What Python checks at load (core/cpu/blas.py KERNEL_ABI): bump it whenever a signature or meaning changes. */
-#define KERNEL_ABI 3
+#define KERNEL_ABI 2
 
 static sgemm_fn fallback;
 static int n_threads = 1;
 
 /* Counters Python reads (kernel_counters) to prove the products and the attention went through here, and an error
  * flag for what cblas_sgemm (void) cannot return: Python raises on it (kernel_take_error) after each call/step. */
-static atomic_ulong count_skinny, count_fallback, count_attention, count_quantized;
+static atomic_ulong count_skinny, count_fallback, count_attention;
 static atomic_int kernel_error;
 
 /* ------------------------------------------------------------------------------------------------ kernels */
@@ -385,10 +385,9 @@ int skinny_max_rows(void) { return SKINNY_MAX_ROWS; }
 const char *kernel_instruction_set(void) { return instruction_set; }
 int kernel_abi_version(void) { return KERNEL_ABI; }
 
-/* Products the skinny kernel took, products handed to the BLAS, attention calls, quantized products: out[0..3]. */
+/* Products the skinny kernel took, products handed to the BLAS, attention calls: out[0..2]. */
 void kernel_counters(unsigned long long *out) {
     out[0] = atomic_load(&count_skinny), out[1] = atomic_load(&count_fallback), out[2] = atomic_load(&count_attention);
-    out[3] = atomic_load(&count_quantized);
 }
 
 /* The error a void entry point could not return (2: no BLAS behind the kernel, 1: out of memory), cleared; 0 if none. */
@@ -404,102 +403,3 @@ void kernel_end(void) { atomic_fetch_sub(&spin_allowed, 1); }
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_kernels",
                                     "CPU kernels: few-row cblas_sgemm, decode attention (loaded by core.cpu.blas)", -1, NULL, NULL, NULL, NULL, NULL};
 PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&module); }
-
-/* ------------------------------------------------------------------------------------------------ quantized */
-
-/* out = x · dequantize(w)ᵀ for a few float32 rows and weights in MLX's quantized layout (core/cpu/_quantized_simd.h),
- * so that a quantized decoder reads 1/4 (8-bit) or 1/8 (4-bit) of the fp32 weights' bytes per step. The kernels are
- * compiled per instruction set like the others and follow kernel_select's choice. */
-
-typedef void (*quantized_permute_fn)(int M, int K, int bits, const float *x, float *xp);
-typedef void (*quantized_columns_fn)(int M, int bits, int K, int G, const float *xp, const float *x,
-                                     const uint32_t *w, const float *scales, const float *biases, float *out, int ldo,
-                                     int n0, int n1);
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v4")
-#define LANES 16
-#define MAX_MB 8
-#define SUFFIX _avx512
-#include "_quantized_simd.h"
-#undef LANES
-#undef MAX_MB
-#undef SUFFIX
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v3")
-#define LANES 8
-#define MAX_MB 4
-#define SUFFIX _avx2
-#include "_quantized_simd.h"
-#undef LANES
-#undef MAX_MB
-#undef SUFFIX
-#pragma GCC pop_options
-#endif
-
-#define LANES 4
-#define MAX_MB 4
-#define SUFFIX _base
-#include "_quantized_simd.h"
-#undef LANES
-#undef MAX_MB
-#undef SUFFIX
-
-#define QUANTIZED_MAX_ROWS 16
-#define QUANTIZED_STACK_FLOATS 8192
-
-typedef struct {
-    int M, N, K, bits, G, grain;
-    const float *xp, *x, *scales, *biases;
-    const uint32_t *w;
-    float *out;
-    quantized_columns_fn columns;
-} quantized_t;
-
-static void quantized_part(const void *args, int part, int parts) {
-    const quantized_t *p = args;
-    int blocks = (p->N + p->grain - 1) / p->grain;
-    int b0 = (int)((long)blocks * part / parts), b1 = (int)((long)blocks * (part + 1) / parts);
-    int n0 = b0 * p->grain, n1 = b1 * p->grain < p->N ? b1 * p->grain : p->N;
-    if (n0 < n1) p->columns(p->M, p->bits, p->K, p->G, p->xp, p->x, p->w, p->scales, p->biases, p->out, p->N, n0, n1);
-}
-
-/* out (rows, out_features) = x (rows, in_features) · dequantize(w, scales, biases)ᵀ, C-contiguous: w is uint32
- * (out_features, in_features · bits / 32) as `mx.quantize` packs it, scales and biases float32
- * (out_features, in_features / group_size). Returns 0; -1 (computing nothing) for rows outside 1 ..
- * QUANTIZED_MAX_ROWS, bits other than 4 and 8, a group size other than 32, 64, 128, or in_features not a
- * multiple of it; -2 if the scratch for x could not be allocated. */
-int quantized_matmul(int rows, int out_features, int in_features, int bits, int group_size, const float *x,
-                     const uint32_t *w, const float *scales, const float *biases, float *out) {
-    if (rows < 1 || rows > QUANTIZED_MAX_ROWS || out_features < 1 || in_features < 1 || (bits != 4 && bits != 8) ||
-        (group_size != 32 && group_size != 64 && group_size != 128) || in_features % group_size ||
-        !x || !w || !scales || !biases || !out)
-        return -1;
-    atomic_fetch_add_explicit(&count_quantized, 1, memory_order_relaxed);
-    quantized_permute_fn permute = quantized_permute_base;
-    quantized_columns_fn columns = quantized_columns_base;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-    if (skinny_columns == skinny_columns_avx512)
-        permute = quantized_permute_avx512, columns = quantized_columns_avx512;
-    else if (skinny_columns == skinny_columns_avx2)
-        permute = quantized_permute_avx2, columns = quantized_columns_avx2;
-#endif
-    size_t floats = (size_t)rows * in_features;
-    float stack[QUANTIZED_STACK_FLOATS];
-    float *xp = floats <= QUANTIZED_STACK_FLOATS ? stack : malloc(sizeof(float) * floats);
-    if (!xp) return -2;
-    permute(rows, in_features, bits, x, xp);
-    quantized_t q = {rows, out_features, in_features, bits, group_size, 16, xp, x, scales, biases, w, out, columns};
-    long packed = (long)out_features * in_features / (32 / bits);
-    if (n_threads > 1 && packed >= THREAD_MIN_FLOATS)
-        run_parallel(quantized_part, &q, n_threads);
-    else
-        quantized_part(&q, 0, 1);
-    if (xp != stack) free(xp);
-    return 0;
-}
-
-int quantized_max_rows(void) { return QUANTIZED_MAX_ROWS; }

@@ -56,7 +56,7 @@ active_blas = "not chosen yet"
 active_library: str | None = None  # "openblas", "blis", a library's file name, or None for the reference BLAS
 cpu_kernels: ctypes.CDLL | None = None  # the loaded CPU kernels (see few_row_product, core.cpu.cache.HostKVCache)
 
-KERNEL_ABI = 3  # must equal KERNEL_ABI in _cpu_kernels.c: a stale build is refused
+KERNEL_ABI = 2  # must equal KERNEL_ABI in _cpu_kernels.c: a stale build is refused
 
 # cblas_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), pointers as addresses
 SGEMM_ARGTYPES = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
@@ -210,13 +210,13 @@ def few_row_product(a: np.ndarray, w: np.ndarray, out: np.ndarray) -> Callable[[
 
 def kernel_counters() -> dict[str, int]:
     """Calls that went through the CPU kernels since load: ``products`` (few-row products the skinny kernel took,
-    MLX's included), ``handed_on`` (products passed to the BLAS behind it), ``attention`` (step attention calls),
-    ``quantized`` (quantized products, core.cpu.quantized); all 0 when the kernels are not loaded."""
+    MLX's included), ``handed_on`` (products passed to the BLAS behind it), ``attention`` (step attention calls);
+    all 0 when the kernels are not loaded."""
     if cpu_kernels is None:
-        return {"products": 0, "handed_on": 0, "attention": 0, "quantized": 0}
-    out = (ctypes.c_ulonglong * 4)()
+        return {"products": 0, "handed_on": 0, "attention": 0}
+    out = (ctypes.c_ulonglong * 3)()
     cpu_kernels.kernel_counters(out)
-    return {"products": out[0], "handed_on": out[1], "attention": out[2], "quantized": out[3]}
+    return {"products": out[0], "handed_on": out[1], "attention": out[2]}
 
 
 def check(status: int, what: str) -> None:
@@ -246,15 +246,3 @@ def busy() -> Iterator[None]:
     if log.isEnabledFor(logging.DEBUG):
         after = kernel_counters()
         log.debug("CPU kernels during the generation: %s", {k: after[k] - before[k] for k in after})
-
-
-# quantized_matmul(rows, out_features, in_features, bits, group_size, x, w, scales, biases, out): a few float32 rows
-# times weights in MLX's quantized layout (core/cpu/_quantized_simd.h); 0, or -1 for arguments it does not take
-QUANTIZED_ARGTYPES = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 5
-
-
-def quantized_kernel() -> ctypes.CDLL | None:
-    """The loaded CPU kernels with ``quantized_matmul`` typed for ctypes, or None when they are not loaded."""
-    if cpu_kernels is not None and cpu_kernels.quantized_matmul.argtypes is None:
-        cpu_kernels.quantized_matmul.argtypes, cpu_kernels.quantized_matmul.restype = QUANTIZED_ARGTYPES, ctypes.c_int
-    return cpu_kernels
