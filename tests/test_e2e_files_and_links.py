@@ -18,19 +18,14 @@ import soundfile as sf
 
 from bot import job_files
 from bot.client import MusicBot
-from bot.queue import JobQueue, Limits
-from bot.settings import Settings
 from bot.store import SQLiteJobStore
-from bot.worker import GenerationWorker
 from tests.e2e_helpers import says
 from tests.fake_discord import FakeDiscord, Interaction
-from tests.fake_discord.client import use_fake
 from tests.fake_discord.models import Channel, Member
-from tests.fakes import FakeGenerator
+from tests.in_process import RATE, running_bot
 
 pytestmark = pytest.mark.e2e
 
-RATE = 8000
 URL = "https://example.com/listen"
 
 
@@ -57,24 +52,8 @@ class World:
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     async with FakeDiscord() as fake:
         admin = fake.guild.add_member("admin", admin=True)
-        env = dict(fake.env(), DATABASE_PATH=str(tmp_path / "bot.sqlite3"), COOLDOWN_SECONDS="0",
-                   MAX_PENDING_PER_USER="5", MAX_SECONDS="10", MAX_BATCH="1")
-        settings = Settings.from_env(env)
-        gen = FakeGenerator(sampling_rate=RATE, step_delay=0.002)
-        store = SQLiteJobStore(settings.database_path)
-        worker = GenerationWorker(lambda: gen, max_batch=settings.max_batch, job_timeout=settings.job_timeout_seconds,
-                                  hard_timeout_grace=2.0, memory_limit=2**31, clear_cache=lambda: None)
-        queue = JobQueue(store, Limits.from_settings(settings), batch_size=settings.max_batch)
-        bot = MusicBot(settings, store, queue, worker, batch_window=0.0)
-        with use_fake(fake):
-            await bot.login(settings.discord_token)
-            runner = asyncio.create_task(bot.connect())
-            await fake.wait_ready()
-            try:
-                yield World(fake, bot, store, admin)
-            finally:
-                await bot.shutdown(grace=0)
-                await asyncio.wait_for(runner, 10)
+        async with running_bot(fake, tmp_path) as (bot, _, store):
+            yield World(fake, bot, store, admin)
 
 
 def wav(seconds: float) -> bytes:

@@ -3,7 +3,6 @@ generator) against a fake Discord holding two guilds, each with its own admin, a
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,19 +11,15 @@ import pytest
 
 from bot.client import MusicBot
 from bot.jobs import JobStatus
-from bot.queue import JobQueue, Limits
-from bot.settings import Settings
 from bot.store import SQLiteJobStore
-from bot.worker import GenerationWorker
 from tests.e2e_helpers import audio, clips, frames, says
 from tests.fake_discord import FakeDiscord, Interaction
-from tests.fake_discord.client import use_fake
 from tests.fake_discord.models import Channel, Guild, Member
 from tests.fakes import FakeGenerator
+from tests.in_process import RATE, running_bot
 
 pytestmark = pytest.mark.e2e
 
-RATE = 8000
 
 
 @dataclass
@@ -64,25 +59,8 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         admin_a, admin_b = a.add_member("admin-a", admin=True), b.add_member("admin-b", admin=True)
         owner = b.add_member(user=fake.owner)
         configured_owner = a.add_member("operator")
-        env = dict(fake.env(), DATABASE_PATH=str(tmp_path / "bot.sqlite3"), COOLDOWN_SECONDS="0",
-                   OWNER_USER_IDS=str(configured_owner.id),
-                   MAX_PENDING_PER_USER="5", MAX_SECONDS="10", MAX_BATCH="1")
-        settings = Settings.from_env(env)
-        gen = FakeGenerator(sampling_rate=RATE, step_delay=0.002)
-        store = SQLiteJobStore(settings.database_path)
-        worker = GenerationWorker(lambda: gen, max_batch=settings.max_batch, job_timeout=settings.job_timeout_seconds,
-                                  hard_timeout_grace=2.0, memory_limit=2**31, clear_cache=lambda: None)
-        queue = JobQueue(store, Limits.from_settings(settings), batch_size=settings.max_batch)
-        bot = MusicBot(settings, store, queue, worker, batch_window=0.0)
-        with use_fake(fake):
-            await bot.login(settings.discord_token)
-            runner = asyncio.create_task(bot.connect())
-            await fake.wait_ready()
-            try:
-                yield World(fake, bot, gen, store, a, b, admin_a, admin_b, owner, configured_owner)
-            finally:
-                await bot.shutdown(grace=0)
-                await asyncio.wait_for(runner, 10)
+        async with running_bot(fake, tmp_path, OWNER_USER_IDS=str(configured_owner.id)) as (bot, gen, store):
+            yield World(fake, bot, gen, store, a, b, admin_a, admin_b, owner, configured_owner)
 
 
 async def test_two_servers_are_served_in_turn_with_their_own_positions(world: World) -> None:

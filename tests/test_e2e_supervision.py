@@ -17,19 +17,15 @@ import pytest
 
 from bot.client import MusicBot
 from bot.jobs import Job, JobStatus, Session
-from bot.queue import JobQueue, Limits
-from bot.settings import Settings
 from bot.store import SQLiteJobStore
-from bot.worker import GenerationWorker
 from tests.e2e_helpers import audio, clips, frames, says
 from tests.fake_discord import FakeDiscord, Interaction
-from tests.fake_discord.client import use_fake
 from tests.fake_discord.models import SUPPRESS_EMBEDS
 from tests.fakes import FakeGenerator
+from tests.in_process import RATE, running_bot
 
 pytestmark = pytest.mark.e2e
 
-RATE = 8000
 
 
 class FullDiskStore(SQLiteJobStore):
@@ -87,26 +83,13 @@ class World:
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     async with FakeDiscord() as fake:
-        env = dict(fake.env(), DATABASE_PATH=str(tmp_path / "bot.sqlite3"), COOLDOWN_SECONDS="0",
-                   MAX_PENDING_PER_USER="5", MAX_SECONDS="10", MAX_BATCH="1")
-        settings = Settings.from_env(env)
-        gen = FakeGenerator(sampling_rate=RATE, step_delay=0.01)
-        store = FullDiskStore(settings.database_path)
-        worker = GenerationWorker(lambda: gen, max_batch=settings.max_batch, clear_cache=lambda: None)
-        queue = JobQueue(store, Limits.from_settings(settings), batch_size=settings.max_batch)
-        bot = MusicBot(settings, store, queue, worker, batch_window=0.0)
-        bot.dispatcher.store_backoff = 0.1
-        bot.deliverer.backoff = 0.05
-        with use_fake(fake):
-            await bot.login(settings.discord_token)
-            runner = asyncio.create_task(bot.connect())
-            await fake.wait_ready()
+        async with running_bot(fake, tmp_path, step_delay=0.01, store_class=FullDiskStore) as (bot, gen, store):
+            bot.dispatcher.store_backoff = 0.1
+            bot.deliverer.backoff = 0.05
             try:
                 yield World(fake, bot, gen, store)
             finally:
                 store.full.clear()  # let shutdown record what it must
-                await bot.shutdown(grace=0)
-                await asyncio.wait_for(runner, 10)
 
 
 async def music(world: World, name: str, prompt: str = "calm piano", seconds: int = 1) -> Interaction:
