@@ -68,11 +68,11 @@ class FakeGenerator:
             if r.melody is not None and not self.is_melody:
                 raise ValueError("This model does not take a melody.")
         self.calls.append(requests)
+        if self.block is not None:  # first: a test that blocks and then fails decides when the failure comes
+            self.block.wait()
         if self.fail_with is not None:
             exc, self.fail_with = self.fail_with, None
             raise exc
-        if self.block is not None:
-            self.block.wait()
         totals = [self.steps or max(1, round(r.seconds * self.frame_rate)) for r in requests]
         active = set(range(len(requests)))
         stopped: set[int] = set()
