@@ -103,6 +103,23 @@ def build_tokenizer(folder: Path, vocab_size: int = 120) -> int:
     return tokenizer.get_vocab_size()
 
 
+def t5_config(vocab: int, shape: str = "tiny"):
+    """The text encoder's config: t5-base's structure, ``shape``'s widths (the tiny tokenizer's vocabulary)."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=vocab if shape == "tiny" else 32128, relative_attention_num_buckets=32,
+                    relative_attention_max_distance=128, feed_forward_proj="relu", dropout_rate=0.0,
+                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **T5_SHAPES[shape])
+
+
+def decoder_section(shape: str = "tiny", stereo: bool = False) -> dict:
+    """The ``decoder`` section of a MusicGen config: the real checkpoints' vocabulary and tokens, ``shape``'s
+    widths, 4 codebooks (8 interleaved for stereo)."""
+    return dict(vocab_size=2048, max_position_embeddings=2048, num_codebooks=8 if stereo else 4,
+                audio_channels=2 if stereo else 1, pad_token_id=2048, bos_token_id=2048, dropout=0.0,
+                activation_function="gelu", **DECODER_SHAPES[shape])
+
+
 def build_musicgen(folder: str | Path, *, stereo: bool = False, decoder: str = "tiny", text_encoder: str = "tiny",
                    codec: str = "tiny", seed: int = 0, dtype=None):
     """Save a random ``MusicgenForConditionalGeneration`` to ``folder`` as the hub repos store it; return the model.
@@ -110,18 +127,14 @@ def build_musicgen(folder: str | Path, *, stereo: bool = False, decoder: str = "
     ``decoder="small"`` with ``text_encoder="t5-base"`` and ``codec="real"`` gives musicgen-small's shapes.
     """
     import torch
-    from transformers import GenerationConfig, MusicgenConfig, MusicgenForConditionalGeneration, T5Config
+    from transformers import GenerationConfig, MusicgenConfig, MusicgenForConditionalGeneration
 
     folder = Path(folder)
     vocab = build_tokenizer(folder)
     torch.manual_seed(seed)
-    t5 = T5Config(vocab_size=vocab if text_encoder == "tiny" else 32128, relative_attention_num_buckets=32,
-                  relative_attention_max_distance=128, feed_forward_proj="relu", dropout_rate=0.0,
-                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **T5_SHAPES[text_encoder])
+    t5 = t5_config(vocab, text_encoder)
     audio = encodec_config("32khz", codec)
-    decoder_config = dict(vocab_size=2048, max_position_embeddings=2048, num_codebooks=8 if stereo else 4,
-                          audio_channels=2 if stereo else 1, pad_token_id=2048, bos_token_id=2048,
-                          dropout=0.0, activation_function="gelu", **DECODER_SHAPES[decoder])
+    decoder_config = decoder_section(decoder, stereo)
     config = MusicgenConfig(text_encoder=t5.to_dict(), audio_encoder=audio.to_dict(),
                             decoder=dict(model_type="musicgen_decoder", **decoder_config))
     model = MusicgenForConditionalGeneration(config).eval()
@@ -166,19 +179,14 @@ def build_musicgen_melody(folder: str | Path, *, stereo: bool = False, decoder: 
         MusicgenMelodyConfig,
         MusicgenMelodyFeatureExtractor,
         MusicgenMelodyForConditionalGeneration,
-        T5Config,
     )
 
     folder = Path(folder)
     vocab = build_tokenizer(folder)
     torch.manual_seed(seed)
-    t5 = T5Config(vocab_size=vocab if text_encoder == "tiny" else 32128, relative_attention_num_buckets=32,
-                  relative_attention_max_distance=128, feed_forward_proj="relu", dropout_rate=0.0,
-                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **T5_SHAPES[text_encoder])
+    t5 = t5_config(vocab, text_encoder)
     audio = encodec_config("32khz", codec)
-    decoder_config = dict(model_type="musicgen_melody_decoder", vocab_size=2048, max_position_embeddings=2048,
-                          num_codebooks=8 if stereo else 4, audio_channels=2 if stereo else 1, pad_token_id=2048,
-                          bos_token_id=2048, dropout=0.0, activation_function="gelu", **DECODER_SHAPES[decoder])
+    decoder_config = dict(decoder_section(decoder, stereo), model_type="musicgen_melody_decoder")
     config = MusicgenMelodyConfig(text_encoder=t5.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder_config,
                                   num_chroma=12, chroma_length=chroma_length)
     model = MusicgenMelodyForConditionalGeneration(config).eval()
