@@ -3,11 +3,14 @@ unit tests of bot/untrusted_audio.py and the end-to-end tests."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 HANG_MARKER = b"HANG-ME-PLEASE"
@@ -96,3 +99,20 @@ sys.exit(done.returncode)
 """)
     script.chmod(0o755)
     return script
+
+
+@asynccontextmanager
+async def listener() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A TCP listener on 127.0.0.1: the URL of a segment on it, and the list of what anyone sent it."""
+    contacted: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        contacted.append(await reader.read(100))
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/segment.mp3", contacted
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -27,6 +27,7 @@ from tests.sandbox_helpers import (
     ffmpeg_file,
     flac_claiming,
     hls_playlist,
+    listener,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
@@ -71,26 +72,15 @@ def wav(seconds: float) -> bytes:
 
 
 async def test_playlists_reach_neither_the_network_nor_local_files(world: World) -> None:
-    contacted: list[bytes] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        contacted.append(await reader.read(100))
-        writer.close()
-
-    listener = await asyncio.start_server(handle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/segment.mp3"
     secret = world.tmp / "secret.wav"
     secret.write_bytes(wav(1.0))
     alice = world.fake.guild.add_member("alice")
-    try:
+    async with listener() as (url, contacted):
         for name, data in (("hls.mp3", hls_playlist(url, secret)), ("concat.mp3", ffconcat(url, secret))):
             upload = world.fake.upload(name, data, "audio/mpeg")
             i = await world.fake.invoke(alice, "continue", {"audio": upload, "prompt": "more", "seconds": 1})
             assert "I can only read WAV, FLAC" in await ephemeral_answer(i)
         await asyncio.sleep(0.5)
-    finally:
-        listener.close()
-        await listener.wait_closed()
     assert contacted == []
     assert not world.fake.files  # nothing came back as a clip
 

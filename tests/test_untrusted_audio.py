@@ -34,6 +34,7 @@ from tests.sandbox_helpers import (
     ffmpeg_file,
     flac_claiming,
     hls_playlist,
+    listener,
     tone_file,
 )
 
@@ -200,23 +201,11 @@ async def test_cancelling_a_decode_kills_the_child(tmp_path: Path) -> None:
 
 
 async def test_playlists_never_reach_the_network_or_local_files(tmp_path: Path) -> None:
-    contacted: list[bytes] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        contacted.append(await reader.read(100))
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     local = tmp_path / "secret.wav"
     tone_file(local, 1.0, 8000, 1)
-    url = f"http://127.0.0.1:{port}/segment.mp3"
-    try:
+    async with listener() as (url, contacted):
         for data in (hls_playlist(url, local), ffconcat(url, local), b"ID3" + hls_playlist(url, local)):
             with pytest.raises(AudioError):
                 await decode(data, sampling_rate=RATE, channels=1)
         await asyncio.sleep(0.2)
-    finally:
-        server.close()
-        await server.wait_closed()
     assert contacted == []
