@@ -102,6 +102,8 @@ class Job:
     melody_path: str | None = None  # melody models: the decoded tune (/music melody:), an .npz like an upload
     melody_name: str | None = None  # the tune's file name, shown with the clip
     delivering_at: float | None = None  # when the first attempt to post the clip began (see delivery_nonce)
+    worker_id: str | None = None  # the worker that holds a running job (its lease), None when queued
+    lease_until: float | None = None  # a running job's lease ends then unless its worker renews it
     id: int = 0
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -100,6 +100,11 @@ ADDED_JOB_COLUMNS = {
 DELIVERY_JOB_COLUMNS = {
     "delivering_at": "REAL",
 }
+# Columns of leases (workers that hold running jobs; see JobStore.update_if).
+LEASE_JOB_COLUMNS = {
+    "worker_id": "TEXT",
+    "lease_until": "REAL",
+}
 # Columns renamed since: old name -> new name (RENAME COLUMN keeps the values).
 RENAMED_JOB_COLUMNS = {
     "seconds": "new_seconds",  # the new audio a member asked for, not the clip's total length
@@ -113,6 +118,11 @@ class JobStore(Protocol):
     def get(self, job_id: int) -> Job | None: ...
     def update(self, job_id: int, **changes: Any) -> Job: ...
     def update_many(self, job_ids: Iterable[int], **changes: Any) -> None: ...
+    def update_if(self, job_id: int, expected: Mapping[str, Any], **changes: Any) -> Job | None:
+        """Compare and set, atomically: apply ``changes`` only if every field named in ``expected`` has that value
+        now (``None`` matches a missing value). The job as stored after the change, or None when it did not match
+        or there is no such job. Claims, lease renewals and take-overs of several workers rest on it."""
+        ...
     def by_status(self, *statuses: JobStatus) -> list[Job]: ...
     def jobs_of(self, user_id: int, *statuses: JobStatus) -> list[Job]: ...
     def session_jobs(self, session_id: int, *statuses: JobStatus) -> list[Job]: ...
@@ -141,6 +151,26 @@ class JobStore(Protocol):
     @property
     def files_dir(self) -> Path | None:
         """Folder for the files that belong to jobs (tokens, uploads); None when there is nowhere to keep them."""
+        ...
+
+    @property
+    def shared(self) -> bool:
+        """Whether processes on other machines use this store at once (a gateway and workers): True for Redis, False
+        for the embedded SQLite file, which one bot process owns."""
+        ...
+
+    # files of jobs across machines: a job names a file by the path it was written to on one machine
+    def share_file(self, path: str | Path) -> None:
+        """Make a file just written under :attr:`files_dir` readable on every machine (a no-op on one machine)."""
+        ...
+
+    def local_file(self, path: str | Path) -> Path:
+        """Where the file a job names can be read on this machine (fetched when it is elsewhere; a missing file
+        gives a path that does not exist, so the reader reports the file gone)."""
+        ...
+
+    def drop_file(self, path: str | Path) -> None:
+        """Delete a job's file here and wherever it was shared."""
         ...
 
 
@@ -183,9 +213,9 @@ class SQLiteJobStore:
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_by_guild ON jobs (guild_id, status, id)")
 
     def _migrate_delivery(self) -> None:
-        """Add the columns of idempotent delivery to a database made before them."""
+        """Add the columns of idempotent delivery and of leases to a database made before them."""
         have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for name, declaration in DELIVERY_JOB_COLUMNS.items():
+        for name, declaration in {**DELIVERY_JOB_COLUMNS, **LEASE_JOB_COLUMNS}.items():
             if name not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
                 log.info("job store: added column %s", name)
@@ -205,6 +235,20 @@ class SQLiteJobStore:
     def files_dir(self) -> Path | None:
         """``clips/`` next to the database file (created on first use by the caller); None for ``:memory:``."""
         return self._files_dir
+
+    @property
+    def shared(self) -> bool:
+        """One bot process owns the file: never shared."""
+        return False
+
+    def share_file(self, path: str | Path) -> None:
+        """Every reader is on this machine: nothing to do."""
+
+    def local_file(self, path: str | Path) -> Path:
+        return Path(path)
+
+    def drop_file(self, path: str | Path) -> None:
+        Path(path).unlink(missing_ok=True)
 
     # -- jobs ---------------------------------------------------------------------------------------------------
     def add(self, job: Job) -> Job:
@@ -249,6 +293,18 @@ class SQLiteJobStore:
         with self._transaction():
             self._db.executemany(f"UPDATE jobs SET {sets} WHERE id = ?",
                                  [[*(_to_db(v) for v in changes.values()), i] for i in ids])
+
+    def update_if(self, job_id: int, expected: Mapping[str, Any], **changes: Any) -> Job | None:
+        """Compare and set in one transaction (see :meth:`JobStore.update_if`)."""
+        unknown = (set(changes) | set(expected)) - set(_JOB_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown job field(s): {', '.join(sorted(unknown))}")
+        with self._transaction():
+            current = self.get(job_id)
+            if current is None or any(_to_db(getattr(current, k)) != _to_db(v) for k, v in expected.items()):
+                return None
+            self._update_row("jobs", _JOB_FIELDS, job_id, changes)
+        return self.get(job_id)
 
     def by_status(self, *statuses: JobStatus) -> list[Job]:
         """Jobs with any of these statuses (all jobs when none is given), in creation order."""
