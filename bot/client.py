@@ -103,25 +103,11 @@ class MusicBot(commands.Bot):
         for job in self.queue.recover():
             if job.status is JobStatus.FAILED:
                 self.spawn(self.deliverer.notify(job, f"Sorry, your clip could not be made: {job.error}"))
-            elif job.delivering_at is not None:
-                await self._found_before_restart(job)
         self.sweeper.start()  # after recovery: files of jobs queued again are in use
         await self.sync_commands()
         self.dispatcher.start()
         log.info("ready: clips up to %d s, MAX_BATCH %d, %d job(s) waiting%s", self.queue.max_seconds_ceiling,
                  self.worker.max_batch, self.queue.waiting(), " (paused everywhere)" if self.queue.paused else "")
-
-    async def _found_before_restart(self, job: Job) -> None:
-        """A job whose clip was being posted when the bot stopped: if the message is there, record it as delivered
-        (no need to make the clip again); otherwise it stays queued, and delivery looks once more."""
-        found = await self.deliverer.find_delivered(job)
-        if found is None:
-            return
-        log.info("job %d: its clip was already posted before the restart (message %s); recorded, not made again",
-                 job.id, found.message_id)
-        job = self.queue.finish(job.id, JobStatus.DONE, delivered_message_id=found.message_id,
-                                delivered_url=found.url)
-        self.spawn(self.outbox.delivered(job))
 
     async def sync_commands(self) -> None:
         """Register the commands: to the configured guilds (instant), globally, globally only when none are

@@ -360,3 +360,10 @@ class DiscordOutbox:
 
     async def delivered(self, job: Job) -> None:
         await self.deliverer.edit_status(job, status_text(job, f"Done — your clip is here: {job.delivered_url}"))
+
+    async def find_delivered(self, job: Job) -> Delivered | None:
+        try:
+            return await self.deliverer.find_delivered(job)
+        except Exception:  # cannot tell: the clip is made again (and the nonce still guards a repeat)
+            log.exception("job %d: looking for a clip posted before failed", job.id)
+            return None

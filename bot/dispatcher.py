@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, TypeVar
 
 from .jobs import ClipData, Job, JobResult, JobStatus
-from .queue import JobQueue
+from .queue import DEFAULT_LEASE_SECONDS, LOCAL_WORKER, JobQueue
 from .store import JobStore
 
 log = logging.getLogger(__name__)
@@ -109,20 +109,31 @@ class Outbox(Protocol):
         """The clip was delivered and recorded (``job.delivered_url`` is set). Never raises."""
         ...
 
+    async def find_delivered(self, job: Job) -> Delivered | None:
+        """For a job whose ``delivering_at`` is set (a worker stopped while posting it): the message already
+        posted, or None. Never raises (None when it cannot tell)."""
+        ...
+
 
 class Dispatcher:
     """Feeds ``runner`` from ``queue`` and hands outcomes to ``outbox``; :meth:`start`, :meth:`wake`, :meth:`stop`.
 
     Use it only from the event-loop thread. ``batch_window`` (seconds) lets requests sent together share a batch.
+    ``worker_id`` names this worker in the store: it claims jobs under that name with leases of ``lease_seconds``
+    that it renews while it holds them. On a shared store (workers on several machines) it also takes over the jobs
+    of workers whose lease ran out (:meth:`JobQueue.recover`), and it posts a clip only while it still holds the job.
     """
 
     def __init__(self, queue: JobQueue, store: JobStore, runner: Runner, outbox: Outbox, *,
                  batch_window: float = BATCH_WINDOW_SECONDS, store_retry_seconds: float = STORE_RETRY_SECONDS,
-                 store_backoff: float = STORE_BACKOFF_SECONDS) -> None:
+                 store_backoff: float = STORE_BACKOFF_SECONDS, worker_id: str = LOCAL_WORKER,
+                 lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self.queue = queue
         self.store = store
         self.runner = runner
         self.outbox = outbox
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
         self.batch_window = batch_window
         self.store_retry_seconds = store_retry_seconds
         self.store_backoff = store_backoff
@@ -130,6 +141,7 @@ class Dispatcher:
         self.restarts = 0  # how many times the supervised loop died and was started again
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self._lease_task: asyncio.Task | None = None
         self._batch_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self._held: set[int] = set()  # ids of the jobs being generated or finished now
@@ -138,6 +150,7 @@ class Dispatcher:
     def start(self) -> None:
         """Start the supervised loop (in the running event loop) and look at the queue at once."""
         self._loop_task = asyncio.create_task(self._supervise(), name="dispatcher")
+        self._lease_task = asyncio.create_task(self._keep_leases(), name="leases")
         self.wake()
 
     def holds(self, job_id: int) -> bool:
@@ -191,12 +204,48 @@ class Dispatcher:
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
 
     def _release_stale(self) -> None:
-        """Queue again the jobs the store says are running but this dispatcher no longer holds (a failure between
+        """Queue again the jobs the store says this worker is running but it no longer holds (a failure between
         marking a batch running and starting it)."""
         for job in self.queue.running():
-            if job.id not in self._held:
+            if job.worker_id == self.worker_id and job.id not in self._held:
                 self.queue.requeue(job.id, count_attempt=False)
                 log.warning("job %d was marked running but is not: queued again", job.id)
+
+    async def _keep_leases(self) -> None:
+        """Renew the leases of the held jobs a few times per lease; stop a job this worker lost (another worker
+        took it over) or whose cancel was asked for while the message did not reach us. On a shared store also
+        take over the jobs of workers whose lease ran out. Failures are logged and tried again next round."""
+        while not self.stopping:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                self._renew()
+                if self.store.shared and self.recover_expired():
+                    self.wake()
+            except Exception as exc:
+                log.warning("could not renew leases or look for abandoned jobs: %s", exc)
+
+    def _renew(self) -> None:
+        held = [i for i in self._held]
+        if not held:
+            return
+        kept = {job.id: job for job in self.queue.renew(self.worker_id, held, self.lease_seconds)}
+        for job_id in held:
+            job = kept.get(job_id)
+            if job_id not in self._held:
+                continue  # finished meanwhile
+            if job is None:
+                log.warning("job %d: this worker lost its lease (another worker took it over); stopping it", job_id)
+                self.runner.cancel(job_id)
+            elif job.error:  # a cancel recorded by the gateway (Dispatcher.cancel) whose message we missed
+                self.runner.cancel(job_id)
+
+    def recover_expired(self) -> list[Job]:
+        """Queue again (or fail) the jobs whose worker is gone; returns them (see :meth:`JobQueue.recover`)."""
+        touched = self.queue.recover()
+        for job in touched:
+            if job.status is JobStatus.FAILED:
+                self._spawn(self.outbox.notify(job, f"Sorry, your clip could not be made: {job.error}"))
+        return touched
 
     async def _run(self) -> None:
         while not self.stopping:
@@ -211,9 +260,12 @@ class Dispatcher:
                     if self.stopping or self.queue.paused:
                         break
                 size = self.runner.fit_batch(self.queue.runnable()[:self.runner.max_batch])
-                batch = self.queue.next_batch(size)
+                batch = self.queue.next_batch(size, worker_id=self.worker_id, lease_seconds=self.lease_seconds)
                 if not batch:
                     break
+                batch = await self._skip_delivered(batch)
+                if not batch:
+                    continue
                 self._batch_task = asyncio.create_task(self._run_batch(batch))
                 try:
                     await asyncio.shield(self._batch_task)
@@ -223,6 +275,23 @@ class Dispatcher:
                     log.exception("batch %s failed unexpectedly", [j.id for j in batch])
                 finally:
                     self._batch_task = None
+
+    async def _skip_delivered(self, batch: list[Job]) -> list[Job]:
+        """Of a claimed batch, the jobs still to make: a job whose clip was being posted when its worker stopped
+        (``delivering_at`` set) is recorded done, not made again, when the message is there."""
+        todo = []
+        for job in batch:
+            found = await self.outbox.find_delivered(job) if job.delivering_at is not None else None
+            if found is None:
+                todo.append(job)
+                continue
+            log.info("job %d: its clip was already posted (message %s) before its worker stopped; recorded, not "
+                     "made again", job.id, found.message_id)
+            done = await self._end(job, JobStatus.DONE, delivered_message_id=found.message_id,
+                                   delivered_url=found.url)
+            if done is not None:
+                self._spawn(self.outbox.delivered(done))
+        return todo
 
     async def _run_batch(self, batch: list[Job]) -> None:
         self._held.update(j.id for j in batch)
@@ -269,11 +338,13 @@ class Dispatcher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
 
-    async def _end(self, job: Job, status: JobStatus, **changes: Any) -> Job:
-        """Record how ``job`` ended (with retries); the job as it ended even when the store never took it."""
+    async def _end(self, job: Job, status: JobStatus, **changes: Any) -> Job | None:
+        """Record how ``job`` ended (with retries); the job as it ended even when the store never took it; None
+        when this worker no longer holds the job (its lease ran out and another worker took it: that one ends it)."""
+        held = {"status": JobStatus.RUNNING, "worker_id": self.worker_id}
         try:
             return await self._write(f"job {job.id}: recording {status.value}",
-                                     lambda: self.queue.finish(job.id, status, **changes))
+                                     lambda: self.queue.finish(job.id, status, expected=held, **changes))
         except StoreUnavailable as exc:
             log.error("%s; the job stays marked running until the next start", exc)
             error = changes.pop("error", None)
@@ -291,24 +362,35 @@ class Dispatcher:
             self._held.discard(result.job.id)
 
     async def _finish_job(self, result: JobResult) -> None:
-        """Record "delivering", deliver the clip, then record DONE (or record the failure and tell the member)."""
+        """Record "delivering", deliver the clip, then record DONE (or record the failure and tell the member).
+        A job this worker lost meanwhile (its lease ran out) is left to the worker that took it over."""
         job = self._fresh(result.job)
         if result.status is JobStatus.CANCELLED:
-            job = await self._end(job, JobStatus.CANCELLED, error=job.error or result.error)
-            await self.outbox.notify(job, job.error or "Cancelled.")
+            ended = await self._end(job, JobStatus.CANCELLED, error=job.error or result.error)
+            if ended is not None:
+                await self.outbox.notify(ended, ended.error or "Cancelled.")
             return
         if result.status is JobStatus.FAILED or result.clip is None:
             error = result.error or "The generator returned no audio."
-            job = await self._end(job, JobStatus.FAILED, error=error)
-            await self.outbox.notify(job, f"Sorry, your clip could not be made: {error}")
+            ended = await self._end(job, JobStatus.FAILED, error=error)
+            if ended is not None:
+                await self.outbox.notify(ended, f"Sorry, your clip could not be made: {error}")
             return
         # "delivering" goes to the store before the upload: after a crash between the upload and the record
-        # below, the next start knows to look for the message already posted (the earliest attempt is kept)
+        # below, the next start knows to look for the message already posted (the earliest attempt is kept). It is
+        # a compare-and-set on holding the job, so a worker that lost it never posts a second clip.
+        held = {"status": JobStatus.RUNNING, "worker_id": self.worker_id}
         try:
-            await self._write(f"job {job.id}: recording delivering",
-                              lambda: self.store.update(job.id, delivering_at=job.delivering_at or time.time()))
+            marked = await self._write(f"job {job.id}: recording delivering", lambda: self.store.update_if(
+                job.id, held, delivering_at=job.delivering_at or time.time()))
         except StoreUnavailable as exc:
             log.error("%s; delivering the clip anyway", exc)
+        else:
+            if marked is None:
+                log.warning("job %d: finished, but this worker no longer holds it (another worker took it over); "
+                            "its clip is not posted from here", job.id)
+                return
+            job = marked
         try:
             delivered = await self.outbox.deliver(job, result.clip, generated_in=result.elapsed)
         except Undeliverable as exc:
@@ -317,14 +399,16 @@ class Dispatcher:
             return
         except DeliveryError as exc:
             log.warning("job %d delivery failed: %s", job.id, exc)
-            job = await self._end(job, JobStatus.FAILED, error=f"The clip could not be uploaded: {exc}")
-            await self.outbox.notify(job, f"Sorry, your clip was made but could not be uploaded: {exc}")
+            ended = await self._end(job, JobStatus.FAILED, error=f"The clip could not be uploaded: {exc}")
+            if ended is not None:
+                await self.outbox.notify(ended, f"Sorry, your clip was made but could not be uploaded: {exc}")
             return
-        job = await self._end(job, JobStatus.DONE, delivered_message_id=delivered.message_id,
-                              delivered_url=delivered.url)
+        ended = await self._end(job, JobStatus.DONE, delivered_message_id=delivered.message_id,
+                                delivered_url=delivered.url)
         log.info("job %d delivered via %s in %.1f s of generation: %s", job.id, delivered.via, result.elapsed,
                  delivered.url)
-        await self.outbox.delivered(job)
+        if ended is not None:
+            await self.outbox.delivered(ended)
 
     # -- stopping -----------------------------------------------------------------------------------------------
     async def stop(self, grace: float) -> None:
@@ -336,7 +420,8 @@ class Dispatcher:
         if batch is not None and not batch.done():
             done, _ = await asyncio.wait({batch}, timeout=grace)
             if not done:
-                interrupted = [j.id for j in self.queue.running()]
+                interrupted = [j.id for j in self.queue.running()
+                               if j.worker_id == self.worker_id and j.id in self._held]
                 log.warning("jobs %s interrupted by shutdown; they will be generated again on the next start",
                             interrupted)
                 batch.cancel()
@@ -349,8 +434,9 @@ class Dispatcher:
                         continue
                     log.info("job %d interrupted by shutdown: queued again for the next start", job_id)
                     self.outbox.interrupted(job)
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in (self._loop_task, self._lease_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._background:
             await asyncio.wait(set(self._background), timeout=max(grace, 5.0))

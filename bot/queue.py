@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3  # a job interrupted this many times (a crash or a kill mid-generation) is failed, not retried
 DEFAULT_RATE = 4.0  # seconds of compute per second of audio until the first job has been measured
 RATE_SMOOTHING = 0.3
+LOCAL_WORKER = "local"  # the worker id of the embedded worker (one process owns the store)
+DEFAULT_LEASE_SECONDS = 30.0  # how long a claimed job is held without its worker renewing the lease
 
 # Stored state. ``queue.paused`` and ``queue.limits`` predate guilds: the first is the owners' pause of every guild,
 # the second the limits every guild starts from; each guild's own are ``<key>.guild.<id>``.
@@ -167,12 +169,17 @@ class JobQueue:
         self._guild_served: dict[int | None, float] = {}
         self._lane_served: dict[tuple[int | None, tuple[str, int]], float] = {}
         self._member_served: dict[tuple[int, int], float] = {}
-        for guild_id, session_id, user_id, started in store.last_started_by_guild():
+        self._read_served()
+
+    def _read_served(self) -> None:
+        """The fair state as the store has it (every worker's starts)."""
+        for guild_id, session_id, user_id, started in self.store.last_started_by_guild():
             lane = (guild_id, ("session", session_id) if session_id is not None else ("user", user_id))
             self._lane_served[lane] = max(self._lane_served.get(lane, started), started)
             self._guild_served[guild_id] = max(self._guild_served.get(guild_id, started), started)
             if session_id is not None:
-                self._member_served[(session_id, user_id)] = started
+                self._member_served[(session_id, user_id)] = max(self._member_served.get((session_id, user_id),
+                                                                                         started), started)
 
     # -- limits -------------------------------------------------------------------------------------------------
     @property
@@ -310,7 +317,9 @@ class JobQueue:
     def ordered(self, guild_id: GuildScope = ALL) -> list[Job]:
         """Queued jobs in the order they will run once nothing is held (jobs interrupted by a restart first):
         round-robin between guilds, then between lanes inside a guild. With a guild: only its jobs, in that
-        order."""
+        order. On a shared store the fair state is read anew: other workers start jobs too."""
+        if self.store.shared:
+            self._read_served()
         queued = self.store.by_status(JobStatus.QUEUED)
         resumed = [j for j in queued if j.attempts > 0]
         guilds: dict[int | None, list[Job]] = defaultdict(list)
@@ -400,30 +409,72 @@ class JobQueue:
         return len(self.runnable())
 
     # -- taking work --------------------------------------------------------------------------------------------
-    def next_batch(self, n: int) -> list[Job]:
-        """Take the first ``n`` jobs in fair order that may start and mark them running (none while paused)."""
+    def next_batch(self, n: int, *, worker_id: str = LOCAL_WORKER, lease_seconds: float = DEFAULT_LEASE_SECONDS
+                   ) -> list[Job]:
+        """Claim the first ``n`` jobs in fair order that may start (none while paused) for ``worker_id``: each is
+        marked running, held by a lease of ``lease_seconds`` that the worker renews (:meth:`renew`). A claim is a
+        compare-and-set on the job still being queued, so workers sharing a store never take the same job; one
+        taken by another worker meanwhile is passed over."""
         if n < 1:
             return []
-        batch = self.runnable()[:n]
-        now = self.clock()
-        for job in batch:
-            job.status, job.started_at, job.attempts = JobStatus.RUNNING, now, job.attempts + 1
-            self.store.update(job.id, status=job.status, started_at=now, attempts=job.attempts)
-            self._guild_served[job.guild_id] = now
-            self._lane_served[(job.guild_id, job.lane)] = now
-            if job.session_id is not None:
-                self._member_served[(job.session_id, job.user_id)] = now
-            log.info("job %d started: guild=%s user=%s new_seconds=%d attempt=%d", job.id, guild_key(job.guild_id),
-                     job.user_id, job.new_seconds, job.attempts)
+        batch: list[Job] = []
+        for job in self.runnable():
+            if len(batch) == n:
+                break
+            now = self.clock()
+            claimed = self.store.update_if(job.id, {"status": JobStatus.QUEUED, "attempts": job.attempts},
+                                           status=JobStatus.RUNNING, started_at=now, attempts=job.attempts + 1,
+                                           worker_id=worker_id, lease_until=now + lease_seconds)
+            if claimed is None:
+                log.debug("job %d was taken or changed meanwhile; passed over", job.id)
+                continue
+            batch.append(claimed)
+            self._served(claimed, now)
+            log.info("job %d started: guild=%s user=%s new_seconds=%d attempt=%d worker=%s", claimed.id,
+                     guild_key(claimed.guild_id), claimed.user_id, claimed.new_seconds, claimed.attempts, worker_id)
         return batch
 
-    def finish(self, job_id: int, status: JobStatus, *, error: str | None = None, **changes: Any) -> Job:
+    def _served(self, job: Job, now: float) -> None:
+        self._guild_served[job.guild_id] = now
+        self._lane_served[(job.guild_id, job.lane)] = now
+        if job.session_id is not None:
+            self._member_served[(job.session_id, job.user_id)] = now
+
+    def renew(self, worker_id: str, job_ids: list[int], lease_seconds: float = DEFAULT_LEASE_SECONDS) -> list[Job]:
+        """Extend the leases ``worker_id`` holds on these running jobs; returns the jobs it still holds (a job it
+        lost, because its lease ran out and another worker took it, or that ended, is not among them)."""
+        held = []
+        for job_id in job_ids:
+            job = self.store.update_if(job_id, {"status": JobStatus.RUNNING, "worker_id": worker_id},
+                                       lease_until=self.clock() + lease_seconds)
+            if job is not None:
+                held.append(job)
+        return held
+
+    def expired(self) -> list[Job]:
+        """Running jobs whose lease ran out: their worker died or lost the store (a shared store's take-over)."""
+        now = self.clock()
+        return [j for j in self.store.by_status(JobStatus.RUNNING) if j.lease_until is None or j.lease_until < now]
+
+    def finish(self, job_id: int, status: JobStatus, *, error: str | None = None,
+               expected: dict[str, Any] | None = None, **changes: Any) -> Job | None:
         """Record the end of a job (done, failed, cancelled or undeliverable) with any other fields to store; a job
-        that ended without a clip lets go of its files (:func:`bot.job_files.release`)."""
+        that ended without a clip lets go of its files (:func:`bot.job_files.release`).
+
+        With ``expected`` the end is recorded only if the job still has those values (e.g. ``{"worker_id": me}``:
+        the worker still holds it); None when it did not. Without, it always returns the job."""
         status = JobStatus(status)
         if not status.final:
             raise ValueError(f"{status.value} is not a final status")
-        job = self.store.update(job_id, status=status, error=error, finished_at=self.clock(), **changes)
+        fields_ = dict(status=status, error=error, finished_at=self.clock(), lease_until=None, **changes)
+        if expected is None:
+            job = self.store.update(job_id, **fields_)
+        else:
+            job = self.store.update_if(job_id, expected, **fields_)
+            if job is None:
+                log.info("job %d: not recorded as %s, it changed meanwhile (expected %s)", job_id, status.value,
+                         expected)
+                return None
         job_files.release(self.store, job)
         took = f"{job.finished_at - job.started_at:.1f}s" if job.started_at else "-"
         if status is JobStatus.FAILED:
@@ -438,7 +489,8 @@ class JobQueue:
         ``count_attempt=False`` (a deliberate stop, such as a graceful shutdown) does not count the interrupted
         run towards ``MAX_ATTEMPTS``; it still goes first on the next start.
         """
-        changes: dict[str, Any] = {"status": JobStatus.QUEUED, "started_at": None}
+        changes: dict[str, Any] = {"status": JobStatus.QUEUED, "started_at": None, "worker_id": None,
+                                   "lease_until": None}
         if not count_attempt:
             job = self.store.get(job_id)
             if job is not None and job.attempts > 1:
@@ -448,52 +500,76 @@ class JobQueue:
     # -- cancelling ---------------------------------------------------------------------------------------------
     def cancel(self, job_id: int, *, reason: str = "Cancelled.") -> Job | None:
         """Cancel a queued job (returned as cancelled) or ask a running one to stop (returned still running;
-        the worker reports it cancelled). Returns None for unknown or finished jobs."""
-        job = self.store.get(job_id)
-        if job is None or job.status.final:
-            return None
-        if job.status is JobStatus.QUEUED:
-            job = self.finish(job_id, JobStatus.CANCELLED, error=reason)
-        elif self.stop_running is not None:
-            self.stop_running(job_id)
-        return job
+        the worker reports it cancelled). Returns None for unknown or finished jobs. A job a worker claims at the
+        same moment is stopped as a running one (the cancel of a queued job is a compare-and-set)."""
+        for _ in range(3):
+            job = self.store.get(job_id)
+            if job is None or job.status.final:
+                return None
+            if job.status is JobStatus.QUEUED:
+                cancelled = self.finish(job_id, JobStatus.CANCELLED, error=reason,
+                                        expected={"status": JobStatus.QUEUED})
+                if cancelled is not None:
+                    return cancelled
+                continue  # claimed (or ended) meanwhile: look again
+            if self.stop_running is not None:
+                self.stop_running(job_id)
+            return job
+        return self.store.get(job_id)
 
     def remove(self, guild_id: int | None, position: int) -> Job:
         """Cancel the queued job at a 1-based position of one guild's queue; IndexError when there is none."""
         order = self.ordered(guild_id)
         if not 1 <= position <= len(order):
             raise IndexError(f"There is no request at position {position} (the queue has {len(order)}).")
-        return self.finish(order[position - 1].id, JobStatus.CANCELLED, error="Removed from the queue by an admin.")
+        job = order[position - 1]
+        removed = self.finish(job.id, JobStatus.CANCELLED, error="Removed from the queue by an admin.",
+                              expected={"status": JobStatus.QUEUED})
+        if removed is None:
+            raise IndexError(f"The request at position {position} has just started; use skip to stop it.")
+        return removed
 
     def clear(self, guild_id: GuildScope) -> list[Job]:
         """Cancel every queued job of one guild (or of all; running ones go on) and return them in the order they
-        would have run."""
-        order = self.ordered(guild_id)
-        now = self.clock()
+        would have run (a job a worker claims meanwhile is not cleared: it runs)."""
         reason = "The queue was cleared by an admin."
-        self.store.update_many([j.id for j in order], status=JobStatus.CANCELLED, error=reason, finished_at=now)
-        for job in order:
-            job.status, job.error, job.finished_at = JobStatus.CANCELLED, reason, now
-            job_files.release(self.store, job)
+        cleared = []
+        for job in self.ordered(guild_id):
+            done = self.store.update_if(job.id, {"status": JobStatus.QUEUED}, status=JobStatus.CANCELLED,
+                                        error=reason, finished_at=self.clock())
+            if done is not None:
+                job_files.release(self.store, done)
+                cleared.append(done)
         log.info("queue of guild %s cleared: %d job(s) cancelled",
-                 "all" if guild_id is ALL else guild_key(guild_id), len(order))
-        return order
+                 "all" if guild_id is ALL else guild_key(guild_id), len(cleared))
+        return cleared
 
     # -- restart recovery ---------------------------------------------------------------------------------------
     def recover(self) -> list[Job]:
-        """On start: jobs left running by a crash or kill are queued again, in front and in their order.
+        """Jobs left running by a worker that is gone are queued again, in front and in their order.
 
-        A job already interrupted ``MAX_ATTEMPTS`` times is failed instead (it may be what kills the process).
-        Returns every job it touched; check ``status`` to tell re-queued from failed.
+        On a store one process owns (SQLite) that is every running job, at start. On a shared store (Redis) it is
+        the jobs whose lease ran out (:meth:`expired`): their worker died; the others are being made now. A job
+        already interrupted ``MAX_ATTEMPTS`` times is failed instead (it may be what kills the worker). Each take-over
+        is a compare-and-set on the lease, so two workers never take the same job. Returns every job it touched;
+        check ``status`` to tell re-queued from failed.
         """
         touched = []
-        for job in self.store.by_status(JobStatus.RUNNING):
+        left = self.expired() if self.store.shared else self.store.by_status(JobStatus.RUNNING)
+        for job in left:
+            held = {"status": JobStatus.RUNNING, "worker_id": job.worker_id, "lease_until": job.lease_until}
             if job.attempts >= MAX_ATTEMPTS:
-                touched.append(self.finish(job.id, JobStatus.FAILED,
-                                           error="Generation was interrupted too many times; giving up on it."))
-            else:
-                touched.append(self.requeue(job.id))
-                log.info("job %d recovered: queued again (attempt %d was interrupted)", job.id, job.attempts)
+                failed = self.finish(job.id, JobStatus.FAILED, expected=held,
+                                     error="Generation was interrupted too many times; giving up on it.")
+                if failed is not None:
+                    touched.append(failed)
+                continue
+            requeued = self.store.update_if(job.id, held, status=JobStatus.QUEUED, started_at=None, worker_id=None,
+                                            lease_until=None)
+            if requeued is not None:
+                touched.append(requeued)
+                log.info("job %d recovered: queued again (attempt %d by worker %s was interrupted)", job.id,
+                         job.attempts, job.worker_id)
         return touched
 
     # -- estimates ----------------------------------------------------------------------------------------------

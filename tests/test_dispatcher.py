@@ -77,6 +77,10 @@ class RecordingOutbox:
         assert job.status is JobStatus.DONE and job.delivered_url  # recorded before the outbox hears of it
         self.events.append(("delivered", job.prompt))
 
+    async def find_delivered(self, job: Job) -> Delivered | None:
+        self.events.append(("looked for", job.prompt))
+        return None
+
 
 @pytest.fixture
 def store(tmp_path):
@@ -163,11 +167,12 @@ async def test_a_store_that_never_takes_the_outcome_still_lets_the_clip_through(
     assert dispatcher.holds(made.id)
     refused = []
 
-    def full(job_id, **changes):
+    def full(job_id, *expected, **changes):
         refused.append(changes)
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(store, "update", full)
+    monkeypatch.setattr(store, "update_if", full)
     runner.gate.set()
     await until(lambda: ("delivered", "ok") in outbox.events)
     assert len(refused) >= 4  # "delivering", then DONE, each retried with backoff

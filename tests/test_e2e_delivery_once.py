@@ -68,8 +68,8 @@ async def test_killed_between_upload_and_record_the_clip_is_posted_once(
     if via == "channel":
         assert posted.nonce == "clip-1" and fake.events_of("nonce_repeat")
     else:
-        assert "already posted before the restart" in again.log
-        assert "job 1 started" not in again.log  # found at start: not made again
+        assert "already posted (message" in again.log
+        assert "batch of 1 started" not in again.log  # found when claimed: not made again
     assert await again.stop() == 0
 
 

@@ -52,6 +52,10 @@ class FullDiskStore(SQLiteJobStore):
         self._check("update")
         return super().update(job_id, **changes)
 
+    def update_if(self, job_id: int, expected: Any, **changes: Any) -> Job | None:
+        self._check("update")  # a compare-and-set is an update
+        return super().update_if(job_id, expected, **changes)
+
     def update_many(self, job_ids, **changes: Any) -> None:
         self._check("update_many")
         super().update_many(job_ids, **changes)
