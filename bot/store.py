@@ -57,7 +57,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     upload_limit INTEGER,
     prompt_seconds REAL NOT NULL DEFAULT 0,
     melody_path TEXT,
-    melody_name TEXT
+    melody_name TEXT,
+    delivering_at REAL,
+    worker_id TEXT,
+    lease_until REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, id);
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, id);
