@@ -10,76 +10,62 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sqlite3
 import sys
 from pathlib import Path
 
 import aiohttp
 import discord
-from dotenv import find_dotenv, load_dotenv
-
-import core
 
 from .client import MusicBot
 from .queue import JobQueue, Limits
-from .settings import VARIABLES, Settings, SettingsError
-from .store import SQLiteJobStore
+from .settings import VARIABLES, Settings
+from .startup import StartupError, load_settings, model_factory, open_store
 from .worker import GenerationWorker, WorkerError
 
 log = logging.getLogger("bot")
 
 
-class StartupError(Exception):
-    """The bot cannot start; the message says why and what to do."""
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # discord.py is chatty at INFO about the gateway; keep its warnings.
-    logging.getLogger("discord").setLevel(max(getattr(logging, level), logging.WARNING))
-
-
-def model_factory(settings: Settings):
-    """What the worker thread calls to load the model (on that thread: MLX streams are per thread)."""
-
-    def load():
-        return core.MusicGen.from_pretrained(settings.musicgen_model, dtype=settings.musicgen_dtype)
-
-    return load
-
-
-def open_store(path: Path) -> SQLiteJobStore:
-    """The job store at ``path``; :class:`StartupError` (one line) when it cannot be opened, created or written."""
-    try:
-        return SQLiteJobStore(path)
-    except (sqlite3.Error, OSError) as exc:
-        raise StartupError(f"Cannot use the database {str(path)!r} ({exc}); check DATABASE_PATH: a file the bot "
-                           "can create and write, in a folder it can write (not used by another running bot).") from None
-
-
-async def run(settings: Settings) -> None:
-    """Build everything and run until the bot closes or a signal asks it to stop."""
-    log.info("database: %s", settings.database_path)
-    store = open_store(settings.database_path)
+def embedded_worker(settings: Settings) -> GenerationWorker:
+    """The generation worker of a bot that generates itself (its thread loads the model when started)."""
     memory_limit = settings.memory_limit_mb * 2**20 if settings.memory_limit_mb else None
-    worker = GenerationWorker(model_factory(settings), max_batch=settings.max_batch,
-                              job_timeout=settings.job_timeout_seconds, memory_limit=memory_limit,
-                              extend_stride=settings.extend_stride_seconds)
-    queue = JobQueue(store, Limits.from_settings(settings), batch_size=settings.max_batch)
-    backend = core.preload_backend()  # before the worker thread imports MLX
+    return GenerationWorker(model_factory(settings), max_batch=settings.max_batch,
+                            job_timeout=settings.job_timeout_seconds, memory_limit=memory_limit,
+                            extend_stride=settings.extend_stride_seconds)
+
+
+async def start_worker(worker: GenerationWorker, settings: Settings) -> None:
+    """Load the model on the worker's thread; :class:`StartupError` when it cannot be loaded."""
+    import core  # a process that generates: the BLAS goes in before the worker thread imports MLX
+
+    backend = core.preload_backend()
     log.info("loading model %s (%s); BLAS: %s", settings.musicgen_model, settings.musicgen_dtype, backend)
     worker.start()
     try:
         await worker.wait_ready()
     except WorkerError as exc:
-        store.close()
         raise StartupError(f"{exc}. Check MUSICGEN_MODEL ({settings.musicgen_model!r}): a Hugging Face id such "
                            "as facebook/musicgen-small or a folder with config.json and model.safetensors.") from None
-    bot = MusicBot(settings, store, queue, worker)
+
+
+async def run(settings: Settings) -> None:
+    """Build everything and run until the bot closes or a signal asks it to stop."""
+    store = open_store(settings)
+    queue = JobQueue(store, Limits.from_settings(settings), batch_size=settings.max_batch)
+    events = None
+    if settings.embedded_worker:
+        worker = embedded_worker(settings)
+        try:
+            await start_worker(worker, settings)
+        except StartupError:
+            store.close()
+            raise
+    else:
+        from .redis_store import RedisEvents
+
+        worker = None
+        events = RedisEvents.from_url(settings.redis_url)
+        log.info("gateway only: workers (python -m bot.worker) generate and deliver; no model is loaded here")
+    bot = MusicBot(settings, store, queue, worker, events=events)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -149,17 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"musicgen-bot: unknown argument {args[0]!r}; settings come from the environment and .env "
               "(see --help)", file=sys.stderr)
         return 2
-    dotenv = find_dotenv(usecwd=True)
-    if dotenv:
-        load_dotenv(dotenv)
-    try:
-        settings = Settings.from_env(base_dir=Path(dotenv).parent if dotenv else None)
-    except SettingsError as exc:
-        print(f"musicgen-bot: {exc}", file=sys.stderr)
+    settings = load_settings("musicgen-bot")
+    if settings is None:
         return 2
-    setup_logging(settings.log_level)
-    log.info("settings from the environment%s", f" and {dotenv}" if dotenv else " (no .env file found)")
-    settings.apply_discord_endpoints()
     try:
         asyncio.run(run(settings))
     except StartupError as exc:

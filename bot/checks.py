@@ -59,7 +59,7 @@ async def is_owner(interaction: discord.Interaction, settings: Settings) -> bool
     if interaction.user.id in settings.owner_user_ids:
         return True
     client = interaction.client
-    if not isinstance(client, commands.Bot):
+    if not isinstance(client, commands.bot.BotBase):  # Bot and AutoShardedBot
         return False
     try:
         return await client.is_owner(interaction.user)

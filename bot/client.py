@@ -22,7 +22,8 @@ from .delivery import Deliverer, DiscordOutbox
 from .dispatcher import BATCH_WINDOW_SECONDS, Dispatcher
 from .job_files import FileSweeper
 from .jobs import Job, JobStatus
-from .queue import JobQueue, Limits, QueueRefused
+from .queue import LOCAL_WORKER, JobQueue, Limits, QueueRefused
+from .remote import MODEL_REFRESH_SECONDS, Events, ModelFacts, RemoteDispatch, RemoteModel
 from .replies import OUR_FAULT, RESTARTING, SERVERS_ONLY, reply
 from .settings import Settings
 from .store import JobStore
@@ -68,36 +69,65 @@ class MusicTree(app_commands.CommandTree):
         await reply(interaction, message)
 
 
-class MusicBot(commands.Bot):
-    """The MusicGen Discord bot. Everything it works with is passed in."""
+class MusicBot(commands.AutoShardedBot):
+    """The MusicGen Discord bot. Everything it works with is passed in.
 
-    def __init__(self, settings: Settings, store: JobStore, queue: JobQueue, worker: GenerationWorker, *,
-                 batch_window: float = BATCH_WINDOW_SECONDS, **options: Any) -> None:
+    With a ``worker`` it generates and delivers itself (its :class:`~bot.dispatcher.Dispatcher` feeds the worker).
+    Without one it is a gateway: workers in other processes (``python -m bot.worker``) take the jobs from the
+    shared store; ``events`` carries wake-ups and cancels to them (:class:`~bot.remote.RemoteDispatch`), and what
+    the model can do is what the workers wrote to the store (:class:`~bot.remote.RemoteModel`).
+    Sharded as Discord asks (``SHARD_COUNT`` / ``SHARD_IDS`` split the shards between gateway processes).
+    """
+
+    def __init__(self, settings: Settings, store: JobStore, queue: JobQueue, worker: GenerationWorker | None, *,
+                 events: Events | None = None, batch_window: float = BATCH_WINDOW_SECONDS, **options: Any) -> None:
         intents = discord.Intents.none()
         intents.guilds = True  # channels, threads and roles for admin-role checks; no privileged intents
         super().__init__(command_prefix=commands.when_mentioned, intents=intents, tree_cls=MusicTree,
-                         allowed_mentions=discord.AllowedMentions.none(), help_command=None, **options)
+                         allowed_mentions=discord.AllowedMentions.none(), help_command=None,
+                         shard_count=settings.shard_count, shard_ids=list(settings.shard_ids or ()) or None,
+                         **options)
         self.settings = settings
         self.store = store
         self.queue = queue
         self.worker = worker
-        self.deliverer = Deliverer(self, files_dir=store.files_dir, normalize=settings.normalize_audio)
+        self.deliverer = Deliverer(self, files_dir=store.files_dir, normalize=settings.normalize_audio,
+                                   share_file=store.share_file)
         self.outbox = DiscordOutbox(self.deliverer, spawn=self.spawn,
                                     progress_interval=settings.progress_interval_seconds)
-        self.dispatcher = Dispatcher(queue, store, worker, self.outbox, batch_window=batch_window)
+        self.model: ModelFacts
+        self.dispatcher: Dispatcher | RemoteDispatch
+        if worker is not None:
+            self.model = worker
+            self.dispatcher = Dispatcher(queue, store, worker, self.outbox, batch_window=batch_window,
+                                         worker_id=settings.worker_name if store.shared else LOCAL_WORKER,
+                                         lease_seconds=settings.job_lease_seconds)
+        elif events is not None:
+            self.model = self.remote_model = RemoteModel(store, fallback_max_seconds=settings.max_seconds)
+            self.dispatcher = RemoteDispatch(queue, store, events)
+        else:
+            raise ValueError("a bot without a worker needs the events channel to its workers")
+        self.events = events
+        self._model_task: asyncio.Task | None = None
         self.sweeper = FileSweeper(store, settings.clip_files_days)
         self.shutting_down = False
         self._background: set[asyncio.Task] = set()
 
     # -- start-up ---------------------------------------------------------------------------------------------
     async def setup_hook(self) -> None:
-        if not self.worker.ready:
+        if self.worker is not None and not self.worker.ready:
             try:
                 self.worker.start()
             except RuntimeError:  # already started by the caller
                 pass
             await self.worker.wait_ready()
-        self.queue.set_model_max(self.worker.max_seconds)
+        if self.worker is None:
+            self.remote_model.refresh()
+            if not self.remote_model.reported:
+                log.warning("no worker has said yet what model it runs: until one does, clips are limited to "
+                            "MAX_SECONDS and there is no melody option (start python -m bot.worker)")
+            self._model_task = asyncio.create_task(self._follow_workers_model(), name="workers-model")
+        self.queue.set_model_max(self.model.max_seconds)
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         for job in self.queue.recover():
@@ -107,7 +137,15 @@ class MusicBot(commands.Bot):
         await self.sync_commands()
         self.dispatcher.start()
         log.info("ready: clips up to %d s, MAX_BATCH %d, %d job(s) waiting%s", self.queue.max_seconds_ceiling,
-                 self.worker.max_batch, self.queue.waiting(), " (paused everywhere)" if self.queue.paused else "")
+                 self.model.max_batch, self.queue.waiting(), " (paused everywhere)" if self.queue.paused else "")
+
+    async def _follow_workers_model(self) -> None:
+        """A gateway: keep the longest clip in step with the model the workers report."""
+        while not self.shutting_down:
+            await asyncio.sleep(MODEL_REFRESH_SECONDS)
+            info = self.remote_model.refresh()
+            if info is not None:
+                self.queue.set_model_max(info.max_seconds)
 
     async def sync_commands(self) -> None:
         """Register the commands: to the configured guilds (instant), globally, globally only when none are
@@ -174,9 +212,14 @@ class MusicBot(commands.Bot):
         log.info("shutting down (grace %.0f s)", grace)
         await self.dispatcher.stop(grace)
         await self.sweeper.stop()
+        if self._model_task is not None:
+            self._model_task.cancel()
         if self._background:
             await asyncio.wait(set(self._background), timeout=max(grace, 5.0))
-        self.worker.stop(timeout=5.0, cancel_running=True)
+        if self.worker is not None:
+            self.worker.stop(timeout=5.0, cancel_running=True)
+        if self.events is not None:
+            await self.events.close()
         self.store.close()
         await self.close()
         log.info("shut down cleanly")

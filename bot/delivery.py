@@ -130,9 +130,11 @@ class Deliverer:
 
     def __init__(self, client: discord.Client, *, files_dir: Path | None = None, normalize: bool = True,
                  retries: int = 4, backoff: float = 1.0,
-                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                 share_file: Callable[[Path], Any] = lambda path: None) -> None:
         self.client = client
         self.files_dir = files_dir  # where a clip's tokens are kept for Extend (None: nowhere)
+        self.share_file = share_file  # makes them readable on other machines (JobStore.share_file)
         self.normalize = normalize
         self.retries = retries
         self.backoff = backoff
@@ -207,7 +209,7 @@ class Deliverer:
         the database first so Extend works on it later, across restarts."""
         if self.files_dir is not None and clip.tokens is not None:
             try:
-                save_tokens(self.files_dir, job.id, clip.tokens)
+                self.share_file(save_tokens(self.files_dir, job.id, clip.tokens))
             except OSError as exc:
                 log.warning("job %s: could not keep the clip's tokens: %s", job.id, exc)
         if job.delivering_at is not None:

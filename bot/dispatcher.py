@@ -299,6 +299,7 @@ class Dispatcher:
             self.outbox.started(self._fresh(job))
         started = time.monotonic()
         try:
+            batch = [self._with_local_files(job) for job in batch]
             results = await self.runner.run_batch(batch, on_progress=self._progress)
         except asyncio.CancelledError:
             self._held.difference_update(j.id for j in batch)
@@ -315,6 +316,14 @@ class Dispatcher:
                 log.warning("could not record the batch's timing: %s", exc)
         for result in results:
             self._spawn(self._finish(result))
+
+    def _with_local_files(self, job: Job) -> Job:
+        """The job with the files it reads (upload, tune, tokens to extend) at their paths on this machine,
+        fetched from the store when another machine wrote them."""
+        named = {"prompt_audio_path": job.prompt_audio_path, "melody_path": job.melody_path,
+                 "prompt_tokens_path": job.prompt_tokens_path}
+        local = {name: str(self.store.local_file(path)) for name, path in named.items() if path}
+        return replace(job, **local) if local else job
 
     def _fresh(self, job: Job) -> Job:
         try:

@@ -107,13 +107,14 @@ async def continue_job(bot: MusicBot, interaction: discord.Interaction, attachme
     text, file_format = formatting.clean_prompt(prompt), parse_format(fmt)
     guild_id = interaction.guild_id
     bot.queue.check_length(DEFAULT_SECONDS if seconds is None else seconds, guild_id=guild_id)  # before the download
-    rate = bot.worker.sampling_rate
+    rate = bot.model.sampling_rate
     # already at the model's rate and channels, and no longer than the model's longest clip
-    samples = await read_upload(attachment, rate, bot.worker.channels, bot.worker.max_seconds)
+    samples = await read_upload(attachment, rate, bot.model.channels, bot.model.max_seconds)
     upload_seconds = samples.shape[0] / rate
     new_seconds = bot.queue.check_length(DEFAULT_SECONDS if seconds is None else seconds, upload_seconds,
                                          guild_id=guild_id)
     path = save_upload(files_dir_of(bot), samples, rate)  # the model-rate version only: ~4 MB for 30 s of mono
+    bot.store.share_file(path)  # workers on other machines read it from the store
     session = bot.store.session_for_thread(interaction.channel_id) if interaction.channel_id else None
     return Job(channel_id=interaction.channel_id or 0, prompt=text,
                model_prompt=formatting.model_prompt(text, session.theme if session else ""),
@@ -125,12 +126,13 @@ async def continue_job(bot: MusicBot, interaction: discord.Interaction, attachme
 async def with_melody(bot: MusicBot, job: Job, attachment: discord.Attachment) -> Job:
     """``job`` following the tune in ``attachment``, read like /continue's upload and kept on disk for the worker
     (and for Regenerate/Variation); UserError when the model takes no melody or the file is refused."""
-    if not bot.worker.is_melody:
+    if not bot.model.is_melody:
         raise UserError("This bot's model can't follow a melody (that needs a melody model such as "
                         "facebook/musicgen-melody); leave the melody out.")
-    rate = bot.worker.sampling_rate  # the tune at the model's rate and channels, like /continue's file
-    samples = await read_upload(attachment, rate, bot.worker.channels, bot.worker.max_seconds)
+    rate = bot.model.sampling_rate  # the tune at the model's rate and channels, like /continue's file
+    samples = await read_upload(attachment, rate, bot.model.channels, bot.model.max_seconds)
     path = save_upload(files_dir_of(bot), samples, rate)
+    bot.store.share_file(path)
     job.melody_path, job.melody_name = str(path), formatting.strip_unsafe(attachment.filename)[:100] or "melody"
     return job
 
@@ -178,9 +180,9 @@ async def enqueue(bot: MusicBot, interaction: discord.Interaction, job: Job) -> 
         bot.queue.submit(job)
     except QueueRefused:
         if job.kind is JobKind.CONTINUE and job.prompt_audio_path and job.parent_id is None:
-            Path(job.prompt_audio_path).unlink(missing_ok=True)
+            bot.store.drop_file(job.prompt_audio_path)
         if job.melody_path and job.parent_id is None:  # a new tune nobody else uses
-            Path(job.melody_path).unlink(missing_ok=True)
+            bot.store.drop_file(job.melody_path)
         raise
     bot.dispatcher.wake()
     try:
@@ -235,7 +237,7 @@ def follow_up_job(bot: MusicBot, interaction: discord.Interaction, action: str, 
                  interaction.guild_id)
         raise UserError(NOT_THIS_CLIP)
     for path in (parent.prompt_tokens_path, parent.prompt_audio_path, parent.melody_path):
-        if path and not Path(path).exists():  # a clip made from files that are gone cannot be made again
+        if path and not bot.store.local_file(path).exists():  # a clip made from files that are gone cannot be made again
             raise UserError(GONE.format(what=what))
     kind, seed, temperature = JobKind.REGENERATE, new_seed(), parent.temperature
     new_seconds, prompt_seconds = parent.new_seconds, parent.prompt_seconds
@@ -245,14 +247,14 @@ def follow_up_job(bot: MusicBot, interaction: discord.Interaction, action: str, 
         temperature = min(round(parent.temperature * VARIATION_TEMPERATURE, 4), MAX_TEMPERATURE)
     elif action == "extend":
         files_dir = bot.store.files_dir
-        path = tokens_file(files_dir, parent.id) if files_dir is not None else None
+        path = bot.store.local_file(tokens_file(files_dir, parent.id)) if files_dir is not None else None
         if path is None or not path.exists():
             raise UserError(GONE.format(what=what))
         try:
             frames = np.load(path, mmap_mode="r").shape[1]
         except (OSError, ValueError, IndexError):
             raise UserError(GONE.format(what=what)) from None
-        prompt_seconds = frames / bot.worker.frame_rate
+        prompt_seconds = frames / bot.model.frame_rate
         room = bot.queue.room(prompt_seconds, guild_id=interaction.guild_id)
         if room < 1:
             raise UserError(f"That clip is already {prompt_seconds:.0f} s long, as long as I can make a clip "

@@ -44,8 +44,9 @@ def release(store: JobStore, job: Job) -> list[Path]:
         if store.files_dir is not None:
             candidates.append(str(tokens_file(store.files_dir, job.id)))
         for path in map(Path, candidates):
-            if path.exists():
-                path.unlink(missing_ok=True)
+            existed = path.exists()
+            store.drop_file(path)  # here and, on a shared store, wherever it was shared
+            if existed:
                 deleted.append(path)
     except Exception as exc:  # noqa: BLE001 - the job has ended either way; the sweep retries
         log.warning("job %d: could not delete its files: %s", job.id, exc)

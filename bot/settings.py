@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,16 @@ VARIABLES = (
     ("ADMIN_USER_IDS", "", "user ids allowed to use /admin (in any server they use it in, for that server)"),
     ("OWNER_USER_IDS", "", "the bot's owners (besides the application's owner or team): admins in every server, "
                            "and /admin pause everywhere"),
+    ("JOB_STORE", "sqlite:///var/bot.sqlite3", "where jobs live: sqlite:///<path> (one machine, this process "
+                                               "generates) or redis://host:port/db (workers on several machines)"),
+    ("EMBEDDED_WORKER", "true with SQLite, false with Redis", "whether `python -m bot` loads the model and "
+                                                               "generates itself (else it is a gateway only)"),
+    ("JOB_LEASE_SECONDS", "30", "a worker renews its hold on a running job this often; a job of a worker silent "
+                                "this long is taken over by another"),
+    ("WORKER_ID", "host-pid", "this worker's name in the store and the logs (python -m bot.worker)"),
+    ("FILES_DIR", "DATABASE_PATH's folder/clips", "with Redis: this machine's copy of clip files"),
+    ("SHARD_COUNT", "Discord's recommendation", "gateway shards in all (several gateway processes: each the same)"),
+    ("SHARD_IDS", "all", "comma-separated shard ids this gateway process connects (needs SHARD_COUNT)"),
     ("DATABASE_PATH", "./var/bot.sqlite3", "SQLite file for jobs, sessions, pause state and limits; a relative "
                                           "path is taken from the .env file's folder (or the current folder)"),
     ("CLIP_FILES_DAYS", "30", "days the files of finished clips (uploads, tunes, tokens for Extend) are kept; "
@@ -84,6 +95,13 @@ class Settings:
     log_level: str = "INFO"
     discord_api_base: str | None = None
     discord_gateway_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    embedded_worker: bool = True
+    job_lease_seconds: float = 30.0
+    worker_id: str | None = None  # None: host-pid (see ``worker_name``)
+    files_dir: Path | None = None  # None: DATABASE_PATH's folder / clips
+    shard_count: int | None = None
+    shard_ids: tuple[int, ...] | None = None
 
     def __str__(self) -> str:
         return repr(self)
@@ -128,9 +146,40 @@ class Settings:
         blas_problem = blas_choice_problem(get("MUSICGEN_BLAS"))
         if blas_problem:
             raise SettingsError(blas_problem)
+        base = (base_dir if base_dir is not None else Path.cwd()).resolve()
         database = Path(get("DATABASE_PATH") or "./var/bot.sqlite3").expanduser()
+        redis_url = None
+        job_store = get("JOB_STORE")
+        if job_store is not None:
+            if job_store.startswith("sqlite:///") and len(job_store) > len("sqlite:///"):
+                database = Path(job_store[len("sqlite:///"):]).expanduser()  # sqlite:////abs or sqlite:///relative
+            elif job_store.startswith(("redis://", "rediss://", "unix://")):
+                redis_url = job_store
+            else:
+                raise SettingsError("JOB_STORE must be sqlite:///<path to the database file> or "
+                                    f"redis://host:port/db (got {_without_password(job_store)!r}).")
         if not database.is_absolute():
-            database = (base_dir if base_dir is not None else Path.cwd()).resolve() / database
+            database = base / database
+        embedded = (get("EMBEDDED_WORKER") or ("false" if redis_url else "true")).lower()
+        if embedded not in TRUE_WORDS + FALSE_WORDS:
+            raise SettingsError(f"EMBEDDED_WORKER must be true or false (got {embedded!r}).")
+        if redis_url is None and embedded in FALSE_WORDS:
+            raise SettingsError("EMBEDDED_WORKER=false needs JOB_STORE=redis://…: with SQLite no other process "
+                                "can take the jobs.")
+        files_dir = Path(get("FILES_DIR")).expanduser() if get("FILES_DIR") else database.parent / "clips"
+        if not files_dir.is_absolute():
+            files_dir = base / files_dir
+        worker_id = get("WORKER_ID")
+        if worker_id is not None and (len(worker_id) > 64 or not all(c.isalnum() or c in "-_.:" for c in worker_id)):
+            raise SettingsError(f"WORKER_ID must be up to 64 letters, digits, '-', '_', '.' or ':' (got {worker_id!r}).")
+        shard_count = _int(env, "SHARD_COUNT", 0, minimum=1) or None
+        shard_ids = tuple(_id_list(env, "SHARD_IDS", allow_zero=True)) or None
+        if shard_ids is not None:
+            if shard_count is None:
+                raise SettingsError("SHARD_IDS needs SHARD_COUNT (the number of shards in all).")
+            if max(shard_ids) >= shard_count or len(set(shard_ids)) != len(shard_ids):
+                raise SettingsError(f"SHARD_IDS must be distinct numbers from 0 to {shard_count - 1} "
+                                    f"(SHARD_COUNT={shard_count}).")
 
         api_base = get("DISCORD_API_BASE")
         if api_base is not None and not api_base.startswith(("http://", "https://")):
@@ -164,7 +213,26 @@ class Settings:
             log_level=level,
             discord_api_base=api_base.rstrip("/") if api_base else None,
             discord_gateway_url=gateway,
+            redis_url=redis_url,
+            embedded_worker=embedded in TRUE_WORDS,
+            job_lease_seconds=_float(env, "JOB_LEASE_SECONDS", 30.0, minimum=3.0),
+            worker_id=worker_id,
+            files_dir=files_dir,
+            shard_count=shard_count,
+            shard_ids=shard_ids,
         )
+
+    @property
+    def job_store_text(self) -> str:
+        """Where the jobs are, for the log (a Redis password is left out)."""
+        if self.redis_url:
+            return _without_password(self.redis_url)
+        return f"sqlite:///{self.database_path}"
+
+    @property
+    def worker_name(self) -> str:
+        """``WORKER_ID``, else this machine's name and the process id (unique among running workers)."""
+        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
 
     def apply_discord_endpoints(self) -> None:
         """Point discord.py at ``DISCORD_API_BASE`` / ``DISCORD_GATEWAY_URL`` when they are set (tests, self-hosted)."""
@@ -209,13 +277,23 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float)
     return value
 
 
-def _id_list(env: Mapping[str, str], name: str) -> list[int]:
+def _without_password(url: str) -> str:
+    """``url`` with the password of ``user:password@`` (or a lone ``secret@``) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0] + ":" if ":" in credentials else ""
+    return f"{scheme}{sep}{user}***@{host}"
+
+
+def _id_list(env: Mapping[str, str], name: str, *, allow_zero: bool = False) -> list[int]:
     raw = env.get(name) or ""
     ids = []
     for part in raw.replace(" ", ",").split(","):
         if not part:
             continue
-        if not part.isdigit() or int(part) <= 0:
+        if not part.isdigit() or int(part) < (0 if allow_zero else 1):
             raise SettingsError(f"{name} must be a comma-separated list of numeric Discord ids (bad entry {part!r}).")
         ids.append(int(part))
     return ids

@@ -213,7 +213,7 @@ def test_per_guild_queries(tmp_path):
 def test_a_read_only_database_is_refused_when_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A database that can be read but not written fails at open, not at the first request. SQLite's own read-only
     mode stands in for a file without write permission (which root, as on CI, could write anyway)."""
-    from bot.__main__ import StartupError, open_store
+    from bot.startup import StartupError, open_sqlite
 
     path = tmp_path / "bot.sqlite3"
     SQLiteJobStore(path).close()
@@ -222,7 +222,7 @@ def test_a_read_only_database_is_refused_when_opened(tmp_path: Path, monkeypatch
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         SQLiteJobStore(path)
     with pytest.raises(StartupError, match="Cannot use the database .*DATABASE_PATH"):
-        open_store(path)
+        open_sqlite(path)
     monkeypatch.undo()
     store = SQLiteJobStore(path)  # the probe changed nothing
     assert store.count() == 0

@@ -34,7 +34,7 @@ class Music(commands.Cog):
         self.bot = bot
         set_max_value(self.music, "seconds", bot.queue.max_seconds_ceiling)
         set_max_value(self.continue_, "seconds", bot.queue.max_seconds_ceiling)
-        if not bot.worker.is_melody:  # only a melody model follows a tune: members do not see the option
+        if not bot.model.is_melody:  # only a melody model follows a tune: members do not see the option
             remove_option(self.music, "melody")
 
     async def cog_load(self) -> None:

@@ -639,8 +639,9 @@ class FakeDiscord:
             self._ws = ws
             self._session_id = secrets.token_hex(16)
             self._seq, self._sent, self._pending = 0, [], []
-            self.record("identify", {"intents": self.intents})
-            await self.dispatch("READY", {
+            self.record("identify", {"intents": self.intents, "shard": d.get("shard")})
+            shard = {"shard": d["shard"]} if d.get("shard") else {}  # Discord echoes the shard it was given
+            await self.dispatch("READY", {**shard,
                 "v": 10, "user": {**self.bot.payload(), "verified": True, "mfa_enabled": False},
                 "guilds": [{"id": str(g), "unavailable": True} for g in self.guilds],
                 "session_id": self._session_id, "resume_gateway_url": self.gateway_url,

@@ -1,0 +1,85 @@
+"""What ``python -m bot`` (the bot, or the gateway) and ``python -m bot.worker`` (a worker) share at start: settings
+and logging, the job store named by ``JOB_STORE``, the model's loader, and :class:`StartupError`, the one clear
+line an operator gets when something is wrong."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dotenv import find_dotenv, load_dotenv
+
+from .settings import Settings, SettingsError
+from .store import JobStore, SQLiteJobStore
+
+log = logging.getLogger("bot")
+
+
+class StartupError(Exception):
+    """The process cannot start; the message says why and what to do."""
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # discord.py is chatty at INFO about the gateway; keep its warnings.
+    logging.getLogger("discord").setLevel(max(getattr(logging, level), logging.WARNING))
+
+
+def load_settings(prog: str) -> Settings | None:
+    """Settings from the environment and the first ``.env`` found from the current folder up, with logging set up;
+    None (after one line on stderr) when a setting is wrong."""
+    dotenv = find_dotenv(usecwd=True)
+    if dotenv:
+        load_dotenv(dotenv)
+    try:
+        settings = Settings.from_env(base_dir=Path(dotenv).parent if dotenv else None)
+    except SettingsError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
+    setup_logging(settings.log_level)
+    log.info("settings from the environment%s", f" and {dotenv}" if dotenv else " (no .env file found)")
+    settings.apply_discord_endpoints()
+    return settings
+
+
+def model_factory(settings: Settings) -> Callable[[], Any]:
+    """What the worker thread calls to load the model (on that thread: MLX streams are per thread)."""
+
+    def load():
+        import core  # only a process that generates imports the model library
+
+        return core.MusicGen.from_pretrained(settings.musicgen_model, dtype=settings.musicgen_dtype)
+
+    return load
+
+
+def open_store(settings: Settings) -> JobStore:
+    """The job store ``JOB_STORE`` names; :class:`StartupError` (one line) when it cannot be used."""
+    if settings.redis_url:
+        from .redis_store import RedisJobStore, RedisUnavailable
+
+        log.info("job store: %s (files here: %s)", settings.job_store_text, settings.files_dir)
+        try:
+            return RedisJobStore.from_url(settings.redis_url, files_dir=settings.files_dir,
+                                          file_days=settings.clip_files_days)
+        except RedisUnavailable as exc:
+            raise StartupError(f"{exc}; check JOB_STORE ({settings.job_store_text}).") from None
+    log.info("database: %s", settings.database_path)
+    return open_sqlite(settings.database_path)
+
+
+def open_sqlite(path: Path) -> SQLiteJobStore:
+    """The SQLite job store at ``path``; :class:`StartupError` when it cannot be opened, created or written."""
+    try:
+        return SQLiteJobStore(path)
+    except (sqlite3.Error, OSError) as exc:
+        raise StartupError(f"Cannot use the database {str(path)!r} ({exc}); check DATABASE_PATH: a file the bot "
+                           "can create and write, in a folder it can write (not used by another running bot).") from None
