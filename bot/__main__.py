@@ -19,32 +19,9 @@ import discord
 from .client import MusicBot
 from .queue import JobQueue, Limits
 from .settings import VARIABLES, Settings
-from .startup import StartupError, load_settings, model_factory, open_store
-from .worker import GenerationWorker, WorkerError
+from .startup import StartupError, generation_worker, load_model, load_settings, open_store
 
 log = logging.getLogger("bot")
-
-
-def embedded_worker(settings: Settings) -> GenerationWorker:
-    """The generation worker of a bot that generates itself (its thread loads the model when started)."""
-    memory_limit = settings.memory_limit_mb * 2**20 if settings.memory_limit_mb else None
-    return GenerationWorker(model_factory(settings), max_batch=settings.max_batch,
-                            job_timeout=settings.job_timeout_seconds, memory_limit=memory_limit,
-                            extend_stride=settings.extend_stride_seconds)
-
-
-async def start_worker(worker: GenerationWorker, settings: Settings) -> None:
-    """Load the model on the worker's thread; :class:`StartupError` when it cannot be loaded."""
-    import core  # a process that generates: the BLAS goes in before the worker thread imports MLX
-
-    backend = core.preload_backend()
-    log.info("loading model %s (%s); BLAS: %s", settings.musicgen_model, settings.musicgen_dtype, backend)
-    worker.start()
-    try:
-        await worker.wait_ready()
-    except WorkerError as exc:
-        raise StartupError(f"{exc}. Check MUSICGEN_MODEL ({settings.musicgen_model!r}): a Hugging Face id such "
-                           "as facebook/musicgen-small or a folder with config.json and model.safetensors.") from None
 
 
 async def run(settings: Settings) -> None:
@@ -53,9 +30,9 @@ async def run(settings: Settings) -> None:
     queue = JobQueue(store, Limits.from_settings(settings), batch_size=settings.max_batch)
     events = None
     if settings.embedded_worker:
-        worker = embedded_worker(settings)
+        worker = generation_worker(settings)
         try:
-            await start_worker(worker, settings)
+            await load_model(worker, settings)
         except StartupError:
             store.close()
             raise

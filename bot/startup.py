@@ -15,6 +15,7 @@ from dotenv import find_dotenv, load_dotenv
 
 from .settings import Settings, SettingsError
 from .store import JobStore, SQLiteJobStore
+from .worker import GenerationWorker, WorkerError
 
 log = logging.getLogger("bot")
 
@@ -61,6 +62,28 @@ def model_factory(settings: Settings) -> Callable[[], Any]:
     return load
 
 
+def generation_worker(settings: Settings) -> GenerationWorker:
+    """The generation worker of a process that generates (its thread loads the model when started)."""
+    memory_limit = settings.memory_limit_mb * 2**20 if settings.memory_limit_mb else None
+    return GenerationWorker(model_factory(settings), max_batch=settings.max_batch,
+                            job_timeout=settings.job_timeout_seconds, memory_limit=memory_limit,
+                            extend_stride=settings.extend_stride_seconds)
+
+
+async def load_model(worker: GenerationWorker, settings: Settings) -> None:
+    """Start the worker's thread and wait for it to load the model; :class:`StartupError` when it cannot."""
+    import core  # a process that generates: the BLAS goes in before the worker thread imports MLX
+
+    backend = core.preload_backend()
+    log.info("loading model %s (%s); BLAS: %s", settings.musicgen_model, settings.musicgen_dtype, backend)
+    worker.start()
+    try:
+        await worker.wait_ready()
+    except WorkerError as exc:
+        raise StartupError(f"{exc}. Check MUSICGEN_MODEL ({settings.musicgen_model!r}): a Hugging Face id such "
+                           "as facebook/musicgen-small or a folder with config.json and model.safetensors.") from None
+
+
 def open_store(settings: Settings) -> JobStore:
     """The job store ``JOB_STORE`` names; :class:`StartupError` (one line) when it cannot be used."""
     if settings.redis_url:
@@ -71,7 +94,7 @@ def open_store(settings: Settings) -> JobStore:
             return RedisJobStore.from_url(settings.redis_url, files_dir=settings.files_dir,
                                           file_days=settings.clip_files_days)
         except RedisUnavailable as exc:
-            raise StartupError(f"{exc}; check JOB_STORE ({settings.job_store_text}).") from None
+            raise StartupError(str(exc)) from None
     log.info("database: %s", settings.database_path)
     return open_sqlite(settings.database_path)
 

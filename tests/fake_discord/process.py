@@ -15,16 +15,20 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class BotProcess:
-    """``python -m bot`` with the fake's environment; its stdout and stderr go to ``log_path``.
+    """``python -m bot`` (or ``module``, e.g. ``bot.worker``) with the fake's environment; its stdout and stderr go
+    to ``log_path``.
 
-    ``await start()``, ``await wait_ready()``, then ``await stop()`` (SIGTERM, graceful) or ``kill()`` (SIGKILL).
+    ``await start()``, ``await wait_ready()`` (a worker: ``await wait_log(...)``), then ``await stop()`` (SIGTERM,
+    graceful) or ``kill()`` (SIGKILL).
     """
 
-    def __init__(self, fake: FakeDiscord, env: dict[str, str], log_path: Path, *, cwd: Path = REPO_ROOT) -> None:
+    def __init__(self, fake: FakeDiscord, env: dict[str, str], log_path: Path, *, cwd: Path = REPO_ROOT,
+                 module: str = "bot") -> None:
         self.fake = fake
         self.env = env
         self.log_path = log_path
         self.cwd = cwd
+        self.module = module
         self.process: asyncio.subprocess.Process | None = None
         self._mark = 0  # events before this index belong to earlier bots
 
@@ -33,7 +37,7 @@ class BotProcess:
         self._mark = len(self.fake.events)
         with open(self.log_path, "ab") as log_file:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bot", cwd=self.cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+                sys.executable, "-m", self.module, cwd=self.cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file, stderr=asyncio.subprocess.STDOUT)
         return self
 
@@ -64,6 +68,22 @@ class BotProcess:
                 await self.fake.wait_until(lambda: self.fake.is_ready(commands=commands, after=self._mark), 0.2)
             except TimeoutError:
                 pass
+
+    async def wait_log(self, line: str, timeout: float = 120.0) -> None:
+        """Wait until ``line`` appears in the log; fails at once, with the log, if the process exits first."""
+        assert self.process is not None, "start() first"
+        deadline = time.monotonic() + timeout
+        while line not in self.log:
+            if self.process.returncode is not None:
+                raise RuntimeError(f"{self.module} exited with {self.process.returncode}:\n{self.log}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{line!r} not in the log of {self.module} within {timeout} s:\n{self.log}")
+            await asyncio.sleep(0.1)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "start() first"
+        return self.process.pid
 
     async def wait_exit(self, timeout: float = 30.0) -> int:
         assert self.process is not None

@@ -26,7 +26,7 @@ import numpy as np
 
 from core import Clip, GenerationRequest, GenerationStopped
 
-from .jobs import ClipData, ClipDataGone, Job, JobResult, JobStatus, load_tokens, load_upload
+from ..jobs import ClipData, ClipDataGone, Job, JobResult, JobStatus, load_tokens, load_upload
 
 log = logging.getLogger(__name__)
 
