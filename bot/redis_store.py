@@ -109,7 +109,7 @@ def _decode(kind: type, raw: bytes) -> Any:
 
 def _row(types: dict[str, type], row_id: int, flat: list[bytes]) -> dict[str, Any]:
     values: dict[str, Any] = {name: None for name in types}
-    for name, raw in zip(flat[::2], flat[1::2]):
+    for name, raw in zip(flat[::2], flat[1::2], strict=True):
         name = name.decode()
         if name in types:
             values[name] = _decode(types[name], raw)
@@ -314,7 +314,7 @@ class RedisJobStore:
         """Connect to ``redis://host:port/db`` (or ``rediss://``, ``unix://``); :class:`RedisUnavailable` when it
         does not answer."""
         client = redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
-                                      health_check_interval=HEALTH_CHECK_INTERVAL)
+                                      socket_keepalive=True, health_check_interval=HEALTH_CHECK_INTERVAL)
         try:
             return cls(client, files_dir=files_dir, prefix=prefix, file_days=file_days)
         except RedisUnavailable:
@@ -358,7 +358,7 @@ class RedisJobStore:
             encoded = [_encode(types[name], v) for v in allowed]
             args += [name, len(encoded), *("-" if e is None else "=" + e for e in encoded)]
         flat = self._read(keys=keys, args=args)
-        return [_row(types, int(row_id), row) for row_id, row in zip(flat[::2], flat[1::2])]
+        return [_row(types, int(row_id), row) for row_id, row in zip(flat[::2], flat[1::2], strict=True)]
 
     def _jobs(self, keys: list[str], statuses: tuple[JobStatus, ...] = (), **kw: Any) -> list[Job]:
         filters = kw.pop("filters", {})
@@ -596,7 +596,8 @@ class RedisEvents:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX) -> RedisEvents:
-        client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=SOCKET_TIMEOUT,
+        # no socket timeout: a subscription waits for messages; keepalive and health checks find a dead peer
+        client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=SOCKET_TIMEOUT, socket_keepalive=True,
                                               health_check_interval=HEALTH_CHECK_INTERVAL)
         return cls(client, prefix=prefix)
 

@@ -9,7 +9,15 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bot.jobs import Job, JobStatus, Session
-from bot.queue import DEFAULT_LEASE_SECONDS, MAX_ATTEMPTS, JobQueue, Limits, QueueRefused, QueueState, parse_seconds
+from bot.queue import (
+    DEFAULT_LEASE_SECONDS,
+    MAX_ATTEMPTS,
+    JobQueue,
+    Limits,
+    QueueRefused,
+    QueueState,
+    parse_seconds,
+)
 from bot.redis_store import RedisJobStore
 from bot.store import JobStore, SQLiteJobStore
 

@@ -7,9 +7,11 @@ The contract both backends share is in ``test_store.py`` and ``test_queue.py``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import secrets
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ import redis
 
 from bot.jobs import Job, JobStatus, Session
 from bot.redis_store import RedisEvents, RedisJobStore, RedisUnavailable, parse_event
+from bot.store import JobStore
 from tests.redis_server import RedisServer, free_port
 
 
@@ -28,7 +31,7 @@ def make_job(user: int = 1, **kw) -> Job:
 
 
 @pytest.fixture
-def prefix(redis_server: RedisServer) -> str:
+def prefix(redis_server: RedisServer) -> Iterator[str]:
     prefix = f"t-{secrets.token_hex(4)}:"
     yield prefix
     client = redis_server.client()
@@ -40,6 +43,17 @@ def prefix(redis_server: RedisServer) -> str:
 
 def open_store(server: RedisServer, prefix: str, files_dir: Path | None = None) -> RedisJobStore:
     return RedisJobStore.from_url(server.url, files_dir=files_dir, prefix=prefix)
+
+
+def test_it_has_every_call_of_the_interface_with_the_same_parameters():
+    for name, member in vars(JobStore).items():
+        if name.startswith("_"):
+            continue
+        ours = getattr(RedisJobStore, name)
+        if isinstance(member, property):
+            assert isinstance(ours, property), name
+        else:
+            assert inspect.signature(ours).parameters.keys() == inspect.signature(member).parameters.keys(), name
 
 
 # -- several writers -----------------------------------------------------------------------------------------------
