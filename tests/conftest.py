@@ -80,8 +80,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], JobStore]]:
-    """``open_store()``: a store on this test's data, on each backend in turn; a second call opens the same data
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], JobStore]]:
+    """``make_store()``: a store on this test's data, on each backend in turn; a second call opens the same data
     again (a restart: the same SQLite file, the same Redis and key prefix). Every store is closed after the test and
     the test's Redis keys deleted."""
     opened: list[JobStore] = []
@@ -109,6 +109,6 @@ def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Calla
 
 
 @pytest.fixture
-def store(open_store: Callable[[], JobStore]) -> JobStore:
+def store(make_store: Callable[[], JobStore]) -> JobStore:
     """A fresh, empty job store, SQLite then Redis (the contract tests run on both)."""
-    return open_store()
+    return make_store()

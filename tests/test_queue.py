@@ -286,8 +286,8 @@ def test_limits_are_validated_and_capped(store, clock):
     assert q.limits_for(1).max_seconds == 10
 
 
-def test_state_survives_a_reopened_store(open_store, clock):
-    store = open_store()
+def test_state_survives_a_reopened_store(make_store, clock):
+    store = make_store()
     q = JobQueue(store, OPEN, clock=clock)
     session = store.add_session(Session(guild_id=1, channel_id=10, thread_id=11, host_id=7, theme="lofi",
                                         default_seconds=8))
@@ -303,7 +303,7 @@ def test_state_survives_a_reopened_store(open_store, clock):
     order = prompts(q.ordered())
     store.close()
 
-    store2 = open_store()
+    store2 = make_store()
     q2 = JobQueue(store2, OPEN, clock=clock)
     assert prompts(q2.ordered()) == order == ["b0", "s0", "d0", "a1", "a2"]
     assert q2.state(1) == QueueState(paused=True, closed=True)
@@ -319,15 +319,15 @@ def test_stored_max_seconds_is_capped_by_a_lower_configured_maximum(store, clock
     store.close()
 
 
-def test_recover_requeues_running_jobs_first_in_their_order(open_store, clock):
-    store = open_store()
+def test_recover_requeues_running_jobs_first_in_their_order(make_store, clock):
+    store = make_store()
     q = JobQueue(store, OPEN, clock=clock)
     jobs = {p: submit(q, clock, user, p) for user, p in [(1, "a0"), (2, "b0"), (3, "c0"), (1, "a1"), (4, "d0")]}
     taken = q.next_batch(2)
     assert prompts(taken) == ["a0", "b0"]
     store.close()  # the process dies mid-generation
 
-    store2 = open_store()
+    store2 = make_store()
     worker_died(store2, clock)
     q2 = JobQueue(store2, OPEN, clock=clock)
     recovered = q2.recover()
@@ -433,15 +433,15 @@ def test_guilds_take_turns_then_lanes_inside_each_guild(store, clock):
     assert served == ["B3.0", "C4.0", "A2.0", "B3.1", "A5.0"]
 
 
-def test_the_order_across_guilds_survives_a_restart(open_store, clock):
-    store = open_store()
+def test_the_order_across_guilds_survives_a_restart(make_store, clock):
+    store = make_store()
     q = JobQueue(store, OPEN, clock=clock)
     for g, user in [(100, 1), (100, 1), (200, 2), (200, 2)]:
         submit(q, clock, user, f"{g}", guild=g)
     q.next_batch(1)  # guild 100 served
     order = [j.id for j in q.ordered()]
     store.close()
-    store2 = open_store()
+    store2 = make_store()
     assert [j.id for j in JobQueue(store2, OPEN, clock=clock).ordered()] == order
     assert prompts(JobQueue(store2, OPEN, clock=clock).ordered()) == ["200", "100", "200"]
     store2.close()

@@ -41,7 +41,7 @@ def prefix(redis_server: RedisServer) -> Iterator[str]:
     client.close()
 
 
-def open_store(server: RedisServer, prefix: str, files_dir: Path | None = None) -> RedisJobStore:
+def connect(server: RedisServer, prefix: str, files_dir: Path | None = None) -> RedisJobStore:
     return RedisJobStore.from_url(server.url, files_dir=files_dir, prefix=prefix)
 
 
@@ -58,13 +58,13 @@ def test_it_has_every_call_of_the_interface_with_the_same_parameters():
 
 # -- several writers -----------------------------------------------------------------------------------------------
 def test_two_workers_racing_for_the_same_jobs_claim_each_exactly_once(redis_server, prefix):
-    setup = open_store(redis_server, prefix)
+    setup = connect(redis_server, prefix)
     ids = [setup.add(make_job(user=i % 7)).id for i in range(200)]
     start = threading.Barrier(2)
     won: dict[str, list[int]] = {}
 
     def claim_all(worker: str) -> None:
-        store = open_store(redis_server, prefix)  # a connection of its own, as another machine has
+        store = connect(redis_server, prefix)  # a connection of its own, as another machine has
         start.wait()
         won[worker] = [i for i in ids if store.update_if(i, {"status": JobStatus.QUEUED, "worker_id": None},
                                                          status=JobStatus.RUNNING, worker_id=worker) is not None]
@@ -83,8 +83,8 @@ def test_two_workers_racing_for_the_same_jobs_claim_each_exactly_once(redis_serv
 
 
 def test_stores_with_different_prefixes_share_one_redis_without_seeing_each_other(redis_server, prefix):
-    a = open_store(redis_server, prefix)
-    b = open_store(redis_server, prefix + "other:")
+    a = connect(redis_server, prefix)
+    b = connect(redis_server, prefix + "other:")
     a.add(make_job())
     a.set_value("paused", True)
     assert b.count() == 0 and b.get(1) is None and b.get_value("paused") is None
@@ -95,7 +95,7 @@ def test_stores_with_different_prefixes_share_one_redis_without_seeing_each_othe
 
 # -- exact values ----------------------------------------------------------------------------------------------
 def test_discord_ids_and_floats_are_kept_exactly_as_decimal_strings(redis_server, prefix):
-    store = open_store(redis_server, prefix)
+    store = connect(redis_server, prefix)
     big = 2**63 - 1  # past 2**53: a double (or Lua's cjson) would round it
     tiny, huge, third = 5e-324, 1.7976931348623157e308, 0.1 + 0.2
     job = store.add(make_job(guild_id=big, user_id=big - 1, interaction_id=big - 2, created_at=third,
@@ -119,8 +119,8 @@ def test_discord_ids_and_floats_are_kept_exactly_as_decimal_strings(redis_server
 
 # -- files across machines -----------------------------------------------------------------------------------------
 def test_a_file_written_on_one_machine_is_read_on_another_and_dropped_everywhere(redis_server, prefix, tmp_path):
-    gateway = open_store(redis_server, prefix, tmp_path / "gateway")
-    worker = open_store(redis_server, prefix, tmp_path / "worker")
+    gateway = connect(redis_server, prefix, tmp_path / "gateway")
+    worker = connect(redis_server, prefix, tmp_path / "worker")
     gateway.files_dir.mkdir(parents=True)
     written = gateway.files_dir / "upload-5f3a.npz"
     data = secrets.token_bytes(200_000)
@@ -139,7 +139,7 @@ def test_a_file_written_on_one_machine_is_read_on_another_and_dropped_everywhere
 
     worker.drop_file(str(written))
     assert not here.exists() and redis_server.client().exists(f"{prefix}file:upload-5f3a.npz") == 0
-    third = open_store(redis_server, prefix, tmp_path / "third")
+    third = connect(redis_server, prefix, tmp_path / "third")
     assert not third.local_file(str(written)).exists()
     with pytest.raises(ValueError):
         third.local_file("/clips/..")

@@ -1,4 +1,4 @@
-"""The job store's contract, on every backend (SQLite and Redis, through the ``store`` and ``open_store`` fixtures):
+"""The job store's contract, on every backend (SQLite and Redis, through the ``store`` and ``make_store`` fixtures):
 round trips, queries, reopening, sessions and key/value state, compare-and-set, job files. The SQLite-only tests
 (on-disk durability, migrations of old databases, a read-only file) are at the end, under their own heading."""
 
@@ -101,13 +101,13 @@ def test_update_if_compares_then_sets(store):
     assert store.by_status(JobStatus.QUEUED) == []
 
 
-def test_sessions_open_close_and_survive_reopening(open_store):
-    store = open_store()
+def test_sessions_open_close_and_survive_reopening(make_store):
+    store = make_store()
     s1 = store.add_session(Session(guild_id=5, channel_id=10, thread_id=20, host_id=1, theme="synthwave",
                                    default_seconds=12))
     s2 = store.add_session(Session(guild_id=6, channel_id=11, thread_id=21, host_id=2))
     store.close()
-    store = open_store()
+    store = make_store()
     assert [s.id for s in store.open_sessions()] == [s1.id, s2.id]
     assert [s.id for s in store.open_sessions(guild_id=6)] == [s2.id]
     assert store.session_for_thread(20) == s1
@@ -124,26 +124,26 @@ def test_sessions_open_close_and_survive_reopening(open_store):
         store.update_session(s2.id, colour="red")
 
 
-def test_key_value_state_survives_reopening(open_store):
-    store = open_store()
+def test_key_value_state_survives_reopening(make_store):
+    store = make_store()
     store.set_value("paused", True)
     store.set_value("limits", {"max_seconds": 12})
     store.set_value("paused", False)
     store.set_value("big", [2**63 - 1, 0.1 + 0.2, None, "é"])
     store.close()
-    store = open_store()
+    store = make_store()
     assert store.get_value("paused") is False
     assert store.get_value("limits") == {"max_seconds": 12}
     assert store.get_value("big") == [2**63 - 1, 0.1 + 0.2, None, "é"]
     assert store.get_value("missing", 3) == 3
 
 
-def test_jobs_survive_reopening(open_store):
-    store = open_store()
+def test_jobs_survive_reopening(make_store):
+    store = make_store()
     job = store.add(make_job())
     store.update(job.id, status=JobStatus.RUNNING, started_at=3.0)
     store.close()
-    store = open_store()
+    store = make_store()
     assert store.get(job.id) == replace(job, status=JobStatus.RUNNING, started_at=3.0)
     assert store.last_started_by_guild() == [(5, None, 1, 3.0)]
     assert store.add(make_job()).id == job.id + 1
