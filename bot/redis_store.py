@@ -75,6 +75,7 @@ def _field_types(cls: type) -> dict[str, type]:
 
 _JOB_TYPES = _field_types(Job)
 _SESSION_TYPES = _field_types(Session)
+_TYPES = {"job": _JOB_TYPES, "session": _SESSION_TYPES}
 _DONE_OR_PENDING = (JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.DONE.value)
 
 
@@ -335,8 +336,10 @@ class RedisJobStore:
         return True
 
     # -- scripts ---------------------------------------------------------------------------------------------------
-    def _apply(self, table: str, types: dict[str, type], ids: list[str], expected: Mapping[str, Any],
+    def _apply(self, table: str, ids: list[str], expected: Mapping[str, Any],
                changes: Mapping[str, Any]) -> list[int]:
+        """Run the write script: per id, the id when applied, 0 when ``expected`` did not match, -1 when missing."""
+        types = _TYPES[table]
         args = [self.prefix, table, str(len(ids)), *ids, *_triples(types, expected), *_triples(types, changes)]
         return [int(r) for r in self._write(args=args)]
 
@@ -346,13 +349,14 @@ class RedisJobStore:
     def _index(self, table: str, *pairs: tuple[str, Any]) -> str:
         """The sorted set of ``table`` rows whose fields have these values (None: the rows without a value)."""
         names = "+".join(name for name, _ in pairs)
-        values = ":".join("" if v is None else _encode((_JOB_TYPES if table == "job" else _SESSION_TYPES)[n], v)
-                          for n, v in pairs)
+        values = ":".join("" if v is None else _encode(_TYPES[table][n], v) for n, v in pairs)
         return f"{self.prefix}{table}:idx:{names}:{values}"
 
-    def _query(self, table: str, keys: list[str], *, filters: Mapping[str, Iterable[Any]] = {},  # noqa: B006
+    def _query(self, table: str, keys: list[str], *, filters: Mapping[str, Iterable[Any]] | None = None,
                limit: int = 0, newest_first: bool = False) -> list[dict[str, Any]]:
-        types = _JOB_TYPES if table == "job" else _SESSION_TYPES
+        """Rows of the union of the sorted sets ``keys`` whose fields have one of the allowed values, by id."""
+        types = _TYPES[table]
+        filters = filters or {}
         args: list[Any] = [f"{self.prefix}{table}:", limit, "1" if newest_first else "0", len(filters)]
         for name, allowed in filters.items():
             encoded = [_encode(types[name], v) for v in allowed]
@@ -361,7 +365,7 @@ class RedisJobStore:
         return [_row(types, int(row_id), row) for row_id, row in zip(flat[::2], flat[1::2], strict=True)]
 
     def _jobs(self, keys: list[str], statuses: tuple[JobStatus, ...] = (), **kw: Any) -> list[Job]:
-        filters = kw.pop("filters", {})
+        filters = kw.pop("filters", None) or {}
         if statuses:
             filters = {**filters, "status": [JobStatus(s) for s in statuses]}
         return [Job(**row) for row in self._query("job", keys, filters=filters, **kw)]
@@ -375,7 +379,7 @@ class RedisJobStore:
     def add(self, job: Job) -> Job:
         """Write a new job and set its ``id``; returns the same object."""
         values = {name: getattr(job, name) for name in _JOB_TYPES}
-        (job_id,) = self._apply("job", _JOB_TYPES, ["new"], {}, {k: v for k, v in values.items() if v is not None})
+        (job_id,) = self._apply("job", ["new"], {}, {k: v for k, v in values.items() if v is not None})
         job.id = job_id
         return job
 
@@ -389,7 +393,7 @@ class RedisJobStore:
         """Change some fields of a job and return it as stored; unknown field names are a ValueError, an unknown
         job a KeyError."""
         _check_fields("job", _JOB_TYPES, changes)
-        (result,) = self._apply("job", _JOB_TYPES, [str(int(job_id))], {}, changes)
+        (result,) = self._apply("job", [str(int(job_id))], {}, changes)
         job = self.get(job_id) if result > 0 else None
         if job is None:
             raise KeyError(f"no job {job_id}")
@@ -401,12 +405,12 @@ class RedisJobStore:
         if not ids or not changes:
             return
         _check_fields("job", _JOB_TYPES, changes)
-        self._apply("job", _JOB_TYPES, ids, {}, changes)
+        self._apply("job", ids, {}, changes)
 
     def update_if(self, job_id: int, expected: Mapping[str, Any], **changes: Any) -> Job | None:
         """Compare and set in one script (see :meth:`bot.store.JobStore.update_if`)."""
         _check_fields("job", _JOB_TYPES, [*changes, *expected])
-        (result,) = self._apply("job", _JOB_TYPES, [str(int(job_id))], expected, changes)
+        (result,) = self._apply("job", [str(int(job_id))], expected, changes)
         return self.get(job_id) if result > 0 else None
 
     def by_status(self, *statuses: JobStatus) -> list[Job]:
@@ -516,8 +520,7 @@ class RedisJobStore:
     # -- sessions --------------------------------------------------------------------------------------------------
     def add_session(self, session: Session) -> Session:
         values = {name: getattr(session, name) for name in _SESSION_TYPES}
-        (session_id,) = self._apply("session", _SESSION_TYPES, ["new"], {},
-                                    {k: v for k, v in values.items() if v is not None})
+        (session_id,) = self._apply("session", ["new"], {}, {k: v for k, v in values.items() if v is not None})
         session.id = session_id
         return session
 
@@ -540,7 +543,7 @@ class RedisJobStore:
 
     def update_session(self, session_id: int, **changes: Any) -> Session:
         _check_fields("session", _SESSION_TYPES, changes)
-        (result,) = self._apply("session", _SESSION_TYPES, [str(int(session_id))], {}, changes)
+        (result,) = self._apply("session", [str(int(session_id))], {}, changes)
         session = self.get_session(session_id) if result > 0 else None
         if session is None:
             raise KeyError(f"no session {session_id}")
