@@ -10,7 +10,7 @@ Layout, every key under a prefix (``musicgen:`` by default, so deployments and t
   (Discord ids are 64-bit) are written in decimal and floats with ``repr``, so both come back exactly; types come
   back from the dataclass's field types. Ids come from ``INCR next:job``.
 - ``jobs`` and ``job:idx:<field>:<value>``: sorted sets of job ids (score = id) over all jobs, per status, guild,
-  member, session, guild and status, and per file path a job names (upload, tune, tokens).
+  member, session, guild and status, and per file a job names (upload, tune, tokens) by its base name.
 - ``job:started``: the fair queue's state, ``guild,session,user`` -> the latest ``started_at``, raised (never lowered)
   in the same script that sets a job's ``started_at``, so several workers starting jobs keep it right.
 - ``session:<id>``, ``sessions``, ``session:idx:...``: sessions, the same way. ``kv``: the key/value state (JSON).
@@ -20,12 +20,18 @@ Every write is one Lua script (atomic): :meth:`RedisJobStore.update_if` compares
 through the same script, so two workers claiming one queued job never both win, and an index never disagrees with
 its job.
 
-Durability: Redis acknowledges a write once it is in memory. With AOF and ``appendfsync always`` every acknowledged
-write (a script is logged as one unit) survives a crash of Redis or of its machine; with ``appendfsync everysec``
-(the usual setting) a crash of the machine can lose the last second of writes (a crash of Redis alone loses
-nothing, the kernel still has them); RDB snapshots alone lose everything since the last snapshot; with no
-persistence at all a restart of Redis loses every job, session, setting and shared file. Run Redis with
-``appendonly yes`` for this store. Files expire after ``file_days`` whatever the persistence.
+Durability: Redis acknowledges a write once it is in memory and, with AOF on, written to the AOF file (a script is
+logged as one unit, so a replay never half-applies it). With ``appendonly yes``:
+
+- ``appendfsync always``: every acknowledged write survives a crash of Redis and of its machine (each is fsynced
+  before the reply).
+- ``appendfsync everysec`` (the usual setting): a crash of Redis alone loses nothing acknowledged (the kernel has the
+  writes); a crash of the machine (power, kernel) loses the last second or two.
+
+RDB snapshots alone lose everything since the last snapshot; with no persistence a restart of Redis loses every job,
+session, setting and shared file (workers then find an empty queue; members' requests are gone). Replicas are
+asynchronous: a failover can lose the last writes too. Shared files expire after ``file_days`` whatever the setting.
+Events (:class:`RedisEvents`) are never stored: they reach the processes listening at that moment.
 """
 
 from __future__ import annotations
@@ -134,14 +140,15 @@ def _check_fields(table: str, types: dict[str, type], names: Iterable[str]) -> N
 
 
 # -- the scripts ---------------------------------------------------------------------------------------------------
-# Indexes per table: the fields a sorted set is keyed by, and whether a job whose value is None is indexed (a job
-# without a guild is one more guild; a job without an upload needs no entry).
+# Indexes per table: the fields a sorted set is keyed by, whether a job whose value is None is indexed (a job
+# without a guild is one more guild; a job without an upload needs no entry), and whether a path is indexed by its
+# base name (jobs name files by the path on the machine that wrote them).
 _LUA_INDEXES = """
 local INDEXES = {
   job = {{f = {"status"}, none = false}, {f = {"guild_id"}, none = true}, {f = {"user_id"}, none = false},
          {f = {"session_id"}, none = false}, {f = {"guild_id", "status"}, none = true},
-         {f = {"prompt_tokens_path"}, none = false}, {f = {"prompt_audio_path"}, none = false},
-         {f = {"melody_path"}, none = false}},
+         {f = {"prompt_tokens_path"}, base = true}, {f = {"prompt_audio_path"}, base = true},
+         {f = {"melody_path"}, base = true}},
   session = {{f = {"status"}, none = false}, {f = {"thread_id"}, none = false}},
 }
 local function index_key(prefix, tbl, spec, get)
@@ -151,6 +158,8 @@ local function index_key(prefix, tbl, spec, get)
     if not v then
       if not spec.none then return nil end
       v = ""
+    elseif spec.base then
+      v = string.match(v, "[^/]*$")  -- a file by its base name: the same file on every machine
     end
     parts[i] = v
   end
@@ -472,8 +481,10 @@ class RedisJobStore:
 
     # -- the files of jobs ---------------------------------------------------------------------------------------
     def file_in_use(self, path: str, *, besides: int) -> bool:
-        """Whether a job other than ``besides`` that is queued, running or done names ``path`` as a file."""
-        keys = [self._index("job", (name, path)) for name in ("prompt_tokens_path", "prompt_audio_path",
+        """Whether a job other than ``besides`` that is queued, running or done names this file (by its base name:
+        a job names the path on the machine that wrote it) as its upload, tune or the tokens it extends."""
+        name = Path(path).name
+        keys = [self._index("job", (field, name)) for field in ("prompt_tokens_path", "prompt_audio_path",
                                                                 "melody_path")]
         return any(j.id != besides for j in self._jobs(keys, _DONE_OR_PENDING))  # type: ignore[arg-type]
 

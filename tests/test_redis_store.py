@@ -147,6 +147,17 @@ def test_a_file_written_on_one_machine_is_read_on_another_and_dropped_everywhere
         store.close()
 
 
+def test_a_file_is_in_use_by_its_base_name_whichever_machine_wrote_it(redis_server, prefix):
+    store = connect(redis_server, prefix)
+    a = store.add(make_job(prompt_audio_path="/srv/gateway/clips/upload-9c.npz"))
+    assert store.file_in_use("/home/worker/clips/upload-9c.npz", besides=0)
+    assert not store.file_in_use("/home/worker/clips/upload-9c.npz", besides=a.id)
+    assert not store.file_in_use("/srv/gateway/clips/upload-9d.npz", besides=0)
+    store.update(a.id, prompt_audio_path=None)
+    assert not store.file_in_use("upload-9c.npz", besides=0)
+    store.close()
+
+
 # -- persistence -----------------------------------------------------------------------------------------------
 def test_every_acknowledged_write_survives_a_crash_of_redis_with_aof_always(tmp_path):
     server = RedisServer(tmp_path / "redis", appendonly=True, appendfsync="always").start()
