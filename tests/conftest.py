@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+import secrets
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import core
+from bot.redis_store import RedisJobStore
+from bot.store import JobStore, SQLiteJobStore
 from tests.fake_discord import FakeDiscord
 from tests.fake_discord.process import BotProcess, bot_env
+from tests.redis_server import RedisServer
 
 core.preload_backend()  # before any test module imports mlx, so the CPU kernels and a fast BLAS are used
 
@@ -63,3 +69,46 @@ async def run_bot(fake_discord: FakeDiscord, tmp_path: Path) -> AsyncIterator[Ca
     for bot in started:
         if bot.returncode is None:
             await bot.stop()
+
+
+# -- the job store, on each backend --------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One ``redis-server`` (no persistence) for the whole test run; tests keep apart by key prefix."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], JobStore]]:
+    """``make_store()``: a store on this test's data, on each backend in turn; a second call opens the same data
+    again (a restart: the same SQLite file, the same Redis and key prefix). Every store is closed after the test and
+    the test's Redis keys deleted."""
+    opened: list[JobStore] = []
+    if request.param == "sqlite":
+        def open_() -> JobStore:
+            opened.append(SQLiteJobStore(tmp_path / "var" / "bot.sqlite3"))
+            return opened[-1]
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        prefix = f"test-{secrets.token_hex(4)}:"
+
+        def open_() -> JobStore:
+            opened.append(RedisJobStore.from_url(server.url, files_dir=tmp_path / "var" / "clips", prefix=prefix))
+            return opened[-1]
+    yield open_
+    for store in opened:
+        with contextlib.suppress(sqlite3.ProgrammingError):  # a test that restarts closed it already
+            store.close()
+    if request.param == "redis":
+        client = server.client()
+        keys = list(client.scan_iter(match=prefix + "*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+@pytest.fixture
+def store(make_store: Callable[[], JobStore]) -> JobStore:
+    """A fresh, empty job store, SQLite then Redis (the contract tests run on both)."""
+    return make_store()

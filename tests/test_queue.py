@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bot.jobs import Job, JobStatus, Session
-from bot.queue import MAX_ATTEMPTS, JobQueue, Limits, QueueRefused, QueueState, parse_seconds
-from bot.store import SQLiteJobStore
+from bot.queue import (
+    DEFAULT_LEASE_SECONDS,
+    MAX_ATTEMPTS,
+    JobQueue,
+    Limits,
+    QueueRefused,
+    QueueState,
+    parse_seconds,
+)
+from bot.redis_store import RedisJobStore
+from bot.store import JobStore, SQLiteJobStore
 
 
 class Clock:
@@ -31,13 +42,6 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = SQLiteJobStore(tmp_path / "var" / "bot.sqlite3")
-    yield s
-    s.close()
-
-
 def make_job(user: int, prompt: str = "", *, session: int | None = None, seconds: int = 5, seed: int = 1,
              guild: int | None = 1) -> Job:
     prompt = prompt or f"u{user}"
@@ -52,6 +56,14 @@ def submit(queue: JobQueue, clock: Clock, user: int, prompt: str = "", **kw) -> 
 
 def prompts(jobs) -> list[str]:
     return [j.prompt for j in jobs]
+
+
+def worker_died(store, clock: Clock) -> None:
+    """The process that held the running jobs is gone. A store one process owns (SQLite) recovers every running job
+    at start; on a shared store (Redis) a job is taken over once its lease ran out (until then its worker may still
+    be making it), so the clock moves past the lease there."""
+    if store.shared:
+        clock.tick(DEFAULT_LEASE_SECONDS + 1)
 
 
 def test_one_member_flooding_is_interleaved_with_another(store, clock):
@@ -274,9 +286,8 @@ def test_limits_are_validated_and_capped(store, clock):
     assert q.limits_for(1).max_seconds == 10
 
 
-def test_state_survives_a_reopened_store(tmp_path, clock):
-    path = tmp_path / "bot.sqlite3"
-    store = SQLiteJobStore(path)
+def test_state_survives_a_reopened_store(make_store, clock):
+    store = make_store()
     q = JobQueue(store, OPEN, clock=clock)
     session = store.add_session(Session(guild_id=1, channel_id=10, thread_id=11, host_id=7, theme="lofi",
                                         default_seconds=8))
@@ -292,7 +303,7 @@ def test_state_survives_a_reopened_store(tmp_path, clock):
     order = prompts(q.ordered())
     store.close()
 
-    store2 = SQLiteJobStore(path)
+    store2 = make_store()
     q2 = JobQueue(store2, OPEN, clock=clock)
     assert prompts(q2.ordered()) == order == ["b0", "s0", "d0", "a1", "a2"]
     assert q2.state(1) == QueueState(paused=True, closed=True)
@@ -302,23 +313,22 @@ def test_state_survives_a_reopened_store(tmp_path, clock):
     store2.close()
 
 
-def test_stored_max_seconds_is_capped_by_a_lower_configured_maximum(tmp_path, clock):
-    store = SQLiteJobStore(tmp_path / "db")
+def test_stored_max_seconds_is_capped_by_a_lower_configured_maximum(store, clock):
     JobQueue(store, Limits(max_seconds=30), clock=clock).set_limits(1, max_seconds=25)
     assert JobQueue(store, Limits(max_seconds=10), clock=clock).limits_for(1).max_seconds == 10
     store.close()
 
 
-def test_recover_requeues_running_jobs_first_in_their_order(tmp_path, clock):
-    path = tmp_path / "bot.sqlite3"
-    store = SQLiteJobStore(path)
+def test_recover_requeues_running_jobs_first_in_their_order(make_store, clock):
+    store = make_store()
     q = JobQueue(store, OPEN, clock=clock)
     jobs = {p: submit(q, clock, user, p) for user, p in [(1, "a0"), (2, "b0"), (3, "c0"), (1, "a1"), (4, "d0")]}
     taken = q.next_batch(2)
     assert prompts(taken) == ["a0", "b0"]
     store.close()  # the process dies mid-generation
 
-    store2 = SQLiteJobStore(path)
+    store2 = make_store()
+    worker_died(store2, clock)
     q2 = JobQueue(store2, OPEN, clock=clock)
     recovered = q2.recover()
     assert [j.id for j in recovered] == [jobs["a0"].id, jobs["b0"].id]
@@ -334,8 +344,10 @@ def test_recover_gives_up_on_a_job_that_keeps_killing_the_process(store, clock):
     job = submit(q, clock, 1)
     for _ in range(MAX_ATTEMPTS - 1):
         q.next_batch(1)
+        worker_died(store, clock)
         assert q.recover()[0].status is JobStatus.QUEUED
     q.next_batch(1)
+    worker_died(store, clock)
     (failed,) = q.recover()
     assert failed.id == job.id and failed.status is JobStatus.FAILED and "interrupted" in failed.error
     assert q.ordered() == []
@@ -421,16 +433,15 @@ def test_guilds_take_turns_then_lanes_inside_each_guild(store, clock):
     assert served == ["B3.0", "C4.0", "A2.0", "B3.1", "A5.0"]
 
 
-def test_the_order_across_guilds_survives_a_restart(tmp_path, clock):
-    path = tmp_path / "bot.sqlite3"
-    store = SQLiteJobStore(path)
+def test_the_order_across_guilds_survives_a_restart(make_store, clock):
+    store = make_store()
     q = JobQueue(store, OPEN, clock=clock)
     for g, user in [(100, 1), (100, 1), (200, 2), (200, 2)]:
         submit(q, clock, user, f"{g}", guild=g)
     q.next_batch(1)  # guild 100 served
     order = [j.id for j in q.ordered()]
     store.close()
-    store2 = SQLiteJobStore(path)
+    store2 = make_store()
     assert [j.id for j in JobQueue(store2, OPEN, clock=clock).ordered()] == order
     assert prompts(JobQueue(store2, OPEN, clock=clock).ordered()) == ["200", "100", "200"]
     store2.close()
@@ -518,9 +529,19 @@ def test_jobs_without_a_guild_are_one_more_guild_and_still_run(store, clock):
     assert prompts(q.next_batch(2)) == ["legacy", "A0"]
 
 
+def fresh_store(backend: str, tmp_path_factory, request) -> JobStore:
+    """An empty store for one hypothesis example (the function-scoped ``store`` fixture is one per test)."""
+    folder = tmp_path_factory.mktemp("rr")
+    if backend == "sqlite":
+        return SQLiteJobStore(folder / "bot.sqlite3")
+    server = request.getfixturevalue("redis_server")
+    return RedisJobStore.from_url(server.url, files_dir=folder, prefix=f"rr-{secrets.token_hex(6)}:")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), min_size=1, max_size=30))
-def test_any_arrivals_are_served_one_guild_at_a_time_in_rounds(tmp_path_factory, arrivals):
-    store = SQLiteJobStore(tmp_path_factory.mktemp("rr") / "bot.sqlite3")
+def test_any_arrivals_are_served_one_guild_at_a_time_in_rounds(tmp_path_factory, request, backend, arrivals):
+    store = fresh_store(backend, tmp_path_factory, request)
     clock = Clock()
     q = JobQueue(store, OPEN, clock=clock)
     for guild, user in arrivals:  # members are per guild here: user ids do not repeat across guilds
