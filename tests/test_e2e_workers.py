@@ -73,8 +73,8 @@ async def test_a_gateway_and_two_workers_serve_six_jobs_from_three_members_once_
         fake_discord: FakeDiscord, start: Callable[..., Awaitable[BotProcess]]) -> None:
     fake = fake_discord
     admin = fake.guild.add_member("boss", admin=True)
-    gateway = await start("gateway")
     workers = [await start("worker", WORKER_ID="w1"), await start("worker", WORKER_ID="w2")]
+    gateway = await start("gateway")
     assert "workers run" in gateway.log  # it learnt the workers' model from the store
 
     # held while they arrive (pause reaches the workers: nothing starts), then let go at once: both workers claim

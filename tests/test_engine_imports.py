@@ -1,4 +1,4 @@
-"""The bot's engine (jobs, store, queue, job_files, dispatcher) imports neither MLX, discord.py nor core: a process that
+"""The bot's engine (jobs, store, queue, job_files, dispatcher, the Redis store, the gateway's remote dispatch) imports neither MLX, discord.py nor core: a process that
 schedules jobs and never generates or talks to Discord itself needs none of them."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_the_engine_imports_without_mlx_discord_or_core():
-    done = run("import bot.jobs, bot.store, bot.queue, bot.job_files, bot.dispatcher\n"
+    done = run("import bot.jobs, bot.store, bot.queue, bot.job_files, bot.dispatcher, bot.remote, bot.redis_store\n"
                "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'discord', 'core'))\n"
                "assert not loaded, loaded\n"
                "print('ok')\n")

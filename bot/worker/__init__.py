@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[Job, int, int], Any]
 PROGRESS_MIN_INTERVAL = 0.25  # seconds between progress hand-offs per row (the bot throttles edits further)
+THREAD_EXIT_SECONDS = 2.0  # how long stop() waits for the OS thread to end after its Python code has
 MEMORY_HEADROOM = 0.9  # use at most this share of the memory that is free (the estimate is rough)
 
 
@@ -183,7 +185,10 @@ class GenerationWorker:
         self._inbox.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if self._thread.is_alive():
+            return False
+        _wait_until_gone(self._thread.native_id, THREAD_EXIT_SECONDS)
+        return True
 
     # -- the asyncio side ---------------------------------------------------------------------------------------
     def memory_budget(self) -> int | None:
@@ -392,6 +397,18 @@ class GenerationWorker:
                 clear()
             except Exception:  # noqa: BLE001 - freeing a cache must never stop the worker
                 log.exception("could not clear the MLX cache")
+
+
+def _wait_until_gone(native_id: int | None, timeout: float) -> None:
+    """Wait (Linux; up to ``timeout`` s) until the OS thread ``native_id`` has really ended. ``join`` returns when
+    its Python code is done, but the thread then runs MLX's thread-local destructors, which take the GIL: if the
+    interpreter is finalizing by then (the process exits right after a stop) they abort the process."""
+    task = Path(f"/proc/self/task/{native_id}")
+    if native_id is None or not task.parent.is_dir():
+        return
+    deadline = time.monotonic() + timeout
+    while task.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def system_memory_available() -> int | None:
