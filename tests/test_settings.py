@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import discord.gateway
@@ -135,3 +136,55 @@ def test_relative_database_path_follows_the_env_folder(tmp_path):
     assert Settings.from_env(env).database_path == Path.cwd().resolve() / "data" / "jobs.db"
     env["DATABASE_PATH"] = "/srv/jobs.db"
     assert Settings.from_env(env, base_dir=tmp_path).database_path == Path("/srv/jobs.db")
+
+
+# -- workers on several machines ----------------------------------------------------------------------------------
+def test_the_job_store_defaults_to_sqlite_with_an_embedded_worker(tmp_path):
+    s = Settings.from_env({"DISCORD_TOKEN": TOKEN}, base_dir=tmp_path)
+    assert (s.redis_url, s.embedded_worker, s.job_lease_seconds) == (None, True, 30.0)
+    assert (s.shard_count, s.shard_ids, s.worker_id) == (None, None, None)
+    assert s.files_dir == tmp_path.resolve() / "var" / "clips"
+    assert s.job_store_text == f"sqlite:///{tmp_path.resolve() / 'var' / 'bot.sqlite3'}"
+
+
+def test_job_store_urls(tmp_path):
+    relative = Settings.from_env({"DISCORD_TOKEN": TOKEN, "JOB_STORE": "sqlite:///data/x.db"}, base_dir=tmp_path)
+    assert relative.database_path == tmp_path.resolve() / "data" / "x.db" and relative.redis_url is None
+    absolute = Settings.from_env({"DISCORD_TOKEN": TOKEN, "JOB_STORE": "sqlite:////srv/x.db"}, base_dir=tmp_path)
+    assert absolute.database_path == Path("/srv/x.db")
+    redis = Settings.from_env({"DISCORD_TOKEN": TOKEN, "JOB_STORE": "redis://:hunter2@10.0.0.5:6380/3",
+                               "FILES_DIR": "cache", "WORKER_ID": "mac-1", "JOB_LEASE_SECONDS": "12"},
+                              base_dir=tmp_path)
+    assert redis.redis_url == "redis://:hunter2@10.0.0.5:6380/3"
+    assert (redis.embedded_worker, redis.worker_id, redis.worker_name, redis.job_lease_seconds) == (
+        False, "mac-1", "mac-1", 12.0)
+    assert redis.files_dir == tmp_path.resolve() / "cache"
+    assert redis.job_store_text == "redis://:***@10.0.0.5:6380/3"
+    assert "hunter2" not in repr(redis) and "hunter2" not in str(redis)
+    both = Settings.from_env({"DISCORD_TOKEN": TOKEN, "JOB_STORE": "redis://r:6379/0", "EMBEDDED_WORKER": "yes"})
+    assert both.embedded_worker is True
+    assert Settings.from_env({"DISCORD_TOKEN": TOKEN}).worker_name.endswith(f"-{os.getpid()}")
+
+
+def test_shards():
+    s = Settings.from_env({"DISCORD_TOKEN": TOKEN, "SHARD_COUNT": "4", "SHARD_IDS": "0, 2"})
+    assert (s.shard_count, s.shard_ids) == (4, (0, 2))
+    assert Settings.from_env({"DISCORD_TOKEN": TOKEN, "SHARD_COUNT": "2"}).shard_ids is None
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JOB_STORE": "postgres://db/1"}, "JOB_STORE must be sqlite:///<path to the database file> or redis://"),
+    ({"JOB_STORE": "mysql://root:hunter2@db/1"}, r"got 'mysql://root:\*\*\*@db/1'"),
+    ({"EMBEDDED_WORKER": "false"}, "EMBEDDED_WORKER=false needs JOB_STORE=redis://"),
+    ({"JOB_STORE": "redis://r/0", "EMBEDDED_WORKER": "sometimes"}, "EMBEDDED_WORKER must be true or false"),
+    ({"JOB_LEASE_SECONDS": "1"}, "JOB_LEASE_SECONDS must be a finite number of at least 3"),
+    ({"SHARD_IDS": "0,1"}, "SHARD_IDS needs SHARD_COUNT"),
+    ({"SHARD_IDS": "0,2", "SHARD_COUNT": "2"}, "SHARD_IDS must be distinct numbers from 0 to 1"),
+    ({"SHARD_IDS": "1,1", "SHARD_COUNT": "2"}, "SHARD_IDS must be distinct"),
+    ({"SHARD_COUNT": "0"}, "SHARD_COUNT must be at least 1"),
+    ({"WORKER_ID": "my worker"}, "WORKER_ID must be up to 64 letters"),
+])
+def test_bad_store_and_shard_settings(env, message):
+    with pytest.raises(SettingsError, match=message) as err:
+        Settings.from_env({"DISCORD_TOKEN": TOKEN, **env})
+    assert "hunter2" not in str(err.value)
