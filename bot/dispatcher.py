@@ -219,8 +219,10 @@ class Dispatcher:
             await asyncio.sleep(self.lease_seconds / 3)
             try:
                 self._renew()
-                if self.store.shared and self.recover_expired():
-                    self.wake()
+                if self.store.shared:
+                    self.queue.worker_alive(self.worker_id, self.lease_seconds)
+                    if self.recover_expired():
+                        self.wake()
             except Exception as exc:
                 log.warning("could not renew leases or look for abandoned jobs: %s", exc)
 

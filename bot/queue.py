@@ -41,6 +41,7 @@ _PAUSED_KEY = "queue.paused"
 _CLOSED_KEY = "queue.closed"
 _LIMITS_KEY = "queue.limits"
 _RATE_KEY = "queue.rate"
+_WORKERS_KEY = "workers.seen"  # {worker id: when it last said it is alive} (a shared store's workers)
 
 
 class QueueRefused(Exception):
@@ -451,6 +452,23 @@ class JobQueue:
                 held.append(job)
         return held
 
+    def worker_alive(self, worker_id: str, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
+        """Record that ``worker_id`` is serving the queue now (workers on a shared store say so every few seconds;
+        the wait estimate counts the workers heard from within three leases)."""
+        now = self.clock()
+        seen = self.store.get_value(_WORKERS_KEY) or {}
+        seen = {w: t for w, t in seen.items() if isinstance(t, (int, float)) and now - t < 3 * lease_seconds}
+        seen[worker_id] = now
+        self.store.set_value(_WORKERS_KEY, seen)  # a write lost to a race is made again within a few seconds
+
+    def workers(self, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> int:
+        """How many workers serve the queue (1 on a store one process owns)."""
+        if not self.store.shared:
+            return 1
+        seen = self.store.get_value(_WORKERS_KEY) or {}
+        now = self.clock()
+        return max(1, sum(1 for t in seen.values() if isinstance(t, (int, float)) and now - t < 3 * lease_seconds))
+
     def expired(self) -> list[Job]:
         """Running jobs whose lease ran out: their worker died or lost the store (a shared store's take-over)."""
         now = self.clock()
@@ -604,9 +622,10 @@ class JobQueue:
             order = order[:ids.index(job_id) - ids.index(job_id) % self.batch_size]
         else:
             order = order[:len(order) - len(order) % self.batch_size]
+        ahead = 0.0
         for i in range(0, len(order), self.batch_size):
-            wait += rate * max(j.total_seconds for j in order[i:i + self.batch_size])
-        return wait
+            ahead += rate * max(j.total_seconds for j in order[i:i + self.batch_size])
+        return wait + ahead / self.workers()  # several workers take the batches ahead side by side
 
 
 def _guild_limits_key(guild_id: int | None) -> str:

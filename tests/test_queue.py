@@ -370,6 +370,23 @@ def test_estimated_wait_uses_the_measured_rate_and_batches(store, clock):
     assert q.rate == pytest.approx(0.7 * 2.0 + 0.3 * 4.0)
 
 
+def test_the_wait_counts_the_workers_serving_a_shared_store(store, clock):
+    q = JobQueue(store, OPEN, batch_size=1, clock=clock)
+    q.record_timing(10.0, 20.0)
+    jobs = [submit(q, clock, n, seconds=5) for n in range(1, 4)]
+    assert q.estimated_wait(jobs[2].id) == pytest.approx(20.0)  # two 10 s batches ahead, one worker
+    q.worker_alive("w1", 30)
+    q.worker_alive("w2", 30)
+    if not store.shared:  # one process owns SQLite: one worker, whatever is recorded
+        assert q.workers() == 1 and q.estimated_wait(jobs[2].id) == pytest.approx(20.0)
+        return
+    assert q.workers(30) == 2
+    assert q.estimated_wait(jobs[2].id) == pytest.approx(10.0)  # the two batches ahead go side by side
+    clock.tick(100)
+    q.worker_alive("w1", 30)  # w2 silent for three leases: no longer counted
+    assert q.workers(30) == 1 and q.estimated_wait(jobs[2].id) == pytest.approx(20.0)
+
+
 def test_the_model_lowers_the_ceiling_and_bounds_the_total_length(store, clock):
     q = JobQueue(store, Limits(max_seconds=60, cooldown_seconds=0, max_pending_per_user=10), clock=clock)
     assert q.max_seconds(1) == 60 and q.room(50.0) == 60  # no model yet: only the limit

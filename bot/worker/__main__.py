@@ -107,6 +107,7 @@ async def run(settings: Settings) -> None:
                                        name="events")
         sweeper = FileSweeper(store, settings.clip_files_days)  # this machine's copies of clip files
         sweeper.start()
+        queue.worker_alive(worker_id, settings.job_lease_seconds)  # counted in the wait estimate from now on
         dispatcher.recover_expired()  # jobs of workers that died while nobody was looking
         dispatcher.start()
         log.info("worker %s ready: %s, clips up to %g s, MAX_BATCH %d, leases of %g s; %d job(s) waiting",
