@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -117,7 +118,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=12)
     parser.add_argument("--seconds", type=int, default=2)
     parser.add_argument("--shape", choices=["tiny", "small"], default="tiny")
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "musicgen-bench")
+    parser.add_argument("--cache", type=Path,  # shared with python -m bench (the same random weights)
+                        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "musicgen-bench")
     parser.add_argument("--store-jobs", type=int, default=300, help="jobs for the store-cost part (0: skip it)")
     args = parser.parse_args()
     model = checkpoint(args.shape, args.cache)
