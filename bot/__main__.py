@@ -29,6 +29,11 @@ async def run(settings: Settings) -> None:
     store = open_store(settings)
     queue = JobQueue(store, Limits.from_settings(settings), batch_size=settings.max_batch)
     events = None
+    if settings.redis_url:
+        from .redis_store import RedisEvents
+
+        events = RedisEvents.from_url(settings.redis_url)
+    worker = None
     if settings.embedded_worker:
         worker = generation_worker(settings)
         try:
@@ -37,10 +42,6 @@ async def run(settings: Settings) -> None:
             store.close()
             raise
     else:
-        from .redis_store import RedisEvents
-
-        worker = None
-        events = RedisEvents.from_url(settings.redis_url)
         log.info("gateway only: workers (python -m bot.worker) generate and deliver; no model is loaded here")
     bot = MusicBot(settings, store, queue, worker, events=events)
     loop = asyncio.get_running_loop()

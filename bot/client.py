@@ -23,7 +23,7 @@ from .dispatcher import BATCH_WINDOW_SECONDS, Dispatcher
 from .job_files import FileSweeper
 from .jobs import Job, JobStatus
 from .queue import LOCAL_WORKER, JobQueue, Limits, QueueRefused
-from .remote import MODEL_REFRESH_SECONDS, Events, ModelFacts, RemoteDispatch, RemoteModel
+from .remote import MODEL_KEY, MODEL_REFRESH_SECONDS, Events, ModelFacts, ModelInfo, RemoteDispatch, RemoteModel
 from .replies import OUR_FAULT, RESTARTING, SERVERS_ONLY, reply
 from .settings import Settings
 from .store import JobStore
@@ -75,7 +75,8 @@ class MusicBot(commands.AutoShardedBot):
     With a ``worker`` it generates and delivers itself (its :class:`~bot.dispatcher.Dispatcher` feeds the worker).
     Without one it is a gateway: workers in other processes (``python -m bot.worker``) take the jobs from the
     shared store; ``events`` carries wake-ups and cancels to them (:class:`~bot.remote.RemoteDispatch`), and what
-    the model can do is what the workers wrote to the store (:class:`~bot.remote.RemoteModel`).
+    the model can do is what the workers wrote to the store (:class:`~bot.remote.RemoteModel`). With both (a shared
+    store and ``EMBEDDED_WORKER=true``) it generates, publishes its model and hears cancels sent by other gateways.
     Sharded as Discord asks (``SHARD_COUNT`` / ``SHARD_IDS`` split the shards between gateway processes).
     """
 
@@ -109,6 +110,7 @@ class MusicBot(commands.AutoShardedBot):
             raise ValueError("a bot without a worker needs the events channel to its workers")
         self.events = events
         self._model_task: asyncio.Task | None = None
+        self._listener: asyncio.Task | None = None
         self.sweeper = FileSweeper(store, settings.clip_files_days)
         self.shutting_down = False
         self._background: set[asyncio.Task] = set()
@@ -121,6 +123,11 @@ class MusicBot(commands.AutoShardedBot):
             except RuntimeError:  # already started by the caller
                 pass
             await self.worker.wait_ready()
+        if self.worker is not None and self.events is not None:  # generates, and shares the store with workers
+            self.store.set_value(MODEL_KEY, ModelInfo.of(self.worker, self.settings.musicgen_model,
+                                                         self.settings.worker_name).to_value())
+            self._listener = asyncio.create_task(self.events.listen(on_wake=self.dispatcher.wake,
+                                                                    on_cancel=self.worker.cancel), name="events")
         if self.worker is None:
             self.remote_model.refresh()
             if not self.remote_model.reported:
@@ -212,8 +219,9 @@ class MusicBot(commands.AutoShardedBot):
         log.info("shutting down (grace %.0f s)", grace)
         await self.dispatcher.stop(grace)
         await self.sweeper.stop()
-        if self._model_task is not None:
-            self._model_task.cancel()
+        for task in (self._model_task, self._listener):
+            if task is not None:
+                task.cancel()
         if self._background:
             await asyncio.wait(set(self._background), timeout=max(grace, 5.0))
         if self.worker is not None:

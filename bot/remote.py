@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -44,6 +44,13 @@ class ModelInfo:
     is_melody: bool
     max_batch: int
     worker_id: str = ""
+
+    @classmethod
+    def of(cls, model: ModelFacts, name: str, worker_id: str) -> ModelInfo:
+        """What the loaded ``model`` (checkpoint ``name``) of worker ``worker_id`` can do."""
+        return cls(model=name, sampling_rate=model.sampling_rate, channels=model.channels,
+                   frame_rate=model.frame_rate, max_seconds=model.max_seconds, is_melody=model.is_melody,
+                   max_batch=model.max_batch, worker_id=worker_id)
 
     def to_value(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +145,9 @@ class Events(Protocol):
 
     async def publish_wake(self) -> None: ...
     async def publish_cancel(self, job_id: int) -> None: ...
+    async def listen(self, on_wake: Callable[[], None], on_cancel: Callable[[int], None]) -> None:
+        """Call ``on_wake`` / ``on_cancel(job_id)`` for each message until cancelled."""
+        ...
     async def close(self) -> None: ...
 
 

@@ -163,3 +163,15 @@ async def test_a_worker_needs_a_shared_store(tmp_path: Path, fake_discord: FakeD
     await process.start()
     assert await process.wait_exit(60) == 2
     assert "JOB_STORE=redis://" in process.log and "Traceback" not in process.log
+
+
+async def test_a_gateway_with_an_embedded_worker_generates_beside_other_workers(
+        fake_discord: FakeDiscord, start: Callable[..., Awaitable[BotProcess]]) -> None:
+    fake = fake_discord
+    both = await start("gateway", EMBEDDED_WORKER="true", WORKER_ID="gw")
+    assert "loading model" in both.log and maps_mlx(both.pid)
+    interaction = await fake.invoke(fake.guild.add_member("eve"), "music", {"prompt": "here", "seconds": 2})
+    [clip] = await clips(interaction, 1, timeout=60)
+    assert frames(clip.data) == 2 * RATE and jobs_started(both) == [1]
+    assert "worker=gw" in both.log  # claimed under its own name in the shared store
+    assert await both.stop() == 0, both.log

@@ -98,10 +98,7 @@ async def run(settings: Settings) -> None:
         outbox = DiscordOutbox(deliverer, spawn=background.spawn, progress_interval=settings.progress_interval_seconds)
         dispatcher = Dispatcher(queue, store, worker, outbox, worker_id=worker_id,
                                 lease_seconds=settings.job_lease_seconds)
-        info = ModelInfo(model=settings.musicgen_model, sampling_rate=worker.sampling_rate, channels=worker.channels,
-                         frame_rate=worker.frame_rate, max_seconds=worker.max_seconds, is_melody=worker.is_melody,
-                         max_batch=worker.max_batch, worker_id=worker_id)
-        store.set_value(MODEL_KEY, info.to_value())  # what the gateway offers members follows the workers' model
+        store.set_value(MODEL_KEY, ModelInfo.of(worker, settings.musicgen_model, worker_id).to_value())  # what the gateway offers members follows the workers' model
         events = RedisEvents.from_url(settings.redis_url)
         listener = asyncio.create_task(events.listen(on_wake=dispatcher.wake, on_cancel=worker.cancel),
                                        name="events")
