@@ -11,7 +11,6 @@ import asyncio
 import logging
 import signal
 import sys
-from pathlib import Path
 
 import aiohttp
 import discord
@@ -19,7 +18,7 @@ import discord
 from .client import MusicBot
 from .queue import JobQueue, Limits
 from .settings import VARIABLES, Settings
-from .startup import StartupError, generation_worker, load_model, load_settings, open_store
+from .startup import StartupError, console_main, generation_worker, load_model, open_store
 
 log = logging.getLogger("bot")
 
@@ -105,25 +104,7 @@ def usage(prog: str = "python -m bot") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("-h", "--help"):
-        print(usage("python -m bot" if Path(sys.argv[0]).name == "__main__.py" else Path(sys.argv[0]).name))
-        return 0
-    if args:
-        print(f"musicgen-bot: unknown argument {args[0]!r}; settings come from the environment and .env "
-              "(see --help)", file=sys.stderr)
-        return 2
-    settings = load_settings("musicgen-bot")
-    if settings is None:
-        return 2
-    try:
-        asyncio.run(run(settings))
-    except StartupError as exc:
-        log.error("%s", exc)
-        return 2
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return console_main(argv, name="musicgen-bot", module="bot", usage=usage, run=run)
 
 
 if __name__ == "__main__":

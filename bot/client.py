@@ -23,7 +23,15 @@ from .dispatcher import BATCH_WINDOW_SECONDS, Dispatcher
 from .job_files import FileSweeper
 from .jobs import Job, JobStatus
 from .queue import LOCAL_WORKER, JobQueue, Limits, QueueRefused
-from .remote import MODEL_KEY, MODEL_REFRESH_SECONDS, Events, ModelFacts, ModelInfo, RemoteDispatch, RemoteModel
+from .remote import (
+    MODEL_KEY,
+    MODEL_REFRESH_SECONDS,
+    Events,
+    ModelFacts,
+    ModelInfo,
+    RemoteDispatch,
+    RemoteModel,
+)
 from .replies import OUR_FAULT, RESTARTING, SERVERS_ONLY, reply
 from .settings import Settings
 from .store import JobStore

@@ -39,8 +39,8 @@ VARIABLES = (
                                                "generates) or redis://host:port/db (workers on several machines)"),
     ("EMBEDDED_WORKER", "true with SQLite, false with Redis", "whether `python -m bot` loads the model and "
                                                                "generates itself (else it is a gateway only)"),
-    ("JOB_LEASE_SECONDS", "30", "a worker renews its hold on a running job this often; a job of a worker silent "
-                                "this long is taken over by another"),
+    ("JOB_LEASE_SECONDS", "30", "how long a worker's hold on a running job lasts (renewed every third of it); a "
+                                "job whose worker was silent this long is taken over by another"),
     ("WORKER_ID", "host-pid", "this worker's name in the store and the logs (python -m bot.worker)"),
     ("FILES_DIR", "DATABASE_PATH's folder/clips", "with Redis: this machine's copy of clip files"),
     ("SHARD_COUNT", "Discord's recommendation", "gateway shards in all (several gateway processes: each the same)"),

@@ -4,10 +4,11 @@ line an operator gets when something is wrong."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,28 @@ def open_sqlite(path: Path) -> SQLiteJobStore:
     except (sqlite3.Error, OSError) as exc:
         raise StartupError(f"Cannot use the database {str(path)!r} ({exc}); check DATABASE_PATH: a file the bot "
                            "can create and write, in a folder it can write (not used by another running bot).") from None
+
+
+def console_main(argv: list[str] | None, *, name: str, module: str, usage: Callable[[str], str],
+                 run: Callable[[Settings], Awaitable[None]]) -> int:
+    """A console entry point (``name``, or ``python -m module``): ``--help``, one line for a wrong argument or
+    setting, then ``run(settings)``; returns the exit status (0 after a clean stop, 2 when it cannot start)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-h", "--help"):
+        print(usage(f"python -m {module}" if Path(sys.argv[0]).name == "__main__.py" else Path(sys.argv[0]).name))
+        return 0
+    if args:
+        print(f"{name}: unknown argument {args[0]!r}; settings come from the environment and .env (see --help)",
+              file=sys.stderr)
+        return 2
+    settings = load_settings(name)
+    if settings is None:
+        return 2
+    try:
+        asyncio.run(run(settings))
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0

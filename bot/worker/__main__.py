@@ -18,7 +18,6 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,7 +29,7 @@ from ..job_files import FileSweeper
 from ..queue import JobQueue, Limits
 from ..remote import MODEL_KEY, ModelInfo
 from ..settings import VARIABLES, Settings
-from ..startup import StartupError, generation_worker, load_model, load_settings, open_store
+from ..startup import StartupError, console_main, generation_worker, load_model, open_store
 
 log = logging.getLogger("bot.worker.main")
 
@@ -151,26 +150,7 @@ def usage(prog: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
-    args = sys.argv[1:] if argv is None else argv
-    prog = "python -m bot.worker" if Path(sys.argv[0]).name == "__main__.py" else Path(sys.argv[0]).name
-    if args and args[0] in ("-h", "--help"):
-        print(usage(prog))
-        return 0
-    if args:
-        print(f"musicgen-worker: unknown argument {args[0]!r}; settings come from the environment and .env "
-              "(see --help)", file=sys.stderr)
-        return 2
-    settings = load_settings("musicgen-worker")
-    if settings is None:
-        return 2
-    try:
-        asyncio.run(run(settings))
-    except StartupError as exc:
-        log.error("%s", exc)
-        return 2
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return console_main(argv, name="musicgen-worker", module="bot.worker", usage=usage, run=run)
 
 
 if __name__ == "__main__":
