@@ -5,11 +5,14 @@ Discord. Each worker has its own folder for clip files, as on its own machine.""
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 from tests.e2e_helpers import audio, clips, frames, says
 from tests.fake_discord import FakeDiscord
@@ -175,3 +178,32 @@ async def test_a_gateway_with_an_embedded_worker_generates_beside_other_workers(
     assert frames(clip.data) == 2 * RATE and jobs_started(both) == [1]
     assert "worker=gw" in both.log  # claimed under its own name in the shared store
     assert await both.stop() == 0, both.log
+
+
+async def test_files_cross_machines_an_upload_to_the_worker_and_tokens_back_for_extend(
+        fake_discord: FakeDiscord, start: Callable[..., Awaitable[BotProcess]], tmp_path: Path) -> None:
+    """/continue's upload is decoded on the gateway and generated from on the worker; the clip's tokens, kept by
+    the worker, come back to the gateway (and a worker) through the store when the member clicks Extend."""
+    fake = fake_discord
+    worker = await start("worker", WORKER_ID="w1", MAX_SECONDS="3")
+    gateway = await start("gateway", MAX_SECONDS="3")
+    carol = fake.guild.add_member("carol")
+    tone = 0.4 * np.sin(2 * np.pi * 330 * np.arange(44100) / 44100)
+    out = io.BytesIO()
+    sf.write(out, tone.astype(np.float32), 44100, format="WAV")
+    upload = fake.upload("mine.wav", out.getvalue(), "audio/wav")
+    interaction = await fake.invoke(carol, "continue", {"audio": upload, "prompt": "and then drums", "seconds": 2})
+    [continued] = await clips(interaction, 1, timeout=60)
+    n = frames(continued.data)
+    assert abs(n - 3 * RATE) < 640  # 1 s of upload (to a whole EnCodec frame) + exactly 2 s
+    assert list((tmp_path / "gateway" / "clips").glob("upload-*.npz"))  # written on the gateway...
+    assert list((tmp_path / "w1" / "clips").glob("upload-*.npz"))  # ...read on the worker's machine
+    assert (tmp_path / "w1" / "clips" / "1.npy").exists() and not (tmp_path / "gateway" / "clips" / "1.npy").exists()
+
+    [message] = [m for m in interaction.followups if m.attachments]
+    extend = await fake.click(message, "clip:extend:1", carol)
+    [longer] = await clips(extend, 1, timeout=60)
+    assert abs(frames(longer.data) - (n + 3 * RATE)) < 640  # the clip and 3 s more (MAX_SECONDS)
+    assert (tmp_path / "gateway" / "clips" / "1.npy").exists()  # fetched by the gateway to size the extension
+    assert jobs_started(worker) == [1, 2]
+    assert await worker.stop() == 0 and await gateway.stop() == 0
