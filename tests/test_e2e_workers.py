@@ -207,3 +207,12 @@ async def test_files_cross_machines_an_upload_to_the_worker_and_tokens_back_for_
     assert (tmp_path / "gateway" / "clips" / "1.npy").exists()  # fetched by the gateway to size the extension
     assert jobs_started(worker) == [1, 2]
     assert await worker.stop() == 0 and await gateway.stop() == 0
+
+
+async def test_a_gateway_connects_the_shards_it_is_given(
+        fake_discord: FakeDiscord, start: Callable[..., Awaitable[BotProcess]]) -> None:
+    await start("worker", WORKER_ID="w1")
+    gateway = await start("gateway", SHARD_COUNT="2", SHARD_IDS="1")  # the other process would take shard 0
+    [identify] = fake_discord.events_of("identify")
+    assert identify.data["shard"] == [1, 2]
+    assert await gateway.stop() == 0
