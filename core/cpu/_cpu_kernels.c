@@ -27,6 +27,9 @@
 
 #define _GNU_SOURCE
 #include <Python.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
@@ -50,14 +53,14 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 #define SPIN_NS 2000000            /* a worker spins this long for the next product before it sleeps */
 
 /* What Python checks at load (core/cpu/blas.py KERNEL_ABI): bump it whenever a signature or meaning changes. */
-#define KERNEL_ABI 2
+#define KERNEL_ABI 3
 
 static sgemm_fn fallback;
 static int n_threads = 1;
 
 /* Counters Python reads (kernel_counters) to prove the products and the attention went through here, and an error
  * flag for what cblas_sgemm (void) cannot return: Python raises on it (kernel_take_error) after each call/step. */
-static atomic_ulong count_skinny, count_fallback, count_attention;
+static atomic_ulong count_skinny, count_fallback, count_attention, count_quantized;
 static atomic_int kernel_error;
 
 /* ------------------------------------------------------------------------------------------------ kernels */
@@ -82,6 +85,16 @@ typedef struct {
 typedef void (*columns_fn)(int transB, int M, int K, const float *A, const float *B, int ldb, float *C, int ldc,
                            int n0, int n1, float alpha, float beta);
 typedef void (*attention_rows_fn)(const attention_t *a, int first, int last, float *scores);
+typedef void (*quant_fn)(int bits, int G, int M, int K, const float *A, const uint8_t *W, const float *S,
+                         const float *Bi, float *C, int ldc, int n0, int n1);
+typedef void (*permute_fn)(int M, int K, const float *A, float *out);
+
+/* One instruction set's quantized product: the kernel and the 4-bit de-interleaving of A it expects, chosen
+ * together so a product never mixes two sets. */
+typedef struct {
+    quant_fn columns;
+    permute_fn permute;
+} quant_kernel_t;
 
 /* The kernels once per vector width (core/cpu/_cpu_kernels_simd.h), each compiled for its instruction set: the
  * registers decide the blocking, so one 16-wide source compiled for AVX2 would spill (measured 7x slower). */
@@ -120,6 +133,12 @@ typedef void (*attention_rows_fn)(const attention_t *a, int first, int last, flo
 static _Atomic(columns_fn) skinny_columns = skinny_columns_base;
 static _Atomic(attention_rows_fn) attention_rows = attention_rows_base;
 static _Atomic(const char *) instruction_set = "baseline";
+static const quant_kernel_t quant_base = {quant_columns_base, quant_permute_base};
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+static const quant_kernel_t quant_avx512 = {quant_columns_avx512, quant_permute_avx512};
+static const quant_kernel_t quant_avx2 = {quant_columns_avx2, quant_permute_avx2};
+#endif
+static _Atomic(const quant_kernel_t *) quant_kernel = &quant_base;
 static atomic_flag pool_busy = ATOMIC_FLAG_INIT; /* held by the one parallel job in flight (and kernel_select) */
 
 /* Use the kernels of one instruction set ("avx512", "avx2", "baseline", or NULL for the widest this CPU has);
@@ -133,15 +152,18 @@ static int select_kernels(const char *name) {
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if ((any || !strcmp(name, "avx512")) && avx512) {
         skinny_columns = skinny_columns_avx512; attention_rows = attention_rows_avx512; instruction_set = "avx512";
+        quant_kernel = &quant_avx512;
         return 0;
     }
     if ((any || !strcmp(name, "avx2")) && avx2) {
         skinny_columns = skinny_columns_avx2; attention_rows = attention_rows_avx2; instruction_set = "avx2";
+        quant_kernel = &quant_avx2;
         return 0;
     }
 #endif
     if (any || !strcmp(name, "baseline")) {
         skinny_columns = skinny_columns_base; attention_rows = attention_rows_base; instruction_set = "baseline";
+        quant_kernel = &quant_base;
         return 0;
     }
     return -1;
@@ -308,6 +330,56 @@ int cross_attention(int B, int H, int S, int D, float scale, const float *q, con
     return run_attention(&a);
 }
 
+
+/* ------------------------------------------------------------------------------------------------ quantized */
+
+typedef struct {
+    const quant_kernel_t *kernel;
+    int bits, G, M, N, K;
+    const float *A;
+    const uint8_t *W;
+    const float *S, *B;
+    float *C;
+} quantized_t;
+
+#define QUANT_GRAIN 16 /* columns per block a thread takes: a multiple of every kernel's 1, 2 or 4 at a time */
+
+static void quantized_part(const void *args, int part, int parts) {
+    const quantized_t *q = args;
+    int blocks = (q->N + QUANT_GRAIN - 1) / QUANT_GRAIN;
+    int b0 = (int)((long)blocks * part / parts), b1 = (int)((long)blocks * (part + 1) / parts);
+    int n0 = b0 * QUANT_GRAIN, n1 = b1 * QUANT_GRAIN < q->N ? b1 * QUANT_GRAIN : q->N;
+    if (n0 < n1) q->kernel->columns(q->bits, q->G, q->M, q->K, q->A, q->W, q->S, q->B, q->C, q->N, n0, n1);
+}
+
+/* C (M, N) = A (M, K) · Wᵀ for W (N, K) quantized by mx.quantize (affine, `bits` 4 or 8, group size `group`):
+ * W_packed (N, K * bits / 32) uint32, scales and biases (N, K / group) float32; every array C-contiguous. For
+ * M <= SKINNY_MAX_ROWS rows, the few a decoder step has. Returns 0, -1 (computing nothing) for arguments it does
+ * not take (bits, a group size that is not a multiple of 32 or does not divide K, too many rows), -2 when memory
+ * ran out. */
+int quantized_matmul(int M, int N, int K, int bits, int group, const float *A, const void *W_packed,
+                     const float *scales, const float *biases, float *C) {
+    if (M < 1 || M > SKINNY_MAX_ROWS || N < 1 || K < 1 || (bits != 4 && bits != 8) || group < 32 || group % 32 ||
+        K % group)
+        return -1;
+    atomic_fetch_add_explicit(&count_quantized, 1, memory_order_relaxed);
+    const quant_kernel_t *kernel = atomic_load(&quant_kernel);
+    float stack[4096];
+    float *permuted = NULL;
+    const float *a = A;
+    if (bits == 4) { /* de-interleaved for the kernel's vector width (quant_permute in _cpu_kernels_simd.h) */
+        permuted = (size_t)M * K <= 4096 ? stack : malloc(sizeof(float) * (size_t)M * K);
+        if (!permuted) return -2;
+        kernel->permute(M, K, A, permuted);
+        a = permuted;
+    }
+    quantized_t q = {kernel, bits, group, M, N, K, a, W_packed, scales, biases, C};
+    int parts = n_threads > 1 && (long)N * K >= THREAD_MIN_FLOATS * 4 ? n_threads : 1;
+    run_parallel(quantized_part, &q, parts);
+    if (permuted && permuted != stack) free(permuted);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------------ entry */
 
 static void call_fallback(int order, int transA, int transB, int M, int N, int K, float alpha, const float *A,
@@ -385,9 +457,10 @@ int skinny_max_rows(void) { return SKINNY_MAX_ROWS; }
 const char *kernel_instruction_set(void) { return instruction_set; }
 int kernel_abi_version(void) { return KERNEL_ABI; }
 
-/* Products the skinny kernel took, products handed to the BLAS, attention calls: out[0..2]. */
+/* Products the skinny kernel took, products handed to the BLAS, attention calls, quantized products: out[0..3]. */
 void kernel_counters(unsigned long long *out) {
     out[0] = atomic_load(&count_skinny), out[1] = atomic_load(&count_fallback), out[2] = atomic_load(&count_attention);
+    out[3] = atomic_load(&count_quantized);
 }
 
 /* The error a void entry point could not return (2: no BLAS behind the kernel, 1: out of memory), cleared; 0 if none. */
