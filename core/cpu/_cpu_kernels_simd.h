@@ -369,6 +369,35 @@ static void FN(quant_columns)(int bits, int G, int M, int K, const float *A, con
     }
 }
 
+/* x <- 0.5 x (1 + erf(x / sqrt 2)) for n floats, the exact GELU, with erf as the rational function Eigen and XLA
+ * use for float32 (core/cpu/fast_ops.py erf_rational, within a few ulp). For the host-memory decoder step
+ * (core/cpu/host_step.py), which would otherwise hand the array back to MLX for it. */
+static void FN(gelu_inplace)(long n, float *x) {
+    static const float P[7] = {-2.72614225801306e-10f, 2.77068142495902e-08f, -2.10102402082508e-06f,
+                               -5.69250639462346e-05f, -7.34990630326855e-04f, -2.95459980854025e-03f,
+                               -1.60960333262415e-02f};
+    static const float Q[5] = {-1.45660718464996e-05f, -2.13374055278905e-04f, -1.68282697438203e-03f,
+                               -7.37332916720468e-03f, -1.42647390514189e-02f};
+    long i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vf v = *(vf *)(x + i), z = v * 0.7071067811865476f;
+        vi low = z < -4.0f, high = z > 4.0f; /* clip to [-4, 4] (C has no vector ?:) */
+        z = (vf)(((vi)z & ~(low | high)) | ((vi)((vf){0} - 4.0f) & low) | ((vi)((vf){0} + 4.0f) & high));
+        vf z2 = z * z, p = z2 * P[0] + P[1], q = z2 * Q[0] + Q[1];
+        for (int c = 2; c < 7; c++) p = p * z2 + P[c];
+        for (int c = 2; c < 5; c++) q = q * z2 + Q[c];
+        *(vf *)(x + i) = 0.5f * v * (1.0f + z * p / q);
+    }
+    for (; i < n; i++) {
+        float v = x[i], z = v * 0.7071067811865476f;
+        z = z < -4.0f ? -4.0f : z > 4.0f ? 4.0f : z;
+        float z2 = z * z, p = z2 * P[0] + P[1], q = z2 * Q[0] + Q[1];
+        for (int c = 2; c < 7; c++) p = p * z2 + P[c];
+        for (int c = 2; c < 5; c++) q = q * z2 + Q[c];
+        x[i] = 0.5f * v * (1.0f + z * p / q);
+    }
+}
+
 #undef AXPY_V
 #undef COLUMN_BLOCK
 #undef vf

@@ -66,8 +66,8 @@ ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 ATTENTION_ARGTYPES = [ctypes.c_int] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_void_p]
 # cross_attention(B, H, S, D, scale, q, k, v, mask, out)
 CROSS_ATTENTION_ARGTYPES = [ctypes.c_int] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 5
-# quantized_matmul(M, N, K, bits, group, A, W_packed, scales, biases, C)
-QUANTIZED_ARGTYPES = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 5
+# quantized_matmul(M, K, bits, group, count, N[count], A, W_packed[count], scales[count], biases[count], C)
+QUANTIZED_ARGTYPES = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 6
 
 
 def _cpu_count() -> int:
@@ -145,6 +145,7 @@ def _load_cpu_kernels(fallback: ctypes.CDLL | None) -> str | None:
     kernel.decode_attention.argtypes, kernel.decode_attention.restype = ATTENTION_ARGTYPES, ctypes.c_int
     kernel.cross_attention.argtypes, kernel.cross_attention.restype = CROSS_ATTENTION_ARGTYPES, ctypes.c_int
     kernel.quantized_matmul.argtypes, kernel.quantized_matmul.restype = QUANTIZED_ARGTYPES, ctypes.c_int
+    kernel.gelu_inplace.argtypes, kernel.gelu_inplace.restype = [ctypes.c_long, ctypes.c_void_p], None
     kernel.kernel_select.argtypes, kernel.kernel_select.restype = [ctypes.c_char_p], ctypes.c_int
     kernel.kernel_instruction_set.restype = ctypes.c_char_p
     kernel.kernel_counters.argtypes, kernel.kernel_counters.restype = [ctypes.POINTER(ctypes.c_ulonglong)], None
