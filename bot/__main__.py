@@ -47,7 +47,8 @@ def model_factory(settings: Settings):
     """What the worker thread calls to load the model (on that thread: MLX streams are per thread)."""
 
     def load():
-        return core.MusicGen.from_pretrained(settings.musicgen_model, dtype=settings.musicgen_dtype)
+        return core.MusicGen.from_pretrained(settings.musicgen_model, dtype=settings.musicgen_dtype,
+                                             quantize=settings.musicgen_quantize)
 
     return load
 
@@ -71,7 +72,8 @@ async def run(settings: Settings) -> None:
                               extend_stride=settings.extend_stride_seconds)
     queue = JobQueue(store, Limits.from_settings(settings), batch_size=settings.max_batch)
     backend = core.preload_backend()  # before the worker thread imports MLX
-    log.info("loading model %s (%s); BLAS: %s", settings.musicgen_model, settings.musicgen_dtype, backend)
+    log.info("loading model %s (%s, %s); BLAS: %s", settings.musicgen_model, settings.musicgen_dtype,
+             f"{settings.musicgen_quantize}-bit decoder" if settings.musicgen_quantize else "not quantized", backend)
     worker.start()
     try:
         await worker.wait_ready()
