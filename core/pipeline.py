@@ -13,6 +13,7 @@ rows, temperature, then top-k.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
@@ -75,6 +76,7 @@ class MusicGen:
         self.generation_config = dict(generation_config or {})
         self.melody = melody
         self.quantization: dict | None = None  # {"bits", "group_size"} of the decoder's linear layers, if quantized
+        self.source: Path | None = None  # the checkpoint folder it was loaded from
 
     # ---------------------------------------------------------------------------------------- loading
 
@@ -188,11 +190,35 @@ class MusicGen:
         model = cls(config, text_encoder, decoder, audio_encoder, tokenizer, enc_to_dec_proj, generation_config,
                     max_seconds, melody)
         model.quantization = {"bits": quantize, "group_size": group_size} if quantize else None
+        model.source = folder
         mx.eval(model.parameters())
         log.info("loaded %s%s: %d codebooks, %d channel(s), decoder %s%s, max %.4g s", folder,
                  " (melody)" if is_melody else "", decoder_config.num_codebooks, model.channels, dtype, f" q{quantize}" if quantize else "",
                  model.max_seconds)
         return model
+
+    def save_quantized(self, folder: str | Path) -> Path:
+        """Write this model, its decoder quantized, as a checkpoint folder that :meth:`from_pretrained` loads without
+        quantizing again (``config.json`` gains a ``quantization`` key, as mlx-lm writes it; the decoder's tensors
+        are MLX's packed ``weight``, ``scales`` and ``biases``; everything else is copied from the source)."""
+        import shutil
+
+        if self.quantization is None or self.source is None:
+            raise ValueError("save_quantized needs a model loaded with quantize=8 or 4")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for file in self.source.iterdir():
+            if file.is_file() and file.suffix in (".json", ".model") and file.name != "model.safetensors.index.json":
+                shutil.copyfile(file, folder / file.name)
+        config = dict(self.config, quantization={"group_size": self.quantization["group_size"],
+                                                 "bits": self.quantization["bits"]})
+        (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        tensors = {k: v for k, v in load_safetensors(self.source).items() if not k.startswith("decoder.")}
+        for name, value in tree_flatten(self.decoder.parameters()):
+            key = f"decoder.{name}" if name.startswith("lm_heads.") else f"decoder.model.decoder.{name}"
+            tensors[key] = value
+        mx.save_safetensors(str(folder / "model.safetensors"), tensors, metadata={"format": "mlx"})
+        return folder
 
     def parameters(self) -> dict:
         """Every module's parameters, keyed like the checkpoint."""
