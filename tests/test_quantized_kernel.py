@@ -131,3 +131,15 @@ def test_gelu_is_the_exact_one(kernel, isa):
     kernel.gelu_inplace(y.size, y.ctypes.data)
     expected = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
     np.testing.assert_allclose(y, expected, rtol=2e-6, atol=1e-6)
+
+
+def test_layer_norm_rows(kernel, isa):
+    rng = np.random.default_rng(2)
+    for rows, width in ((1, 64), (3, 1024), (16, 100)):
+        x = (rng.standard_normal((rows, width)) * 3 + 1).astype(np.float32)
+        w, b = rng.standard_normal(width).astype(np.float32), rng.standard_normal(width).astype(np.float32)
+        out = np.empty_like(x)
+        kernel.layer_norm_rows(rows, width, x.ctypes.data, w.ctypes.data, b.ctypes.data, 1e-5, out.ctypes.data)
+        x64 = x.astype(np.float64)
+        expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * w + b
+        np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5 * np.abs(expected).max())

@@ -89,6 +89,8 @@ typedef void (*quant_fn)(int bits, int G, int M, int K, const float *A, const ui
                          const float *Bi, float *C, int ldc, int n0, int n1);
 typedef void (*permute_fn)(int M, int K, const float *A, float *out);
 typedef void (*gelu_fn)(long n, float *x);
+typedef void (*layer_norm_fn)(int M, int K, const float *x, const float *weight, const float *bias, float eps,
+                              float *out);
 
 /* One instruction set's quantized product: the kernel and the 4-bit de-interleaving of A it expects, chosen
  * together so a product never mixes two sets. */
@@ -96,6 +98,7 @@ typedef struct {
     quant_fn columns;
     permute_fn permute;
     gelu_fn gelu;
+    layer_norm_fn layer_norm;
 } quant_kernel_t;
 
 /* The kernels once per vector width (core/cpu/_cpu_kernels_simd.h), each compiled for its instruction set: the
@@ -135,10 +138,10 @@ typedef struct {
 static _Atomic(columns_fn) skinny_columns = skinny_columns_base;
 static _Atomic(attention_rows_fn) attention_rows = attention_rows_base;
 static _Atomic(const char *) instruction_set = "baseline";
-static const quant_kernel_t quant_base = {quant_columns_base, quant_permute_base, gelu_inplace_base};
+static const quant_kernel_t quant_base = {quant_columns_base, quant_permute_base, gelu_inplace_base, layer_norm_rows_base};
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-static const quant_kernel_t quant_avx512 = {quant_columns_avx512, quant_permute_avx512, gelu_inplace_avx512};
-static const quant_kernel_t quant_avx2 = {quant_columns_avx2, quant_permute_avx2, gelu_inplace_avx2};
+static const quant_kernel_t quant_avx512 = {quant_columns_avx512, quant_permute_avx512, gelu_inplace_avx512, layer_norm_rows_avx512};
+static const quant_kernel_t quant_avx2 = {quant_columns_avx2, quant_permute_avx2, gelu_inplace_avx2, layer_norm_rows_avx2};
 #endif
 static _Atomic(const quant_kernel_t *) quant_kernel = &quant_base;
 static atomic_flag pool_busy = ATOMIC_FLAG_INIT; /* held by the one parallel job in flight (and kernel_select) */
@@ -397,6 +400,11 @@ int quantized_matmul(int M, int K, int bits, int group, int count, const int *N,
 
 /* The exact (erf) GELU of n floats in place, for the host-memory decoder step. */
 void gelu_inplace(long n, float *x) { atomic_load(&quant_kernel)->gelu(n, x); }
+
+/* Layer norm of M rows of K floats into out (which may be x), for the host-memory decoder step. */
+void layer_norm_rows(int M, int K, const float *x, const float *weight, const float *bias, float eps, float *out) {
+    atomic_load(&quant_kernel)->layer_norm(M, K, x, weight, bias, eps, out);
+}
 
 /* ------------------------------------------------------------------------------------------------ entry */
 

@@ -398,6 +398,34 @@ static void FN(gelu_inplace)(long n, float *x) {
     }
 }
 
+/* out[m] = (x[m] - mean) / sqrt(var + eps) * weight + bias for M rows of K floats (the host-memory decoder step's
+ * layer norms; NumPy took ~20 µs for 2 x 1024 values in 8 operations). Mean first, then the centred variance, in
+ * float32 with LANES partial sums, as MLX's fused layer norm computes it. */
+static void FN(layer_norm_rows)(int M, int K, const float *x, const float *weight, const float *bias, float eps,
+                                float *out) {
+    const int KV = K - K % LANES;
+    for (int m = 0; m < M; m++) {
+        const float *row = x + (size_t)m * K;
+        float *o = out + (size_t)m * K;
+        vf acc = {0};
+        for (int k = 0; k < KV; k += LANES) acc += *(const vf *)(row + k);
+        float sum = FN(hsum)(acc);
+        for (int k = KV; k < K; k++) sum += row[k];
+        float mean = sum / K;
+        vf sq = {0};
+        for (int k = 0; k < KV; k += LANES) {
+            vf c = *(const vf *)(row + k) - mean;
+            sq += c * c;
+        }
+        float var = FN(hsum)(sq);
+        for (int k = KV; k < K; k++) var += (row[k] - mean) * (row[k] - mean);
+        float inv = 1.0f / __builtin_sqrtf(var / K + eps);
+        for (int k = 0; k < KV; k += LANES)
+            *(vf *)(o + k) = (*(const vf *)(row + k) - mean) * inv * *(const vf *)(weight + k) + *(const vf *)(bias + k);
+        for (int k = KV; k < K; k++) o[k] = (row[k] - mean) * inv * weight[k] + bias[k];
+    }
+}
+
 #undef AXPY_V
 #undef COLUMN_BLOCK
 #undef vf

@@ -146,6 +146,9 @@ def _load_cpu_kernels(fallback: ctypes.CDLL | None) -> str | None:
     kernel.cross_attention.argtypes, kernel.cross_attention.restype = CROSS_ATTENTION_ARGTYPES, ctypes.c_int
     kernel.quantized_matmul.argtypes, kernel.quantized_matmul.restype = QUANTIZED_ARGTYPES, ctypes.c_int
     kernel.gelu_inplace.argtypes, kernel.gelu_inplace.restype = [ctypes.c_long, ctypes.c_void_p], None
+    kernel.layer_norm_rows.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_float,
+                                                                                              ctypes.c_void_p]
+    kernel.layer_norm_rows.restype = None
     kernel.kernel_select.argtypes, kernel.kernel_select.restype = [ctypes.c_char_p], ctypes.c_int
     kernel.kernel_instruction_set.restype = ctypes.c_char_p
     kernel.kernel_counters.argtypes, kernel.kernel_counters.restype = [ctypes.POINTER(ctypes.c_ulonglong)], None

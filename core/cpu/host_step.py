@@ -19,37 +19,39 @@ import numpy as np
 
 from . import blas
 from .cache import HostCrossKV, HostKVCache, host_float32
-from .quantized import MAX_ROWS, FewRowQuantizedLinear, project_host
+from .quantized import MAX_ROWS, FewRowQuantizedLinear, Product
 
 
 class _Norm:
-    """A layer norm's weight and bias as host arrays."""
+    """A layer norm's weight and bias as host arrays, for the kernels' ``layer_norm_rows``."""
 
     def __init__(self, norm):
-        self.weight, self.bias = (np.asarray(a, dtype=np.float32) for a in (norm.weight, norm.bias))
+        self.weight, self.bias = (np.ascontiguousarray(np.asarray(a), dtype=np.float32) for a in (norm.weight, norm.bias))
         self.eps = float(norm.eps)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        centred = x - x.mean(axis=-1, keepdims=True)
-        variance = np.mean(centred * centred, axis=-1, keepdims=True)
-        return centred * (1.0 / np.sqrt(variance + self.eps)) * self.weight + self.bias
+        out = np.empty_like(x)
+        blas.cpu_kernels.layer_norm_rows(x.shape[0], x.shape[1], x.ctypes.data, self.weight.ctypes.data,
+                                         self.bias.ctypes.data, self.eps, out.ctypes.data)
+        return out
 
 
 class _LayerHost:
-    """One decoder layer's norms and projections for the host step (built once per layer and weights)."""
+    """One decoder layer's norms and projections (their kernel calls prepared) for the host step, built once per
+    layer and weights."""
 
     def __init__(self, layer):
         self.key = layer.fc1.weight
         attn = layer.self_attn
         self.heads, self.scale = attn.heads, attn.scale
         self.norm1, self.norm3 = _Norm(layer.self_attn_layer_norm), _Norm(layer.final_layer_norm)
-        self.qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-        self.out = [attn.out_proj]
+        self.qkv = Product([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.out = Product([attn.out_proj])
         self.cross = "encoder_attn" in layer
         if self.cross:
             self.norm2 = _Norm(layer.encoder_attn_layer_norm)
-            self.cross_q, self.cross_out = [layer.encoder_attn.q_proj], [layer.encoder_attn.out_proj]
-        self.fc1, self.fc2 = [layer.fc1], [layer.fc2]
+            self.cross_q, self.cross_out = Product([layer.encoder_attn.q_proj]), Product([layer.encoder_attn.out_proj])
+        self.fc1, self.fc2 = Product([layer.fc1]), Product([layer.fc2])
 
 
 def _layer_host(layer) -> _LayerHost | None:
@@ -89,13 +91,12 @@ def step(layers: Sequence, x: mx.array, text: Sequence | None, cache: Sequence) 
     gelu = blas.cpu_kernels.gelu_inplace
     for i, layer in enumerate(layers):
         p = _layer_host(layer)
-        qkv = project_host(np.ascontiguousarray(p.norm1(h)), p.qkv)  # (B, 3 dims)
+        qkv = p.qkv(p.norm1(h))  # (B, 3 dims)
         q, k, v = (np.ascontiguousarray(qkv[:, j * dims:(j + 1) * dims]) for j in range(3))
-        h += project_host(cache[i].attend_host(q, k, v, p.scale), p.out)
+        h += p.out(cache[i].attend_host(q, k, v, p.scale))
         if text is not None:
-            q = project_host(np.ascontiguousarray(p.norm2(h)), p.cross_q)
-            h += project_host(text[i].attend_host(q, p.scale), p.cross_out)
-        f = project_host(np.ascontiguousarray(p.norm3(h)), p.fc1)
+            h += p.cross_out(text[i].attend_host(p.cross_q(p.norm2(h)), p.scale))
+        f = p.fc1(p.norm3(h))
         gelu(f.size, f.ctypes.data)
-        h += project_host(f, p.fc2)
+        h += p.fc2(f)
     return mx.array(h).reshape(B, 1, dims)

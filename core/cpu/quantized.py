@@ -77,19 +77,32 @@ def project(x: mx.array, layers: Sequence[nn.Module]) -> list[mx.array]:
     return parts
 
 
-def project_host(a: np.ndarray, layers: Sequence[FewRowQuantizedLinear], hosts: Sequence[_Host] | None = None,
-                 out: np.ndarray | None = None) -> np.ndarray:
+def project_host(a: np.ndarray, layers: Sequence[FewRowQuantizedLinear], hosts: Sequence[_Host] | None = None
+                 ) -> np.ndarray:
     """``a`` ``(rows, K)`` C-contiguous float32 times every layer's weights, side by side in one ``(rows, ΣN)``
     array, in one kernel call (rows <= 16; layers of one kind whose ``_host()`` is not None)."""
-    hosts = hosts or [layer._host() for layer in layers]
-    count, first = len(layers), layers[0]
-    widths = [h.outputs for h in hosts]
-    if out is None:
-        out = np.empty((a.shape[0], sum(widths)), dtype=np.float32)
-    pointers = ctypes.c_void_p * count
-    status = blas.cpu_kernels.quantized_matmul(
-        a.shape[0], a.shape[1], first.bits, first.group_size, count, (ctypes.c_int * count)(*widths), a.ctypes.data,
-        pointers(*(h.addresses[0] for h in hosts)), pointers(*(h.addresses[1] for h in hosts)),
-        pointers(*(h.addresses[2] for h in hosts)), out.ctypes.data)
-    blas.check(status, "quantized_matmul")
-    return out
+    return Product(layers, hosts)(a)
+
+
+class Product:
+    """One kernel call's fixed arguments for some layers of one input, built once (a decoder step makes ~150
+    calls: rebuilding the ctypes arguments each time cost ~10 µs apiece)."""
+
+    def __init__(self, layers: Sequence[FewRowQuantizedLinear], hosts: Sequence[_Host] | None = None):
+        self.hosts = list(hosts or [layer._host() for layer in layers])
+        count, first = len(layers), layers[0]
+        widths = [h.outputs for h in self.hosts]
+        self.width = sum(widths)
+        pointers = ctypes.c_void_p * count
+        self.args = (first.bits, first.group_size, count, (ctypes.c_int * count)(*widths),
+                     pointers(*(h.addresses[0] for h in self.hosts)), pointers(*(h.addresses[1] for h in self.hosts)),
+                     pointers(*(h.addresses[2] for h in self.hosts)))
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        out = np.empty((a.shape[0], self.width), dtype=np.float32)
+        bits, group, count, widths, weights, scales, biases = self.args
+        status = blas.cpu_kernels.quantized_matmul(a.shape[0], a.shape[1], bits, group, count, widths, a.ctypes.data,
+                                                   weights, scales, biases, out.ctypes.data)
+        if status:
+            blas.check(status, "quantized_matmul")
+        return out
