@@ -65,7 +65,8 @@ def project(x: mx.array, layers: Sequence[nn.Module]) -> list[mx.array]:
     """``[layer(x) for layer in layers]``: one kernel call for all of them where the layers are the CPU kernels'
     quantized ones (every call costs a crossing from Python)."""
     if "core.cpu.quantized" in sys.modules:
-        from .cpu.quantized import FewRowQuantizedLinear, project as host_project
+        from .cpu.quantized import FewRowQuantizedLinear
+        from .cpu.quantized import project as host_project
 
         if isinstance(layers[0], FewRowQuantizedLinear):
             return host_project(x, layers)

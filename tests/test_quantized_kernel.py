@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from core.cpu import blas
-from tests.test_cpu_kernels import isa, kernel, threads  # noqa: F401 (fixtures)
+from tests import test_cpu_kernels
+
+# the kernel, each instruction set the CPU has, and the kernel's threads: the fixtures of the float32 kernels' tests
+kernel, isa, threads = test_cpu_kernels.kernel, test_cpu_kernels.isa, test_cpu_kernels.threads
 
 
 def dequantize(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group: int) -> np.ndarray:

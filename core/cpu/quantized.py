@@ -62,8 +62,9 @@ def project(x: mx.array, layers: Sequence[nn.Module]) -> list[mx.array]:
     hosts = [layer._host() if isinstance(layer, FewRowQuantizedLinear) else None for layer in layers]
     first = layers[0]
     if (rows > MAX_ROWS or len(layers) > MAX_MATRICES or any(h is None for h in hosts)
-            or any(l.bits != first.bits or l.group_size != first.group_size for l in layers)):
-        return [nn.QuantizedLinear.__call__(l, x) if isinstance(l, FewRowQuantizedLinear) else l(x) for l in layers]
+            or any(layer.bits != first.bits or layer.group_size != first.group_size for layer in layers)):
+        return [nn.QuantizedLinear.__call__(layer, x) if isinstance(layer, FewRowQuantizedLinear) else layer(x)
+                for layer in layers]
     (a,) = host_float32(x.reshape(rows, inner))
     widths = [h.outputs for h in hosts]
     y = mx.array(project_host(a, layers, hosts))
