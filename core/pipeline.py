@@ -158,7 +158,7 @@ class MusicGen:
             if prefix not in parts:
                 raise CheckpointError(f"{source} holds an unexpected tensor {key}")
             parts[prefix][rest] = value
-        del weights, value  # the decoder's float weights must go as each layer is quantized (lazily loaded)
+        weights = value = None  # the decoder's float weights must go as each layer is quantized (lazily loaded)
         decoder_weights = decoder.sanitize(parts.pop("decoder"))
         def load(module: nn.Module, weights: dict[str, mx.array], name: str, to: mx.Dtype) -> None:
             weights = {k: v.astype(to) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}

@@ -170,3 +170,20 @@ def test_generation_paths_work_quantized(tmp_path):
     window = model.window_seconds
     long = model.generate("jazz", window + 0.3, seed=2)
     assert long.tokens.shape[1] == model.frames_for(window + 0.3)
+
+
+def test_melody_decoder_steps_quantized(tmp_path, monkeypatch):
+    """A melody decoder (no cross-attention, a prefix in the caches) steps in host memory too, with greedy
+    tokens equal to the float model's on this checkpoint."""
+    from core.cpu import host_step
+
+    tiny_models.build_musicgen_melody(tmp_path, decoder="tiny-64", seed=3)
+    melody = (np.sin(np.linspace(0, 400, 32000)).astype(np.float32), 32000)
+    fp32 = MusicGen.from_pretrained(tmp_path).generate("jazz", 0.3, seed=1, top_k=1, melody=melody)
+    model = MusicGen.from_pretrained(tmp_path, quantize=8)
+    steps = []
+    step = host_step.step
+    monkeypatch.setattr(host_step, "step", lambda *args: steps.append(1) or step(*args))
+    clip = model.generate("jazz", 0.3, seed=1, top_k=1, melody=melody)
+    assert steps or not sys.platform.startswith("linux")
+    np.testing.assert_array_equal(clip.tokens, fp32.tokens)
