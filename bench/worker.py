@@ -12,6 +12,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 
 PROMPT = "warm synthwave with a driving bassline"
 
@@ -38,9 +39,11 @@ def run_ours(args) -> dict:
     import mlx.core as mx
     import numpy as np
 
+    start = time.perf_counter()
     model = core.MusicGen.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
     frames = model.frames_for(args.seconds)
-    result: dict = {"side": "ours", "blas": backend, "dtype": args.dtype, "quantize": args.quantize}
+    result: dict = {"side": "ours", "blas": backend, "dtype": args.dtype, "quantize": args.quantize,
+                    "load_s": time.perf_counter() - start, "load_peak_rss_mib": peak_rss_mib()}
 
     def encode():
         ids, mask = model.tokenizer([PROMPT])
@@ -73,10 +76,12 @@ def run_ours(args) -> dict:
             start = time.perf_counter()
             model.generate_batch(requests)
             batched = time.perf_counter() - start
-            start = time.perf_counter()
-            for request in requests:
-                model.generate_batch([request])
-            sequential = time.perf_counter() - start
+            sequential = None
+            if not args.batched_only:
+                start = time.perf_counter()
+                for request in requests:
+                    model.generate_batch([request])
+                sequential = time.perf_counter() - start
             table.append({"n": n, "batched_s": batched, "sequential_s": sequential})
         result["batches"] = table
         result["batch_peak_rss_mib"] = peak_rss_mib()
@@ -123,15 +128,23 @@ def run_transformers(args) -> dict:
     )
 
     torch.set_num_threads(args.threads)
+    start = time.perf_counter()
     model = MusicgenForConditionalGeneration.from_pretrained(args.model).eval()
+    if args.int8:  # what a CPU user of transformers runs today: dynamic int8 on every nn.Linear
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated in favour of torchao
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    load_s = time.perf_counter() - start
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     inputs = tokenizer([PROMPT], return_tensors="pt", padding=True)
     num_codebooks = model.decoder.num_codebooks
     delays = num_codebooks // model.decoder.config.audio_channels - 1
     frames = round(args.seconds * model.config.audio_encoder.frame_rate)
-    result: dict = {"side": "transformers", "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result: dict = {"side": "transformers", "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "int8": args.int8, "load_s": load_s}
 
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's dynamically quantized layers warn (deprecated) on every call
         result["t5_ms"] = 1000 * median_time(lambda: model.text_encoder(**inputs), args.repeats)
 
         class StepClock(LogitsProcessor):
@@ -174,6 +187,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-sizes", type=lambda s: [int(n) for n in s.split(",") if n], default=[])
+    parser.add_argument("--batched-only", action="store_true", help="time the batches only, not one after another")
+    parser.add_argument("--int8", action="store_true", help="transformers: torch dynamic int8 on every nn.Linear")
     args = parser.parse_args()
     result = run_ours(args) if args.side == "ours" else run_transformers(args)
     json.dump(result, sys.stdout)

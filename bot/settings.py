@@ -14,6 +14,7 @@ from core.options import DEFAULT_MODEL, blas_choice_problem
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZE_MODES = ("none", "8", "4")
 SYNC_MODES = ("guilds", "global", "first", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -24,6 +25,7 @@ VARIABLES = (
     ("DISCORD_TOKEN", "(required)", "the bot token (Developer Portal → your app → Bot → Reset Token)"),
     ("MUSICGEN_MODEL", DEFAULT_MODEL, "hub id or local checkpoint folder"),
     ("MUSICGEN_DTYPE", "float32", "decoder weights: float32, float16 or bfloat16"),
+    ("MUSICGEN_QUANTIZE", "none", "decoder linear layers quantized at load: none, 8 or 4 (bits)"),
     ("DISCORD_GUILD_IDS", "", "comma-separated server ids whose slash commands are synced at start"),
     ("SYNC_COMMANDS", "guilds if ids set, else first", "where commands are synced at start: guilds, global, "
                                                         "first (globally when none are registered yet), none"),
@@ -74,6 +76,7 @@ class Settings:
     discord_token: str = field(repr=False)
     musicgen_model: str = DEFAULT_MODEL
     musicgen_dtype: str = "float32"
+    musicgen_quantize: int | None = None  # bits of the decoder's quantized linear layers, None for none
     discord_guild_ids: tuple[int, ...] = ()
     sync_commands: str = "none"
     max_seconds: int = 60
@@ -136,6 +139,9 @@ class Settings:
         dtype = (get("MUSICGEN_DTYPE") or "float32").lower()
         if dtype not in DTYPES:
             raise SettingsError(f"MUSICGEN_DTYPE must be one of {', '.join(DTYPES)} (got {dtype!r}).")
+        quantize = (get("MUSICGEN_QUANTIZE") or "none").strip().lower()
+        if quantize not in QUANTIZE_MODES:
+            raise SettingsError(f"MUSICGEN_QUANTIZE must be one of {', '.join(QUANTIZE_MODES)} (got {quantize!r}).")
         level = (get("LOG_LEVEL") or "INFO").upper()
         if level not in LOG_LEVELS:
             raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {level!r}).")
@@ -192,6 +198,7 @@ class Settings:
             discord_token=token,
             musicgen_model=get("MUSICGEN_MODEL") or DEFAULT_MODEL,
             musicgen_dtype=dtype,
+            musicgen_quantize=None if quantize == "none" else int(quantize),
             discord_guild_ids=guild_ids,
             sync_commands=sync,
             max_seconds=_int(env, "MAX_SECONDS", 60, minimum=1, maximum=3600),

@@ -58,7 +58,8 @@ def model_factory(settings: Settings) -> Callable[[], Any]:
     def load():
         import core  # only a process that generates imports the model library
 
-        return core.MusicGen.from_pretrained(settings.musicgen_model, dtype=settings.musicgen_dtype)
+        return core.MusicGen.from_pretrained(settings.musicgen_model, dtype=settings.musicgen_dtype,
+                                             quantize=settings.musicgen_quantize)
 
     return load
 
@@ -76,7 +77,8 @@ async def load_model(worker: GenerationWorker, settings: Settings) -> None:
     import core  # a process that generates: the BLAS goes in before the worker thread imports MLX
 
     backend = core.preload_backend()
-    log.info("loading model %s (%s); BLAS: %s", settings.musicgen_model, settings.musicgen_dtype, backend)
+    log.info("loading model %s (%s, %s); BLAS: %s", settings.musicgen_model, settings.musicgen_dtype,
+             f"{settings.musicgen_quantize}-bit decoder" if settings.musicgen_quantize else "not quantized", backend)
     worker.start()
     try:
         await worker.wait_ready()

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classifier-free guidance scale: how closely to follow the prompt (default 3.0)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="decoder weights dtype (default float32, the fastest on CPU)")
+    parser.add_argument("--quantize", type=int, choices=[4, 8], metavar="4|8",
+                        help="quantize the decoder's linear layers to 8 or 4 bits at load (faster on CPU, less "
+                             "memory; see README, Quantized weights)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
     return parser
 
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.melody is not None:
             request = dataclasses.replace(request, melody=read_audio(sf, args.melody))
             request.validate(math.inf)
-        model = MusicGen.from_pretrained(model_name(args.model), dtype=args.dtype, max_seconds=args.max_seconds)
+        model = MusicGen.from_pretrained(model_name(args.model), dtype=args.dtype, quantize=args.quantize,
+                                         max_seconds=args.max_seconds)
         progress = None if args.quiet else ProgressBar()
         if audio is None:
             clip = model.generate(**vars(request), on_progress=progress)

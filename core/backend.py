@@ -4,8 +4,9 @@ attends through. Everything else in the model asks here and never which device i
 The MLX backend (:mod:`core.cache`, ``nn.Linear``) runs everywhere. On a Linux CPU run whose kernels
 :func:`core.preload_backend` loaded, :mod:`core.cpu` offers host caches the C kernels attend and a linear layer that
 follows the BLAS; a Metal (or CUDA) run never imports :mod:`core.cpu`. A later CPU kernel (e.g. few-row products of
-MLX's quantized layout) plugs in here too: :func:`linear_class` (or a quantized counterpart) is where the model
-takes its layers from.
+MLX's quantized layout, :mod:`core.cpu.quantized`) plugs in here too: :func:`linear_class` and
+:func:`quantized_linear_class` are where the model takes its layers from, :func:`project` how it applies several
+to one input.
 """
 
 from __future__ import annotations
@@ -48,6 +49,39 @@ def linear_class() -> type[nn.Linear]:
 
         return FewRowLinear
     return nn.Linear
+
+
+def quantized_linear_class() -> type[nn.QuantizedLinear]:
+    """The class of the decoder's quantized projections: MLX's own (Metal runs it as it is), or on a Linux CPU run
+    with the kernels loaded one whose few-row products run in them (:mod:`core.cpu.quantized`)."""
+    if _cpu_backend_loaded() and sys.modules["core.cpu.blas"].cpu_kernels is not None:
+        from .cpu.quantized import FewRowQuantizedLinear
+
+        return FewRowQuantizedLinear
+    return nn.QuantizedLinear
+
+
+def project(x: mx.array, layers: Sequence[nn.Module]) -> list[mx.array]:
+    """``[layer(x) for layer in layers]``: one kernel call for all of them where the layers are the CPU kernels'
+    quantized ones (every call costs a crossing from Python)."""
+    if "core.cpu.quantized" in sys.modules:
+        from .cpu.quantized import FewRowQuantizedLinear
+        from .cpu.quantized import project as host_project
+
+        if isinstance(layers[0], FewRowQuantizedLinear):
+            return host_project(x, layers)
+    return [layer(x) for layer in layers]
+
+
+def host_step(layers: Sequence[nn.Module], x: mx.array, text: Sequence[CrossAttention] | None,
+              cache: Sequence[SelfAttentionCache]) -> mx.array | None:
+    """A one-position step ``x`` ``(B, 1, dims)`` through every layer in host memory (:mod:`core.cpu.host_step`,
+    for quantized layers on a CPU run), or None where the layers' own calls must run it."""
+    if "core.cpu.quantized" not in sys.modules:
+        return None
+    from .cpu import host_step as host
+
+    return host.step(layers, x, text, cache) if host.usable(layers, x, text, cache) else None
 
 
 def layer_norm_class() -> type[nn.LayerNorm]:

@@ -100,7 +100,7 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cache: SelfAttentionCache | None = None,
                  mask: mx.array | str | None = None) -> mx.array:
         """Self-attention of ``x`` ``(B, T, dims)``, through ``cache`` when given."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = backend.project(x, [self.q_proj, self.k_proj, self.v_proj])
         if cache is None:
             o = attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads),
                           self.scale, mask)
@@ -196,6 +196,10 @@ class MusicgenDecoder(nn.Module):
         offset = cache[0].offset if cache else 0
         T = x.shape[1]
         x = x + sinusoids(mx.arange(offset, offset + T), x.shape[-1]).astype(x.dtype)
+        if T == 1 and cache:
+            stepped = backend.host_step(self.layers, x, text, cache)
+            if stepped is not None:
+                return stepped
         mask = "causal" if T > 1 else None
         for i, layer in enumerate(self.layers):
             x = layer(x, text[i] if text is not None else None, cache[i] if cache else None, mask)
@@ -213,7 +217,45 @@ class MusicgenDecoder(nn.Module):
         B, K, T = tokens.shape
         x = sum(self.embed_tokens[k](tokens[:, k]) for k in range(K)) * self.embed_scale  # (B, T, dims)
         x = self.layer_norm(self._layers(x, text, cache))
-        return mx.stack([head(x) for head in self.lm_heads], axis=1)  # (B, K, T, vocab)
+        return mx.stack(backend.project(x, self.lm_heads), axis=1)  # (B, K, T, vocab)
 
 
-__all__ = ["DecoderConfig", "MusicgenDecoder", "sinusoids"]
+# --------------------------------------------------------------------------------------------------- quantization
+
+
+def quantizable(module: nn.Module, group_size: int) -> bool:
+    """Whether a layer is quantized: a float ``Linear`` whose input width the group size divides."""
+    return isinstance(module, nn.Linear) and module.weight.shape[-1] % group_size == 0
+
+
+def quantize_layers(decoder: MusicgenDecoder, bits: int, group_size: int = 64) -> list[str]:
+    """Swap the decoder's quantizable linear layers for the backend's quantized class, in place; return their
+    names. Nothing is computed: the new layers' weights are placeholders until real ones are loaded
+    (:func:`quantize_weights` makes them from a float checkpoint, layer by layer)."""
+    from mlx.utils import tree_unflatten
+
+    if bits not in (4, 8):
+        raise ValueError(f"quantize must be 4 or 8 bits, got {bits!r}")
+    cls = backend.quantized_linear_class()
+    swapped = []
+    for name, module in decoder.named_modules():
+        if name and quantizable(module, group_size):
+            outputs, inputs = module.weight.shape
+            swapped.append((name, cls(inputs, outputs, bias="bias" in module, group_size=group_size, bits=bits)))
+    decoder.update_modules(tree_unflatten(swapped))
+    return [name for name, _ in swapped]
+
+
+def quantize_weights(weights: dict[str, mx.array], layers: list[str], bits: int, group_size: int = 64) -> None:
+    """Replace each named layer's float ``weight`` in ``weights`` by MLX's quantized ``weight``, ``scales`` and
+    ``biases``, in place, one layer at a time (each is evaluated and its float weight dropped before the next is
+    read, so a lazily loaded checkpoint never holds the float and the quantized decoder at once)."""
+    for name in layers:
+        weight = weights.pop(f"{name}.weight")
+        packed, scales, biases = mx.quantize(weight.astype(mx.float32), group_size=group_size, bits=bits)
+        mx.eval(packed, scales, biases)
+        del weight
+        weights[f"{name}.weight"], weights[f"{name}.scales"], weights[f"{name}.biases"] = packed, scales, biases
+
+
+__all__ = ["DecoderConfig", "MusicgenDecoder", "quantizable", "quantize_layers", "quantize_weights", "sinusoids"]

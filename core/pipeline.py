@@ -13,6 +13,7 @@ rows, temperature, then top-k.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
@@ -28,7 +29,7 @@ from mlx.utils import tree_flatten
 
 from . import backend
 from .chroma import ChromaConfig
-from .decoder import DecoderConfig, MusicgenDecoder
+from .decoder import DecoderConfig, MusicgenDecoder, quantize_layers, quantize_weights
 from .encodec import EncodecConfig, EncodecModel
 from .generate import decode_steps, plan_windows, run_steps, window_seed
 from .generation import Clip, GenerationRequest, GenerationStopped
@@ -45,6 +46,8 @@ from .t5 import T5Config, T5EncoderModel
 from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
+
+QUANT_GROUP_SIZE = 64  # values per scale and bias: MLX's default, and what its Metal kernels are tuned for
 
 Request = GenerationRequest | Mapping
 
@@ -72,6 +75,8 @@ class MusicGen:
         self.tokenizer = tokenizer
         self.generation_config = dict(generation_config or {})
         self.melody = melody
+        self.quantization: dict | None = None  # {"bits", "group_size"} of the decoder's linear layers, if quantized
+        self.source: Path | None = None  # the checkpoint folder it was loaded from
 
     # ---------------------------------------------------------------------------------------- loading
 
@@ -80,16 +85,31 @@ class MusicGen:
                         quantize: int | None = None, max_seconds: float | None = None) -> MusicGen:
         """Load a Hugging Face MusicGen checkpoint from a folder or a hub id.
 
-        ``quantize`` (4 or 8 bits) quantizes the decoder's linear layers after loading. ``max_seconds`` is the
+        ``quantize`` (4 or 8 bits) quantizes the decoder's linear layers while loading, group-wise affine in MLX's
+        layout (group size 64), one layer at a time so the float and the quantized decoder are never held at once;
+        a checkpoint saved quantized (``config.json`` key ``quantization``, :meth:`save_quantized`) loads as it is
+        (``quantize`` must then be None or its bits). ``max_seconds`` is the
         longest clip :meth:`generate` accepts (default: twice the model's window, 60 s for the real checkpoints;
         clips longer than the window are made window by window). Every problem with the files
         raises :class:`CheckpointError` naming the file.
         """
         dtype = parse_dtype(dtype)
+        if quantize is not None and (isinstance(quantize, bool) or quantize not in (4, 8)):
+            raise ValueError(f"quantize must be 4 or 8 bits, got {quantize!r}")
         _warn_without_backend()
         folder = resolve(name_or_path)
         config = read_config(folder)
         config_file = folder / "config.json"
+        saved = config.get("quantization")
+        group_size = QUANT_GROUP_SIZE
+        if saved is not None:
+            if (not isinstance(saved, dict) or saved.get("bits") not in (4, 8)
+                    or not isinstance(saved.get("group_size"), int) or saved["group_size"] not in (32, 64, 128)):
+                raise CheckpointError(f"{config_file} has an invalid 'quantization' section: {saved!r}")
+            if quantize not in (None, saved["bits"]):
+                raise CheckpointError(f"{folder} is saved with {saved['bits']}-bit weights; it cannot be loaded "
+                                      f"with quantize={quantize}")
+            quantize, group_size = saved["bits"], saved["group_size"]
         for part in ("text_encoder", "audio_encoder", "decoder"):
             if not isinstance(config.get(part), dict):
                 raise CheckpointError(f"{config_file} has no '{part}' section: is this a MusicGen checkpoint?")
@@ -117,6 +137,7 @@ class MusicGen:
                 decoder_config.model_type = "musicgen_melody_decoder"
             text_encoder = T5EncoderModel(T5Config.from_dict(config["text_encoder"]))
             decoder = MusicgenDecoder(decoder_config)
+            quantized = quantize_layers(decoder, quantize, group_size) if quantize else []
             audio_encoder = EncodecModel(EncodecConfig.from_dict(config["audio_encoder"]))
             melody = MelodyConditioning(MelodyConfig.from_dict(config), ChromaConfig.from_dict(preprocessor),
                                         decoder_config.hidden_size) if is_melody else None
@@ -137,7 +158,8 @@ class MusicGen:
             if prefix not in parts:
                 raise CheckpointError(f"{source} holds an unexpected tensor {key}")
             parts[prefix][rest] = value
-
+        weights = value = None  # the decoder's float weights must go as each layer is quantized (lazily loaded)
+        decoder_weights = decoder.sanitize(parts.pop("decoder"))
         def load(module: nn.Module, weights: dict[str, mx.array], name: str, to: mx.Dtype) -> None:
             weights = {k: v.astype(to) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
             check_weights(module, weights, f"{source} ({name})")
@@ -145,7 +167,13 @@ class MusicGen:
         try:
             load(text_encoder, text_encoder.sanitize(parts["text_encoder"]), "text_encoder", mx.float32)
             load(audio_encoder, audio_encoder.sanitize(parts["audio_encoder"]), "audio_encoder", mx.float32)
-            load(decoder, decoder.sanitize(parts["decoder"]), "decoder", dtype)
+            if quantized and saved is None:
+                missing = [name for name in quantized if f"{name}.weight" not in decoder_weights]
+                if missing:
+                    raise CheckpointError(f"{source} (decoder) has no weight for {missing[0]}")
+                quantize_weights(decoder_weights, quantized, quantize, group_size)
+            load(decoder, decoder_weights, "decoder", dtype)
+            del decoder_weights
             if enc_to_dec_proj is not None:
                 load(enc_to_dec_proj, parts["enc_to_dec_proj"], "enc_to_dec_proj", dtype)
             elif parts["enc_to_dec_proj"]:
@@ -159,18 +187,38 @@ class MusicGen:
             raise
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{source} does not match {config_file}: {e}") from None
-        if quantize is not None:
-            if quantize not in (4, 8):
-                raise ValueError(f"quantize must be 4 or 8 bits, got {quantize!r}")
-            nn.quantize(decoder, group_size=64, bits=quantize,
-                        class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0)
         model = cls(config, text_encoder, decoder, audio_encoder, tokenizer, enc_to_dec_proj, generation_config,
                     max_seconds, melody)
+        model.quantization = {"bits": quantize, "group_size": group_size} if quantize else None
+        model.source = folder
         mx.eval(model.parameters())
         log.info("loaded %s%s: %d codebooks, %d channel(s), decoder %s%s, max %.4g s", folder,
                  " (melody)" if is_melody else "", decoder_config.num_codebooks, model.channels, dtype, f" q{quantize}" if quantize else "",
                  model.max_seconds)
         return model
+
+    def save_quantized(self, folder: str | Path) -> Path:
+        """Write this model, its decoder quantized, as a checkpoint folder that :meth:`from_pretrained` loads without
+        quantizing again (``config.json`` gains a ``quantization`` key, as mlx-lm writes it; the decoder's tensors
+        are MLX's packed ``weight``, ``scales`` and ``biases``; everything else is copied from the source)."""
+        import shutil
+
+        if self.quantization is None or self.source is None:
+            raise ValueError("save_quantized needs a model loaded with quantize=8 or 4")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for file in self.source.iterdir():
+            if file.is_file() and file.suffix in (".json", ".model") and file.name != "model.safetensors.index.json":
+                shutil.copyfile(file, folder / file.name)
+        config = dict(self.config, quantization={"group_size": self.quantization["group_size"],
+                                                 "bits": self.quantization["bits"]})
+        (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        tensors = {k: v for k, v in load_safetensors(self.source).items() if not k.startswith("decoder.")}
+        for name, value in tree_flatten(self.decoder.parameters()):
+            key = f"decoder.{name}" if name.startswith("lm_heads.") else f"decoder.model.decoder.{name}"
+            tensors[key] = value
+        mx.save_safetensors(str(folder / "model.safetensors"), tensors, metadata={"format": "mlx"})
+        return folder
 
     def parameters(self) -> dict:
         """Every module's parameters, keyed like the checkpoint."""

@@ -26,12 +26,14 @@ def test_defaults():
     assert (s.max_batch, s.job_timeout_seconds, s.shutdown_grace_seconds) == (4, 600.0, 30.0)
     assert (s.progress_interval_seconds, s.log_level) == (2.0, "INFO")
     assert (s.extend_stride_seconds, s.memory_limit_mb) == (18.0, None)
+    assert s.musicgen_quantize is None
     assert (s.discord_api_base, s.discord_gateway_url) == (None, None)
 
 
 def test_values_are_parsed():
     s = Settings.from_env({
         "DISCORD_TOKEN": f"  {TOKEN}\n", "MUSICGEN_MODEL": "/models/small", "MUSICGEN_DTYPE": "BFloat16",
+        "MUSICGEN_QUANTIZE": " 8 ",
         "DISCORD_GUILD_IDS": "111, 222", "MAX_SECONDS": "12", "MAX_PENDING_PER_USER": "3", "MAX_QUEUE_SIZE": "9",
         "COOLDOWN_SECONDS": "0", "ADMIN_ROLE_IDS": "5,6", "ADMIN_USER_IDS": "7", "OWNER_USER_IDS": "8, 9", "DATABASE_PATH": "/tmp/x.db",
         "MAX_BATCH": "8", "JOB_TIMEOUT_SECONDS": "60", "SHUTDOWN_GRACE_SECONDS": "5",
@@ -39,7 +41,7 @@ def test_values_are_parsed():
         "DISCORD_GATEWAY_URL": "ws://127.0.0.1:9/", "EXTEND_STRIDE_SECONDS": "12.5", "MEMORY_LIMIT_MB": "2048",
     })
     assert s.discord_token == TOKEN
-    assert (s.musicgen_model, s.musicgen_dtype) == ("/models/small", "bfloat16")
+    assert (s.musicgen_model, s.musicgen_dtype, s.musicgen_quantize) == ("/models/small", "bfloat16", 8)
     assert (s.discord_guild_ids, s.sync_commands) == ((111, 222), "guilds")
     assert (s.max_seconds, s.max_pending_per_user, s.max_queue_size, s.cooldown_seconds) == (12, 3, 9, 0.0)
     assert (s.admin_role_ids, s.admin_user_ids) == (frozenset({5, 6}), frozenset({7}))
@@ -72,6 +74,8 @@ def test_values_are_parsed():
     ({"SYNC_COMMANDS": "always"}, "SYNC_COMMANDS must be one of guilds, global, first, none"),
     ({"SYNC_COMMANDS": "guilds"}, "SYNC_COMMANDS=guilds needs DISCORD_GUILD_IDS"),
     ({"MUSICGEN_DTYPE": "int8"}, "MUSICGEN_DTYPE must be one of"),
+    ({"MUSICGEN_QUANTIZE": "16"}, "MUSICGEN_QUANTIZE must be one of none, 8, 4"),
+    ({"MUSICGEN_QUANTIZE": "int8"}, "MUSICGEN_QUANTIZE must be one of"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be one of"),
     ({"MEMORY_LIMIT_MB": "0"}, "MEMORY_LIMIT_MB must be at least 1"),
     ({"MEMORY_LIMIT_MB": "lots"}, "MEMORY_LIMIT_MB must be a whole number"),

@@ -18,6 +18,10 @@ DECODER_SHAPES = {
     "tiny": dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96),
     # as wide as the tiny T5: transformers then has no `enc_to_dec_proj`
     "tiny-same-width": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64),
+    # widths a multiple of 64, MLX's quantization group: every linear layer of the decoder is quantized
+    "tiny-64": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128),
+    # musicgen-small's layer widths in a two-layer stack: the quantization error of real-shaped matrices
+    "small-2-layers": dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=16, ffn_dim=4096),
     "small": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096),
     "medium": dict(hidden_size=1536, num_hidden_layers=48, num_attention_heads=24, ffn_dim=6144),
 }

@@ -34,7 +34,7 @@ from ..startup import StartupError, console_main, generation_worker, load_model,
 log = logging.getLogger("bot.worker.main")
 
 WORKER_VARIABLES = ("DISCORD_TOKEN", "JOB_STORE", "WORKER_ID", "JOB_LEASE_SECONDS", "FILES_DIR", "MUSICGEN_MODEL",
-                    "MUSICGEN_DTYPE", "MAX_SECONDS", "MAX_BATCH", "MEMORY_LIMIT_MB", "JOB_TIMEOUT_SECONDS",
+                    "MUSICGEN_DTYPE", "MUSICGEN_QUANTIZE", "MAX_SECONDS", "MAX_BATCH", "MEMORY_LIMIT_MB", "JOB_TIMEOUT_SECONDS",
                     "SHUTDOWN_GRACE_SECONDS", "PROGRESS_INTERVAL_SECONDS", "EXTEND_STRIDE_SECONDS",
                     "NORMALIZE_AUDIO", "CLIP_FILES_DAYS", "LOG_LEVEL", "MUSICGEN_BLAS", "DISCORD_API_BASE")
 

@@ -27,6 +27,9 @@
 
 #define _GNU_SOURCE
 #include <Python.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
@@ -50,14 +53,14 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 #define SPIN_NS 2000000            /* a worker spins this long for the next product before it sleeps */
 
 /* What Python checks at load (core/cpu/blas.py KERNEL_ABI): bump it whenever a signature or meaning changes. */
-#define KERNEL_ABI 2
+#define KERNEL_ABI 3
 
 static sgemm_fn fallback;
 static int n_threads = 1;
 
 /* Counters Python reads (kernel_counters) to prove the products and the attention went through here, and an error
  * flag for what cblas_sgemm (void) cannot return: Python raises on it (kernel_take_error) after each call/step. */
-static atomic_ulong count_skinny, count_fallback, count_attention;
+static atomic_ulong count_skinny, count_fallback, count_attention, count_quantized;
 static atomic_int kernel_error;
 
 /* ------------------------------------------------------------------------------------------------ kernels */
@@ -82,6 +85,21 @@ typedef struct {
 typedef void (*columns_fn)(int transB, int M, int K, const float *A, const float *B, int ldb, float *C, int ldc,
                            int n0, int n1, float alpha, float beta);
 typedef void (*attention_rows_fn)(const attention_t *a, int first, int last, float *scores);
+typedef void (*quant_fn)(int bits, int G, int M, int K, const float *A, const uint8_t *W, const float *S,
+                         const float *Bi, float *C, int ldc, int n0, int n1);
+typedef void (*permute_fn)(int M, int K, const float *A, float *out);
+typedef void (*gelu_fn)(long n, float *x);
+typedef void (*layer_norm_fn)(int M, int K, const float *x, const float *weight, const float *bias, float eps,
+                              float *out);
+
+/* One instruction set's quantized product: the kernel and the 4-bit de-interleaving of A it expects, chosen
+ * together so a product never mixes two sets. */
+typedef struct {
+    quant_fn columns;
+    permute_fn permute;
+    gelu_fn gelu;
+    layer_norm_fn layer_norm;
+} quant_kernel_t;
 
 /* The kernels once per vector width (core/cpu/_cpu_kernels_simd.h), each compiled for its instruction set: the
  * registers decide the blocking, so one 16-wide source compiled for AVX2 would spill (measured 7x slower). */
@@ -120,6 +138,12 @@ typedef void (*attention_rows_fn)(const attention_t *a, int first, int last, flo
 static _Atomic(columns_fn) skinny_columns = skinny_columns_base;
 static _Atomic(attention_rows_fn) attention_rows = attention_rows_base;
 static _Atomic(const char *) instruction_set = "baseline";
+static const quant_kernel_t quant_base = {quant_columns_base, quant_permute_base, gelu_inplace_base, layer_norm_rows_base};
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+static const quant_kernel_t quant_avx512 = {quant_columns_avx512, quant_permute_avx512, gelu_inplace_avx512, layer_norm_rows_avx512};
+static const quant_kernel_t quant_avx2 = {quant_columns_avx2, quant_permute_avx2, gelu_inplace_avx2, layer_norm_rows_avx2};
+#endif
+static _Atomic(const quant_kernel_t *) quant_kernel = &quant_base;
 static atomic_flag pool_busy = ATOMIC_FLAG_INIT; /* held by the one parallel job in flight (and kernel_select) */
 
 /* Use the kernels of one instruction set ("avx512", "avx2", "baseline", or NULL for the widest this CPU has);
@@ -133,15 +157,18 @@ static int select_kernels(const char *name) {
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if ((any || !strcmp(name, "avx512")) && avx512) {
         skinny_columns = skinny_columns_avx512; attention_rows = attention_rows_avx512; instruction_set = "avx512";
+        quant_kernel = &quant_avx512;
         return 0;
     }
     if ((any || !strcmp(name, "avx2")) && avx2) {
         skinny_columns = skinny_columns_avx2; attention_rows = attention_rows_avx2; instruction_set = "avx2";
+        quant_kernel = &quant_avx2;
         return 0;
     }
 #endif
     if (any || !strcmp(name, "baseline")) {
         skinny_columns = skinny_columns_base; attention_rows = attention_rows_base; instruction_set = "baseline";
+        quant_kernel = &quant_base;
         return 0;
     }
     return -1;
@@ -308,6 +335,77 @@ int cross_attention(int B, int H, int S, int D, float scale, const float *q, con
     return run_attention(&a);
 }
 
+
+/* ------------------------------------------------------------------------------------------------ quantized */
+
+#define QUANT_MAX_MATRICES 8 /* q, k and v; the 4 (or 8) heads of logits */
+#define QUANT_GRAIN 16       /* columns per block a thread takes: a multiple of every kernel's 1, 2 or 4 at a time */
+
+typedef struct {
+    const quant_kernel_t *kernel;
+    int bits, G, M, K, count, ldc;
+    int first[QUANT_MAX_MATRICES + 1]; /* matrix j has output columns first[j] .. first[j + 1] - 1 */
+    const float *A;
+    const uint8_t *const *W;
+    const float *const *S, *const *B;
+    float *C;
+} quantized_t;
+
+static void quantized_part(const void *args, int part, int parts) {
+    const quantized_t *q = args;
+    int blocks = (q->ldc + QUANT_GRAIN - 1) / QUANT_GRAIN;
+    int b0 = (int)((long)blocks * part / parts), b1 = (int)((long)blocks * (part + 1) / parts);
+    int n0 = b0 * QUANT_GRAIN, n1 = b1 * QUANT_GRAIN < q->ldc ? b1 * QUANT_GRAIN : q->ldc;
+    for (int j = 0; j < q->count; j++) { /* this part's columns of each matrix */
+        int lo = n0 > q->first[j] ? n0 : q->first[j], hi = n1 < q->first[j + 1] ? n1 : q->first[j + 1];
+        if (lo < hi)
+            q->kernel->columns(q->bits, q->G, q->M, q->K, q->A, q->W[j], q->S[j], q->B[j], q->C + q->first[j],
+                               q->ldc, lo - q->first[j], hi - q->first[j]);
+    }
+}
+
+/* C = A · [W_0; W_1; …]ᵀ: A (M, K) times `count` matrices W_j (N_j, K) quantized by mx.quantize (affine, `bits` 4
+ * or 8, group size `group`), whose outputs sit side by side in C (M, N_0 + N_1 + …): W_packed[j] (N_j, K * bits /
+ * 32) uint32, scales[j] and biases[j] (N_j, K / group) float32, every array C-contiguous. One call for several
+ * projections of one input (q, k and v; the heads of logits) saves crossings from Python. For M <=
+ * SKINNY_MAX_ROWS rows, the few a decoder step has. Returns 0, -1 (computing nothing) for arguments it does not
+ * take (bits, a group size that is not a multiple of 32 or does not divide K, too many rows or matrices), -2 when
+ * memory ran out. */
+int quantized_matmul(int M, int K, int bits, int group, int count, const int *N, const float *A,
+                     const void *const *W_packed, const float *const *scales, const float *const *biases, float *C) {
+    if (M < 1 || M > SKINNY_MAX_ROWS || K < 1 || (bits != 4 && bits != 8) || group < 32 || group % 32 ||
+        K % group || count < 1 || count > QUANT_MAX_MATRICES)
+        return -1;
+    quantized_t q = {atomic_load(&quant_kernel), bits, group, M, K, count, 0, {0}, A, (const uint8_t *const *)W_packed,
+                     scales, biases, C};
+    for (int j = 0; j < count; j++) {
+        if (N[j] < 1) return -1;
+        q.first[j + 1] = q.first[j] + N[j];
+    }
+    q.ldc = q.first[count];
+    atomic_fetch_add_explicit(&count_quantized, 1, memory_order_relaxed);
+    float stack[4096];
+    float *permuted = NULL;
+    if (bits == 4) { /* de-interleaved for the kernel's vector width (quant_permute in _cpu_kernels_simd.h) */
+        permuted = (size_t)M * K <= 4096 ? stack : malloc(sizeof(float) * (size_t)M * K);
+        if (!permuted) return -2;
+        q.kernel->permute(M, K, A, permuted);
+        q.A = permuted;
+    }
+    int parts = n_threads > 1 && (long)q.ldc * K >= THREAD_MIN_FLOATS * 4 ? n_threads : 1;
+    run_parallel(quantized_part, &q, parts);
+    if (permuted && permuted != stack) free(permuted);
+    return 0;
+}
+
+/* The exact (erf) GELU of n floats in place, for the host-memory decoder step. */
+void gelu_inplace(long n, float *x) { atomic_load(&quant_kernel)->gelu(n, x); }
+
+/* Layer norm of M rows of K floats into out (which may be x), for the host-memory decoder step. */
+void layer_norm_rows(int M, int K, const float *x, const float *weight, const float *bias, float eps, float *out) {
+    atomic_load(&quant_kernel)->layer_norm(M, K, x, weight, bias, eps, out);
+}
+
 /* ------------------------------------------------------------------------------------------------ entry */
 
 static void call_fallback(int order, int transA, int transB, int M, int N, int K, float alpha, const float *A,
@@ -385,9 +483,10 @@ int skinny_max_rows(void) { return SKINNY_MAX_ROWS; }
 const char *kernel_instruction_set(void) { return instruction_set; }
 int kernel_abi_version(void) { return KERNEL_ABI; }
 
-/* Products the skinny kernel took, products handed to the BLAS, attention calls: out[0..2]. */
+/* Products the skinny kernel took, products handed to the BLAS, attention calls, quantized products: out[0..3]. */
 void kernel_counters(unsigned long long *out) {
     out[0] = atomic_load(&count_skinny), out[1] = atomic_load(&count_fallback), out[2] = atomic_load(&count_attention);
+    out[3] = atomic_load(&count_quantized);
 }
 
 /* The error a void entry point could not return (2: no BLAS behind the kernel, 1: out of memory), cleared; 0 if none. */

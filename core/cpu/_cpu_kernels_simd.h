@@ -243,6 +243,189 @@ static void FN(attention_rows)(const attention_t *a, int first, int last, float 
     }
 }
 
+/* ------------------------------------------------------------------------------------------ quantized weights
+ * MLX's affine layout (mx.quantize): each weight row is K values of `bits` bits packed into uint32 words, element i
+ * of a word at bits i*bits (little-endian, so for 8 bits byte k is element k, for 4 bits byte k/2 holds element k in
+ * its low nibble when k is even, in its high nibble when odd), with one float32 scale and bias per group of G
+ * values: w = q * scale + bias. The weights are dequantised in registers, never in memory, and each dequantised
+ * vector meets every row of A there. For 4 bits A comes de-interleaved in blocks of 2 * LANES (even elements, then
+ * odd: quant_permute below), so a vector of low nibbles meets the even elements and one of high nibbles the odd. */
+
+/* LANES bytes, zero-extended to int32 lanes (one vpmovzxbd; a generic vector conversion is done byte by byte) */
+static inline __attribute__((always_inline)) vi FN(load_u8)(const uint8_t *p) {
+#if LANES == 16 && defined(__AVX512F__)
+    return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+#elif LANES == 8 && defined(__AVX2__)
+    return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    vi v;
+    for (int i = 0; i < LANES; i++) v[i] = p[i];
+    return v;
+#endif
+}
+
+static void FN(quant_permute)(int M, int K, const float *A, float *out) {
+    for (int m = 0; m < M; m++)
+        for (int k0 = 0; k0 < K; k0 += 2 * LANES)
+            for (int j = 0; j < LANES; j++) {
+                out[(size_t)m * K + k0 + j] = A[(size_t)m * K + k0 + 2 * j];
+                out[(size_t)m * K + k0 + LANES + j] = A[(size_t)m * K + k0 + 2 * j + 1];
+            }
+}
+
+/* C[m, n] for MB rows of A and columns [n0, n1), R columns at a time (MB, R, BITS constants in every instance). */
+static inline __attribute__((always_inline)) void
+FN(quant_rows)(int MB, int R, int BITS, int G, int K, const float *A, const uint8_t *W, const float *S,
+               const float *Bi, float *C, int ldc, int n0, int n1) {
+    const int groups = K / G;
+    const size_t ldw = (size_t)K * BITS / 8;
+    for (int n = n0; n + R <= n1; n += R) {
+        vf acc[MAX_MB][4] = {{{0}}};
+        for (int g = 0; g < groups; g++) {
+            vf s[4], b[4];
+            for (int r = 0; r < R; r++) {
+                s[r] = (vf){0} + S[(size_t)(n + r) * groups + g];
+                b[r] = (vf){0} + Bi[(size_t)(n + r) * groups + g];
+                __builtin_prefetch(W + (size_t)(n + r) * ldw + (size_t)g * G * BITS / 8 + 1024);
+            }
+            const int k0 = g * G;
+            if (BITS == 8) {
+                for (int k = k0; k < k0 + G; k += LANES) {
+                    vf w[4];
+                    for (int r = 0; r < R; r++) {
+                        vi q = FN(load_u8)(W + (size_t)(n + r) * ldw + k);
+                        w[r] = __builtin_convertvector(q, vf) * s[r] + b[r];
+                    }
+                    for (int m = 0; m < MB; m++) {
+                        vf a = *(const vf *)(A + (size_t)m * K + k);
+                        for (int r = 0; r < R; r++) acc[m][r] += a * w[r];
+                    }
+                }
+            } else {
+                for (int k = k0; k < k0 + G; k += 2 * LANES) {
+                    vf lo[4], hi[4];
+                    for (int r = 0; r < R; r++) {
+                        vi q = FN(load_u8)(W + (size_t)(n + r) * ldw + k / 2);
+                        lo[r] = __builtin_convertvector(q & 15, vf) * s[r] + b[r];
+                        hi[r] = __builtin_convertvector(q >> 4, vf) * s[r] + b[r];
+                    }
+                    for (int m = 0; m < MB; m++) {
+                        vf a0 = *(const vf *)(A + (size_t)m * K + k), a1 = *(const vf *)(A + (size_t)m * K + k + LANES);
+                        for (int r = 0; r < R; r++) {
+                            acc[m][r] += a0 * lo[r];
+                            acc[m][r] += a1 * hi[r];
+                        }
+                    }
+                }
+            }
+        }
+        for (int m = 0; m < MB; m++)
+            for (int r = 0; r < R; r++) C[(size_t)m * ldc + n + r] = FN(hsum)(acc[m][r]);
+    }
+}
+
+/* Rows [0, mb) of A, mb <= MAX_MB: 4 columns at a time while the accumulators fit the registers, else 2; one
+ * at a time for the last few. */
+static inline __attribute__((always_inline)) void
+FN(quant_pass)(int mb, int BITS, int G, int K, const float *A, const uint8_t *W, const float *S, const float *Bi,
+               float *C, int ldc, int n0, int n1) {
+    switch (mb) {
+#define QCASE(MBV)                                                                                                 \
+    {                                                                                                              \
+        enum { RV = (MBV) <= MAX_MB / 4 ? 4 : 2 };                                                                 \
+        int end = n0 + (n1 - n0) / RV * RV;                                                                        \
+        FN(quant_rows)(MBV, RV, BITS, G, K, A, W, S, Bi, C, ldc, n0, end);                                         \
+        FN(quant_rows)(MBV, 1, BITS, G, K, A, W, S, Bi, C, ldc, end, n1);                                          \
+        break;                                                                                                     \
+    }
+    case 1: QCASE(1)
+    case 2: QCASE(2)
+    case 3: QCASE(3)
+#if MAX_MB == 8
+    case 4: QCASE(4)
+    case 5: QCASE(5)
+    case 6: QCASE(6)
+    case 7: QCASE(7)
+#endif
+    default: QCASE(MAX_MB)
+#undef QCASE
+    }
+}
+
+/* Columns [n0, n1) of C = A Wᵀ for M <= SKINNY_MAX_ROWS rows. More rows than one pass holds are taken in passes
+ * over blocks of columns whose packed weights stay in cache, so the weights are read from memory once. */
+static void FN(quant_columns)(int bits, int G, int M, int K, const float *A, const uint8_t *W, const float *S,
+                              const float *Bi, float *C, int ldc, int n0, int n1) {
+    const int block = M <= MAX_MB ? n1 - n0 : COLUMN_BLOCK;
+    for (int b0 = n0; b0 < n1; b0 += block) {
+        int b1 = n1 - b0 < block ? n1 : b0 + block;
+        for (int m0 = 0; m0 < M; m0 += MAX_MB) {
+            int mb = M - m0 < MAX_MB ? M - m0 : MAX_MB;
+            if (bits == 8)
+                FN(quant_pass)(mb, 8, G, K, A + (size_t)m0 * K, W, S, Bi, C + (size_t)m0 * ldc, ldc, b0, b1);
+            else
+                FN(quant_pass)(mb, 4, G, K, A + (size_t)m0 * K, W, S, Bi, C + (size_t)m0 * ldc, ldc, b0, b1);
+        }
+    }
+}
+
+/* x <- 0.5 x (1 + erf(x / sqrt 2)) for n floats, the exact GELU, with erf as the rational function Eigen and XLA
+ * use for float32 (core/cpu/fast_ops.py erf_rational, within a few ulp). For the host-memory decoder step
+ * (core/cpu/host_step.py), which would otherwise hand the array back to MLX for it. */
+static void FN(gelu_inplace)(long n, float *x) {
+    static const float P[7] = {-2.72614225801306e-10f, 2.77068142495902e-08f, -2.10102402082508e-06f,
+                               -5.69250639462346e-05f, -7.34990630326855e-04f, -2.95459980854025e-03f,
+                               -1.60960333262415e-02f};
+    static const float Q[5] = {-1.45660718464996e-05f, -2.13374055278905e-04f, -1.68282697438203e-03f,
+                               -7.37332916720468e-03f, -1.42647390514189e-02f};
+    long i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vf v = *(vf *)(x + i), z = v * 0.7071067811865476f;
+        vi low = z < -4.0f, high = z > 4.0f; /* clip to [-4, 4] (C has no vector ?:) */
+        z = (vf)(((vi)z & ~(low | high)) | ((vi)((vf){0} - 4.0f) & low) | ((vi)((vf){0} + 4.0f) & high));
+        vf z2 = z * z, p = z2 * P[0] + P[1], q = z2 * Q[0] + Q[1];
+        for (int c = 2; c < 7; c++) p = p * z2 + P[c];
+        for (int c = 2; c < 5; c++) q = q * z2 + Q[c];
+        *(vf *)(x + i) = 0.5f * v * (1.0f + z * p / q);
+    }
+    for (; i < n; i++) {
+        float v = x[i], z = v * 0.7071067811865476f;
+        z = z < -4.0f ? -4.0f : z > 4.0f ? 4.0f : z;
+        float z2 = z * z, p = z2 * P[0] + P[1], q = z2 * Q[0] + Q[1];
+        for (int c = 2; c < 7; c++) p = p * z2 + P[c];
+        for (int c = 2; c < 5; c++) q = q * z2 + Q[c];
+        x[i] = 0.5f * v * (1.0f + z * p / q);
+    }
+}
+
+/* out[m] = (x[m] - mean) / sqrt(var + eps) * weight + bias for M rows of K floats (the host-memory decoder step's
+ * layer norms; NumPy took ~20 µs for 2 x 1024 values in 8 operations). Mean first, then the centred variance, in
+ * float32 with LANES partial sums, as MLX's fused layer norm computes it. */
+static void FN(layer_norm_rows)(int M, int K, const float *x, const float *weight, const float *bias, float eps,
+                                float *out) {
+    const int KV = K - K % LANES;
+    for (int m = 0; m < M; m++) {
+        const float *row = x + (size_t)m * K;
+        float *o = out + (size_t)m * K;
+        vf acc = {0};
+        for (int k = 0; k < KV; k += LANES) acc += *(const vf *)(row + k);
+        float sum = FN(hsum)(acc);
+        for (int k = KV; k < K; k++) sum += row[k];
+        float mean = sum / K;
+        vf sq = {0};
+        for (int k = 0; k < KV; k += LANES) {
+            vf c = *(const vf *)(row + k) - mean;
+            sq += c * c;
+        }
+        float var = FN(hsum)(sq);
+        for (int k = KV; k < K; k++) var += (row[k] - mean) * (row[k] - mean);
+        float inv = 1.0f / __builtin_sqrtf(var / K + eps);
+        for (int k = 0; k < KV; k += LANES)
+            *(vf *)(o + k) = (*(const vf *)(row + k) - mean) * inv * *(const vf *)(weight + k) + *(const vf *)(bias + k);
+        for (int k = KV; k < K; k++) o[k] = (row[k] - mean) * inv * weight[k] + bias[k];
+    }
+}
+
 #undef AXPY_V
 #undef COLUMN_BLOCK
 #undef vf

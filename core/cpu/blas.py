@@ -56,7 +56,7 @@ active_blas = "not chosen yet"
 active_library: str | None = None  # "openblas", "blis", a library's file name, or None for the reference BLAS
 cpu_kernels: ctypes.CDLL | None = None  # the loaded CPU kernels (see few_row_product, core.cpu.cache.HostKVCache)
 
-KERNEL_ABI = 2  # must equal KERNEL_ABI in _cpu_kernels.c: a stale build is refused
+KERNEL_ABI = 3  # must equal KERNEL_ABI in _cpu_kernels.c: a stale build is refused
 
 # cblas_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), pointers as addresses
 SGEMM_ARGTYPES = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
@@ -66,6 +66,8 @@ ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 ATTENTION_ARGTYPES = [ctypes.c_int] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_void_p]
 # cross_attention(B, H, S, D, scale, q, k, v, mask, out)
 CROSS_ATTENTION_ARGTYPES = [ctypes.c_int] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 5
+# quantized_matmul(M, K, bits, group, count, N[count], A, W_packed[count], scales[count], biases[count], C)
+QUANTIZED_ARGTYPES = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 6
 
 
 def _cpu_count() -> int:
@@ -142,6 +144,11 @@ def _load_cpu_kernels(fallback: ctypes.CDLL | None) -> str | None:
     kernel.skinny_set_threads(threads)
     kernel.decode_attention.argtypes, kernel.decode_attention.restype = ATTENTION_ARGTYPES, ctypes.c_int
     kernel.cross_attention.argtypes, kernel.cross_attention.restype = CROSS_ATTENTION_ARGTYPES, ctypes.c_int
+    kernel.quantized_matmul.argtypes, kernel.quantized_matmul.restype = QUANTIZED_ARGTYPES, ctypes.c_int
+    kernel.gelu_inplace.argtypes, kernel.gelu_inplace.restype = [ctypes.c_long, ctypes.c_void_p], None
+    kernel.layer_norm_rows.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_float,
+                                                                                              ctypes.c_void_p]
+    kernel.layer_norm_rows.restype = None
     kernel.kernel_select.argtypes, kernel.kernel_select.restype = [ctypes.c_char_p], ctypes.c_int
     kernel.kernel_instruction_set.restype = ctypes.c_char_p
     kernel.kernel_counters.argtypes, kernel.kernel_counters.restype = [ctypes.POINTER(ctypes.c_ulonglong)], None
@@ -210,13 +217,13 @@ def few_row_product(a: np.ndarray, w: np.ndarray, out: np.ndarray) -> Callable[[
 
 def kernel_counters() -> dict[str, int]:
     """Calls that went through the CPU kernels since load: ``products`` (few-row products the skinny kernel took,
-    MLX's included), ``handed_on`` (products passed to the BLAS behind it), ``attention`` (step attention calls);
-    all 0 when the kernels are not loaded."""
+    MLX's included), ``handed_on`` (products passed to the BLAS behind it), ``attention`` (step attention calls),
+    ``quantized`` (few-row products of quantized weights); all 0 when the kernels are not loaded."""
     if cpu_kernels is None:
-        return {"products": 0, "handed_on": 0, "attention": 0}
-    out = (ctypes.c_ulonglong * 3)()
+        return {"products": 0, "handed_on": 0, "attention": 0, "quantized": 0}
+    out = (ctypes.c_ulonglong * 4)()
     cpu_kernels.kernel_counters(out)
-    return {"products": out[0], "handed_on": out[1], "attention": out[2]}
+    return {"products": out[0], "handed_on": out[1], "attention": out[2], "quantized": out[3]}
 
 
 def check(status: int, what: str) -> None:

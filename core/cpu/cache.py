@@ -68,16 +68,20 @@ class HostKVCache:
         if q.shape[1] != 1:  # the prefill: MLX attends, the cache keeps a copy
             keys, values = self.update(split_heads(k, heads), split_heads(v, heads))
             return attention(split_heads(q, heads), keys, values, scale, mask)
+        return mx.array(self.attend_host(*host_float32(q, k, v), scale))
+
+    def attend_host(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+        """One position's attention on host arrays: ``q``, ``k``, ``v`` C-contiguous float32 ``(B, 1, H·D)``
+        (``(B, H·D)`` will do); returns ``(B, 1, H·D)``-shaped like ``q``."""
         B, heads, capacity, head_dim = self.keys.shape
         if self.offset >= capacity:
             raise ValueError(f"the KV cache holds {capacity} positions")
-        q, k, v = host_float32(q, k, v)
         out = np.empty_like(q)
         self.offset += 1
         blas.check(blas.cpu_kernels.decode_attention(
             B * heads, self.offset, head_dim, scale, q.ctypes.data, k.ctypes.data, v.ctypes.data,
             self.keys.ctypes.data, self.values.ctypes.data, capacity, out.ctypes.data), "decode_attention")
-        return mx.array(out)
+        return out
 
     def select(self, rows: mx.array) -> None:
         index = np.asarray(rows)
@@ -103,13 +107,16 @@ class HostCrossKV(CrossKV):
     def attend(self, q: mx.array, heads: int, scale: float) -> mx.array:
         if q.shape[1] != 1:
             return super().attend(q, heads, scale)
+        return mx.array(self.attend_host(*host_float32(q), scale))
+
+    def attend_host(self, q: np.ndarray, scale: float) -> np.ndarray:
+        """One position's cross-attention on a host array: ``q`` C-contiguous float32 ``(B, 1, H·D)``."""
         B, heads, length, head_dim = self.host_keys.shape
-        (q,) = host_float32(q)
         out = np.empty_like(q)
         blas.check(blas.cpu_kernels.cross_attention(
             B, heads, length, head_dim, scale, q.ctypes.data, self.host_keys.ctypes.data,
             self.host_values.ctypes.data, self.host_mask.ctypes.data, out.ctypes.data), "cross_attention")
-        return mx.array(out)
+        return out
 
     def select(self, rows: mx.array) -> HostCrossKV:
         return HostCrossKV(self.keys[rows], self.values[rows], self.mask[rows])

@@ -1,0 +1,148 @@
+"""The CPU kernels' quantized products (``quantized_matmul`` in core/cpu/_cpu_kernels.c) against NumPy products of
+the weights MLX's ``mx.quantize`` packs, dequantised here from the packed bits (rows 1..16, 4 and 8 bits, odd
+shapes, several matrices in one call, every instruction set the CPU has), and its exact GELU against ``math.erf``."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from core.cpu import blas
+from tests import test_cpu_kernels
+
+# the kernel, each instruction set the CPU has, and the kernel's threads: the fixtures of the float32 kernels' tests
+kernel, isa, threads = test_cpu_kernels.kernel, test_cpu_kernels.isa, test_cpu_kernels.threads
+
+
+def dequantize(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group: int) -> np.ndarray:
+    """MLX's layout read independently of the kernel: element i of each little-endian uint32 at bits i·bits."""
+    words = packed.astype(np.uint64)
+    per_word = 32 // bits
+    shifts = np.arange(per_word, dtype=np.uint64) * bits
+    q = ((words[..., None] >> shifts) & ((1 << bits) - 1)).reshape(packed.shape[0], -1).astype(np.float64)
+    N, K = q.shape
+    return (q.reshape(N, K // group, group) * scales[..., None] + biases[..., None]).reshape(N, K)
+
+
+def quantized(rng: np.random.Generator, N: int, K: int, bits: int, group: int):
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    packed, scales, biases = (np.ascontiguousarray(np.asarray(a)) for a in mx.quantize(mx.array(w), group, bits))
+    return packed, scales, biases
+
+
+def run(kernel, a: np.ndarray, mats: list, bits: int, group: int) -> tuple[int, np.ndarray]:
+    count = len(mats)
+    widths = [m[0].shape[0] for m in mats]
+    out = np.full((a.shape[0], sum(widths)), np.nan, dtype=np.float32)
+    pointers = ctypes.c_void_p * count
+    status = kernel.quantized_matmul(a.shape[0], a.shape[1], bits, group, count, (ctypes.c_int * count)(*widths),
+                                     a.ctypes.data, pointers(*(m[0].ctypes.data for m in mats)),
+                                     pointers(*(m[1].ctypes.data for m in mats)),
+                                     pointers(*(m[2].ctypes.data for m in mats)), out.ctypes.data)
+    return status, out
+
+
+def reference(a: np.ndarray, mats: list, bits: int, group: int) -> np.ndarray:
+    return np.concatenate([a.astype(np.float64) @ dequantize(*m, bits, group).T for m in mats], axis=1)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape", [(37, 64, 64), (100, 192, 64), (64, 128, 32), (50, 256, 128), (1, 64, 64),
+                                   (131, 320, 64)])
+def test_products_match_numpy_for_every_row_count(kernel, isa, bits, shape):
+    N, K, group = shape
+    rng = np.random.default_rng(N * K + bits)
+    mats = [quantized(rng, N, K, bits, group)]
+    for rows in range(1, 17):
+        a = rng.standard_normal((rows, K)).astype(np.float32)
+        status, out = run(kernel, a, mats, bits, group)
+        assert status == 0
+        expected = reference(a, mats, bits, group)
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6 * scale * math.sqrt(K),
+                                   err_msg=f"{isa} {bits} bits, {rows} rows, {shape}")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_several_matrices_side_by_side_on_threads(kernel, threads, bits):
+    """q, k and v (or the heads of logits) in one call, split between threads across the matrices' borders; each
+    row's result is the same whatever the rows and threads around it."""
+    rng = np.random.default_rng(bits)
+    K, group = 256, 64
+    mats = [quantized(rng, n, K, bits, group) for n in (200, 17, 333, 64)]
+    a = rng.standard_normal((16, K)).astype(np.float32)
+    results = []
+    for count in (1, 2):
+        threads(count)
+        status, out = run(kernel, a, mats, bits, group)
+        assert status == 0
+        results.append(out)
+        np.testing.assert_allclose(out, reference(a, mats, bits, group), rtol=0, atol=1e-4 * np.abs(out).max())
+    np.testing.assert_array_equal(results[0], results[1])
+    for rows in (1, 3, 9):
+        _, alone = run(kernel, np.ascontiguousarray(a[:rows]), mats, bits, group)
+        np.testing.assert_array_equal(alone, results[0][:rows])
+
+
+def test_the_result_is_mlx_quantized_matmul(kernel):
+    """The layout the kernel reads is MLX's own: its product equals ``mx.quantized_matmul`` to float rounding."""
+    rng = np.random.default_rng(5)
+    for bits in (8, 4):
+        w = mx.array(rng.standard_normal((96, 128)).astype(np.float32))
+        packed, scales, biases = mx.quantize(w, 64, bits)
+        a = rng.standard_normal((4, 128)).astype(np.float32)
+        expected = np.asarray(mx.quantized_matmul(mx.array(a), packed, scales, biases, transpose=True, group_size=64,
+                                                  bits=bits))
+        mats = [tuple(np.ascontiguousarray(np.asarray(x)) for x in (packed, scales, biases))]
+        status, out = run(kernel, a, mats, bits, 64)
+        assert status == 0
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("args", [dict(rows=17), dict(bits=3), dict(group=48), dict(group=16), dict(K=96),
+                                  dict(count=9), dict(count=0)])
+def test_refuses_what_it_does_not_take(kernel, args):
+    rows, K, bits, group, count = (args.get(k, d) for k, d in (("rows", 2), ("K", 64), ("bits", 8), ("group", 64),
+                                                               ("count", 1)))
+    a = np.ones((rows, K), np.float32)
+    out = np.zeros((rows, 8), np.float32)
+    dummy = np.zeros(4096, np.float32)
+    n = max(count, 1)
+    pointers = ctypes.c_void_p * n
+    status = kernel.quantized_matmul(rows, K, bits, group, count, (ctypes.c_int * n)(*[1] * n), a.ctypes.data,
+                                     pointers(*[dummy.ctypes.data] * n), pointers(*[dummy.ctypes.data] * n),
+                                     pointers(*[dummy.ctypes.data] * n), out.ctypes.data)
+    assert status == -1
+    assert not out.any()
+
+
+def test_counted(kernel):
+    before = blas.kernel_counters()["quantized"]
+    rng = np.random.default_rng(0)
+    run(kernel, rng.standard_normal((2, 64)).astype(np.float32), [quantized(rng, 8, 64, 8, 64)], 8, 64)
+    assert blas.kernel_counters()["quantized"] == before + 1
+
+
+def test_gelu_is_the_exact_one(kernel, isa):
+    """Within float32 rounding of the exact GELU (far left, where it is below 1e-6, as the fused MLX one rounds)."""
+    x = np.concatenate([np.linspace(-12, 12, 20001), [0.0, -0.0, 1e-30, 88.0, -88.0]]).astype(np.float32)
+    y = x.copy()
+    kernel.gelu_inplace(y.size, y.ctypes.data)
+    expected = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(y, expected, rtol=2e-6, atol=1e-6)
+
+
+def test_layer_norm_rows(kernel, isa):
+    rng = np.random.default_rng(2)
+    for rows, width in ((1, 64), (3, 1024), (16, 100)):
+        x = (rng.standard_normal((rows, width)) * 3 + 1).astype(np.float32)
+        w, b = rng.standard_normal(width).astype(np.float32), rng.standard_normal(width).astype(np.float32)
+        out = np.empty_like(x)
+        kernel.layer_norm_rows(rows, width, x.ctypes.data, w.ctypes.data, b.ctypes.data, 1e-5, out.ctypes.data)
+        x64 = x.astype(np.float64)
+        expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * w + b
+        np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
