@@ -234,3 +234,15 @@ def test_progress_lines_off_a_terminal():
     lines = stream.getvalue().splitlines()
     assert "\r" not in stream.getvalue()
     assert len(lines) == 10 and lines[-1].startswith("100% 200/200 steps") and lines[0].startswith(" 10% 20/200")
+
+
+def test_quantize(tmp_path):
+    """``--quantize 8`` loads the decoder quantized (the load line says so); other widths are refused."""
+    build(tmp_path / "model", seed=7, decoder="tiny-64")
+    out = tmp_path / "clip.wav"
+    result = run("jazz", "--seconds", "0.3", "--model", str(tmp_path / "model"), "-o", str(out), "--quantize", "8",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "q8" in result.stderr and sf.read(out)[0].shape == (round(0.3 * 32000),)
+    result = run("jazz", "--model", str(tmp_path / "model"), "--quantize", "3", cwd=tmp_path)
+    assert result.returncode == 2 and "--quantize" in result.stderr
