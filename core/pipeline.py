@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 
 from . import backend
 from .chroma import ChromaConfig
-from .decoder import DecoderConfig, MusicgenDecoder, quantize_layers, quantize_weights
+from .decoder import DecoderConfig, MusicgenDecoder
 from .encodec import EncodecConfig, EncodecModel
 from .generate import decode_steps, plan_windows, run_steps, window_seed
 from .generation import Clip, GenerationRequest, GenerationStopped
@@ -42,6 +42,7 @@ from .loading import (
     resolve,
 )
 from .melody import Melody, MelodyConditioning, MelodyConfig, is_melody_config
+from .quantize import quantize_layers, quantize_weights
 from .t5 import T5Config, T5EncoderModel
 from .tokenizer import PromptTokenizer
 
