@@ -165,9 +165,6 @@ class Dispatcher:
     def cancel(self, job: Job, reason: str) -> Job | None:
         """Cancel a queued job (recorded now) or stop a running one (recorded, with ``reason``, when the worker
         lets go of it). None when the job had already ended."""
-        current = self.store.get(job.id)
-        if current is not None and current.status is JobStatus.RUNNING:
-            self.store.update(job.id, error=reason)
         return self.queue.cancel(job.id, reason=reason)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

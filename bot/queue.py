@@ -455,19 +455,21 @@ class JobQueue:
     def worker_alive(self, worker_id: str, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         """Record that ``worker_id`` is serving the queue now (workers on a shared store say so every few seconds;
         the wait estimate counts the workers heard from within three leases)."""
-        now = self.clock()
-        seen = self.store.get_value(_WORKERS_KEY) or {}
-        seen = {w: t for w, t in seen.items() if isinstance(t, (int, float)) and now - t < 3 * lease_seconds}
-        seen[worker_id] = now
+        seen = self._live_workers(lease_seconds)
+        seen[worker_id] = self.clock()
         self.store.set_value(_WORKERS_KEY, seen)  # a write lost to a race is made again within a few seconds
 
     def workers(self, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> int:
         """How many workers serve the queue (1 on a store one process owns)."""
         if not self.store.shared:
             return 1
-        seen = self.store.get_value(_WORKERS_KEY) or {}
+        return max(1, len(self._live_workers(lease_seconds)))
+
+    def _live_workers(self, lease_seconds: float) -> dict[str, float]:
+        """The workers heard from within three leases, with when."""
         now = self.clock()
-        return max(1, sum(1 for t in seen.values() if isinstance(t, (int, float)) and now - t < 3 * lease_seconds))
+        seen = self.store.get_value(_WORKERS_KEY) or {}
+        return {w: t for w, t in seen.items() if isinstance(t, (int, float)) and now - t < 3 * lease_seconds}
 
     def expired(self) -> list[Job]:
         """Running jobs whose lease ran out: their worker died or lost the store (a shared store's take-over)."""
@@ -517,9 +519,10 @@ class JobQueue:
 
     # -- cancelling ---------------------------------------------------------------------------------------------
     def cancel(self, job_id: int, *, reason: str = "Cancelled.") -> Job | None:
-        """Cancel a queued job (returned as cancelled) or ask a running one to stop (returned still running;
-        the worker reports it cancelled). Returns None for unknown or finished jobs. A job a worker claims at the
-        same moment is stopped as a running one (the cancel of a queued job is a compare-and-set)."""
+        """Cancel a queued job (returned as cancelled) or ask a running one to stop (returned still running, with
+        ``reason`` recorded as its error: the worker reports it cancelled, and a worker elsewhere that missed the
+        message sees it when it renews its lease). Returns None for unknown or finished jobs. A job a worker claims
+        at the same moment is stopped as a running one (both cases are compare-and-sets)."""
         for _ in range(3):
             job = self.store.get(job_id)
             if job is None or job.status.final:
@@ -530,9 +533,12 @@ class JobQueue:
                 if cancelled is not None:
                     return cancelled
                 continue  # claimed (or ended) meanwhile: look again
+            running = self.store.update_if(job_id, {"status": JobStatus.RUNNING}, error=reason)
+            if running is None:
+                continue  # ended or queued again meanwhile: look again
             if self.stop_running is not None:
                 self.stop_running(job_id)
-            return job
+            return running
         return self.store.get(job_id)
 
     def remove(self, guild_id: int | None, position: int) -> Job:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -93,24 +92,20 @@ FALLBACK = ModelInfo(model="(no worker yet)", sampling_rate=32000, channels=1, f
 
 
 class RemoteModel:
-    """:class:`ModelFacts` read from the store, as the workers wrote them; re-read every ``refresh_seconds``.
+    """:class:`ModelFacts` read from the store, as the workers wrote them, when :meth:`refresh` is called (the bot
+    does at start and every ``MODEL_REFRESH_SECONDS``).
 
     ``fallback_max_seconds`` (the configured ``MAX_SECONDS``) is the longest clip until a worker has said more.
     """
 
-    def __init__(self, store: JobStore, *, fallback_max_seconds: float, refresh_seconds: float = MODEL_REFRESH_SECONDS
-                 ) -> None:
+    def __init__(self, store: JobStore, *, fallback_max_seconds: float) -> None:
         self.store = store
-        self.refresh_seconds = refresh_seconds
         self._fallback = ModelInfo(**{**FALLBACK.to_value(), "max_seconds": float(fallback_max_seconds)})
         self._info: ModelInfo | None = None
-        self._read_at = -float("inf")
 
     @property
     def info(self) -> ModelInfo:
         """The workers' model as last read (the fallback while none has reported)."""
-        if time.monotonic() - self._read_at > self.refresh_seconds:
-            self.refresh()
         return self._info or self._fallback
 
     @property
@@ -120,7 +115,6 @@ class RemoteModel:
 
     def refresh(self) -> ModelInfo | None:
         """Read what the workers wrote now (a store failure keeps the last value)."""
-        self._read_at = time.monotonic()
         try:
             info = ModelInfo.from_value(self.store.get_value(MODEL_KEY))
         except Exception as exc:  # the store is the engine's: its errors vary by backend
@@ -178,9 +172,6 @@ class RemoteDispatch:
     def cancel(self, job: Job, reason: str) -> Job | None:
         """Cancel a queued job now, or ask the worker running it to stop (recorded, with ``reason``, by the worker);
         None when the job had already ended."""
-        current = self.store.get(job.id)
-        if current is not None and current.status is JobStatus.RUNNING:
-            self.store.update(job.id, error=reason)  # the worker's next lease renewal sees it, whatever happens here
         return self.queue.cancel(job.id, reason=reason)
 
     def _stop_running(self, job_id: int) -> bool:

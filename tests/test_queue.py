@@ -247,6 +247,7 @@ def test_cancel_queued_and_running(store, clock):
     q.next_batch(1)
     running = q.cancel(a0.id)
     assert running.status is JobStatus.RUNNING and stopped == [a0.id]
+    assert running.error == "Cancelled." and store.get(a0.id).error == "Cancelled."  # seen by a lease renewal
     assert q.cancel(999) is None
 
 

@@ -43,12 +43,12 @@ def test_model_info_round_trips_through_the_store_and_refuses_junk(store: JobSto
 
 
 def test_remote_model_falls_back_until_a_worker_reports_then_follows_it(store: JobStore) -> None:
-    model = RemoteModel(store, fallback_max_seconds=45, refresh_seconds=3600)
+    model = RemoteModel(store, fallback_max_seconds=45)
     assert not model.reported
     assert (model.sampling_rate, model.channels, model.max_seconds, model.is_melody) == (32000, 1, 45.0, False)
     store.set_value(MODEL_KEY, MELODY.to_value())
-    assert not model.reported  # read again only every refresh_seconds...
-    assert model.refresh() == MELODY  # ...or when asked
+    assert not model.reported  # read only when asked...
+    assert model.refresh() == MELODY  # ...now
     assert model.reported
     assert (model.channels, model.max_seconds, model.is_melody, model.max_batch) == (2, 60.0, True, 4)
     store.set_value(MODEL_KEY, "garbage")
