@@ -17,6 +17,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from . import formatting
+from .background import Background
 from .checks import UserError
 from .delivery import Deliverer, DiscordOutbox
 from .dispatcher import BATCH_WINDOW_SECONDS, Dispatcher
@@ -121,7 +122,7 @@ class MusicBot(commands.AutoShardedBot):
         self._listener: asyncio.Task | None = None
         self.sweeper = FileSweeper(store, settings.clip_files_days)
         self.shutting_down = False
-        self._background: set[asyncio.Task] = set()
+        self.background = Background()
 
     # -- start-up ---------------------------------------------------------------------------------------------
     async def setup_hook(self) -> None:
@@ -192,15 +193,7 @@ class MusicBot(commands.AutoShardedBot):
     # -- helpers for cogs -------------------------------------------------------------------------------------
     def spawn(self, coro: Any) -> asyncio.Task:
         """Run a coroutine in the background, keeping a reference and logging its failure."""
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-        return task
-
-    def _background_done(self, task: asyncio.Task) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
+        return self.background.spawn(coro)
 
     def position_text(self, job: Job) -> str:
         """"Queued: position 3, about 40 s" for a queued job, or what it is doing now."""
@@ -230,8 +223,7 @@ class MusicBot(commands.AutoShardedBot):
         for task in (self._model_task, self._listener):
             if task is not None:
                 task.cancel()
-        if self._background:
-            await asyncio.wait(set(self._background), timeout=max(grace, 5.0))
+        await self.background.wait(max(grace, 5.0))
         if self.worker is not None:
             self.worker.stop(timeout=5.0, cancel_running=True)
         if self.events is not None:

@@ -17,12 +17,11 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Coroutine
-from typing import Any
 
 import aiohttp
 import discord
 
+from ..background import Background
 from ..delivery import Deliverer, DiscordOutbox
 from ..dispatcher import Dispatcher
 from ..job_files import FileSweeper
@@ -37,28 +36,6 @@ WORKER_VARIABLES = ("DISCORD_TOKEN", "JOB_STORE", "WORKER_ID", "JOB_LEASE_SECOND
                     "MUSICGEN_DTYPE", "MUSICGEN_QUANTIZE", "MAX_SECONDS", "MAX_BATCH", "MEMORY_LIMIT_MB", "JOB_TIMEOUT_SECONDS",
                     "SHUTDOWN_GRACE_SECONDS", "PROGRESS_INTERVAL_SECONDS", "EXTEND_STRIDE_SECONDS",
                     "NORMALIZE_AUDIO", "CLIP_FILES_DAYS", "LOG_LEVEL", "MUSICGEN_BLAS", "DISCORD_API_BASE")
-
-
-class Background:
-    """Best-effort coroutines (status edits, notices) run in the background, kept until done, failures logged."""
-
-    def __init__(self) -> None:
-        self.tasks: set[asyncio.Task] = set()
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
-
-    async def wait(self, timeout: float) -> None:
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=timeout)
 
 
 async def login(client: discord.Client, settings: Settings) -> None:
