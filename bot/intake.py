@@ -43,6 +43,9 @@ DEFAULT_SECONDS = 10
 EXTEND_SECONDS = 10  # what one click on Extend adds (less when the clip is near the model's longest)
 READ_UPLOAD_SECONDS = 2.4  # download + decode must finish before Discord's 3 s deadline for the first answer
 DOWNLOAD_SECONDS = 1.0  # of those, at most this for the download from Discord's CDN
+# a clip's message is posted before its worker records the message's id: a click in between waits this long for it
+# (well inside Discord's 3 s deadline for the first answer)
+RECORD_WAIT_SECONDS = 1.5
 NOT_THIS_CLIP = "That button doesn't belong to a clip I made here, so I can't use it."
 GONE = ("Sorry, the data of that clip is gone (it was made before I kept it, or it was cleaned up), so I can't "
         "{what} it. Use /music to make a new one!")
@@ -213,6 +216,7 @@ async def follow_up(bot: MusicBot, interaction: discord.Interaction, action: str
     try:
         if bot.shutting_down:
             raise UserError(RESTARTING)
+        await wait_for_delivery_record(bot, job_id)
         await enqueue(bot, interaction, follow_up_job(bot, interaction, action, job_id))
     except QueueRefused as exc:
         await reply(interaction, exc.reason)
@@ -221,6 +225,18 @@ async def follow_up(bot: MusicBot, interaction: discord.Interaction, action: str
     except Exception:
         log.exception("button %s on clip %d failed", action, job_id)
         await reply(interaction, OUR_FAULT)
+
+
+async def wait_for_delivery_record(bot: MusicBot, job_id: int) -> None:
+    """Return once clip ``job_id`` is no longer being posted, or after RECORD_WAIT_SECONDS. A member can click a
+    button the moment the clip appears, before its worker (maybe on another machine) has recorded which message
+    it is; without the record the click would be refused as pressed on a message that is not the clip's."""
+    deadline = time.monotonic() + RECORD_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        job = bot.store.get(job_id) if 0 < job_id <= MAX_JOB_ID else None
+        if job is None or not job.status.pending or job.delivering_at is None or job.delivered_message_id is not None:
+            return
+        await asyncio.sleep(0.1)
 
 
 def follow_up_job(bot: MusicBot, interaction: discord.Interaction, action: str, job_id: int) -> Job:

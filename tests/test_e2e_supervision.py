@@ -212,6 +212,25 @@ async def test_forged_buttons_are_refused_politely(world: World) -> None:
     assert len(world.store.by_status()) == 3  # the clip, its variation and the foreign row: nothing forged
 
 
+async def test_a_click_the_moment_a_clip_appears_waits_for_its_record(world: World) -> None:
+    """The clip's message is posted before its worker records the message's id (on Redis, from another machine):
+    a click in between is not refused as pressed on a message that is not the clip's."""
+    interaction, job = await delivered(world, "quick")
+    [clip_message] = [m for m in interaction.followups if m.attachments]
+    # as the store reads between the post and the record: still running, being delivered, no message yet
+    world.store.update(job.id, status=JobStatus.RUNNING, delivering_at=job.finished_at, delivered_message_id=None)
+
+    async def record_later() -> None:
+        await asyncio.sleep(0.4)
+        world.store.update(job.id, status=JobStatus.DONE, delivered_message_id=clip_message.id)
+
+    recording = asyncio.create_task(record_later())
+    click = await world.fake.click(clip_message, f"clip:vary:{job.id}", world.member("fast"))
+    [wav] = await clips(click, 1, timeout=20)
+    await recording
+    assert frames(wav.data) == RATE and not click.ephemeral
+
+
 # -- link previews ------------------------------------------------------------------------------------------
 async def test_bare_urls_in_prompts_are_never_previewed(world: World) -> None:
     prompt = "lofi like https://example.com/track and http://10.0.0.1/x"
