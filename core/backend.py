@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .cache import CrossAttention, CrossKV, KVCache, SelfAttentionCache
 
@@ -71,6 +72,19 @@ def project(x: mx.array, layers: Sequence[nn.Module]) -> list[mx.array]:
         if isinstance(layers[0], FewRowQuantizedLinear):
             return host_project(x, layers)
     return [layer(x) for layer in layers]
+
+
+def checkpoint_weights(module: nn.Module) -> dict[str, mx.array]:
+    """``module``'s parameters, flat, as a checkpoint holds them: quantized layers in MLX's layout even where the
+    CPU kernels rearranged them for their int8-activation product."""
+    weights = dict(tree_flatten(module.parameters()))
+    if "core.cpu.quantized" in sys.modules:
+        from .cpu.quantized import FewRowQuantizedLinear
+
+        for name, layer in module.named_modules():
+            if isinstance(layer, FewRowQuantizedLinear) and layer.packed:
+                weights.update({f"{name}.{key}": value for key, value in layer.mlx_layout().items()})
+    return weights
 
 
 def host_step(layers: Sequence[nn.Module], x: mx.array, text: Sequence[CrossAttention] | None,

@@ -215,7 +215,7 @@ class MusicGen:
                                                  "bits": self.quantization["bits"]})
         (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         tensors = {k: v for k, v in load_safetensors(self.source).items() if not k.startswith("decoder.")}
-        for name, value in tree_flatten(self.decoder.parameters()):
+        for name, value in backend.checkpoint_weights(self.decoder).items():
             key = f"decoder.{name}" if name.startswith("lm_heads.") else f"decoder.model.decoder.{name}"
             tensors[key] = value
         mx.save_safetensors(str(folder / "model.safetensors"), tensors, metadata={"format": "mlx"})

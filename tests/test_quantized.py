@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from core import GenerationRequest, MusicGen
-from core.cpu import blas
+from core.cpu import blas, quantized
 from tests import tiny_models
 
 PROMPTS = ["warm synthwave with a driving bassline", "jazz"]
@@ -114,10 +114,12 @@ def test_4_bit_error_is_stated(checkpoint):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_the_kernel_step_agrees_with_mlx_quantized_layers(checkpoint, bits):
+def test_the_kernel_step_agrees_with_mlx_quantized_layers(checkpoint, bits, monkeypatch):
     """The CPU kernels' host-memory step, MLX's ``nn.QuantizedLinear`` (what Metal runs) over MLX's caches, and
-    the whole sequence in one call: the same quantized model, the same logits to float rounding."""
+    the whole sequence in one call: the same quantized model, the same logits to float rounding (with float
+    activations: rounding them to int8 turns float rounding into a step of the int8 grid, tested below)."""
     _, folder, codes, _, _, _ = checkpoint
+    monkeypatch.setattr(quantized, "int8_activations", False)
     model = MusicGen.from_pretrained(folder, quantize=bits)
     kernel = stepped_logits(model, codes)
     plain = stepped_logits(model, codes, host=False)
@@ -126,6 +128,32 @@ def test_the_kernel_step_agrees_with_mlx_quantized_layers(checkpoint, bits):
     scale = np.abs(kernel).max()
     np.testing.assert_allclose(plain, kernel, rtol=0, atol=2e-5 * scale)
     np.testing.assert_allclose(whole, kernel, rtol=0, atol=2e-5 * scale)
+
+
+def test_int8_activations_agree_across_paths_and_save_as_mlx_layout(checkpoint, tmp_path):
+    """With VNNI the 8-bit layers are rearranged for the int8-activation kernel on first use, and then every path
+    runs it: the host step, the layers over MLX's caches, the whole sequence (16 rows at a time). Those agree to well
+    under the quantization error (an input's float rounding can move an activation by one step of the int8 grid),
+    and the model saves MLX's layout, the same bytes as before the first step."""
+    name, folder, codes, torch_fp32, _, _ = checkpoint
+    model = MusicGen.from_pretrained(folder, quantize=8)
+    model.save_quantized(tmp_path / "before")
+    before = blas.kernel_counters()["quantized"]
+    kernel = stepped_logits(model, codes)
+    assert blas.kernel_counters()["quantized"] > before
+    fc1 = model.decoder.layers[0].fc1
+    assert fc1.packed == bool(blas.cpu_kernels.packed8_fast())
+    plain = stepped_logits(model, codes, host=False)
+    cross_kv, cross_mask = model._encode_text(PROMPTS, guided=False)
+    whole = np.array(model.decoder(mx.array(codes), model.decoder.make_cross(cross_kv, cross_mask, host=False)))
+    print(f"\n{name}: int8 activations ({fc1.packed}): host step vs MLX caches {relative_rms(plain, kernel):.3%}, "
+          f"vs the whole sequence {relative_rms(whole, kernel):.3%}; vs fp32 {relative_rms(kernel, torch_fp32):.3%}")
+    assert relative_rms(plain, kernel) < 0.01 and relative_rms(whole, kernel) < 0.01
+    model.save_quantized(tmp_path / "after")
+    saved = [mx.load(str(tmp_path / side / "model.safetensors")) for side in ("before", "after")]
+    assert saved[0].keys() == saved[1].keys()
+    for key, value in saved[0].items():
+        assert mx.array_equal(value, saved[1][key]).item(), key
 
 
 def test_loading_quantizes_layer_by_layer_and_saves(tmp_path):
@@ -175,10 +203,11 @@ def test_generation_paths_work_quantized(tmp_path):
 def test_melody_decoder_steps_quantized(tmp_path, monkeypatch):
     """A melody decoder (no cross-attention, a prefix in the caches) steps in host memory too, with the greedy
     tokens of the same quantized model run by MLX's own layers."""
-    from core.cpu import host_step, quantized
+    from core.cpu import host_step
 
     tiny_models.build_musicgen_melody(tmp_path, decoder="tiny-64", seed=3)
     melody = (np.sin(np.linspace(0, 400, 32000)).astype(np.float32), 32000)
+    monkeypatch.setattr(quantized, "int8_activations", False)  # MLX's layers compute with float activations
     model = MusicGen.from_pretrained(tmp_path, quantize=8)
     steps = []
     step = host_step.step

@@ -33,6 +33,7 @@
 #include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
+#include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -53,7 +54,7 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 #define SPIN_NS 2000000            /* a worker spins this long for the next product before it sleeps */
 
 /* What Python checks at load (core/cpu/blas.py KERNEL_ABI): bump it whenever a signature or meaning changes. */
-#define KERNEL_ABI 3
+#define KERNEL_ABI 4
 
 static sgemm_fn fallback;
 static int n_threads = 1;
@@ -65,6 +66,7 @@ static atomic_int kernel_error;
 
 /* ------------------------------------------------------------------------------------------------ kernels */
 
+#define QUANT_MAX_MATRICES 8 /* q, k and v; the 4 (or 8) heads of logits */
 #define ATTENTION_MAX_HEAD 256 /* head sizes up to this (MusicGen's are 64) */
 #define ATTENTION_STACK_POSITIONS 4096
 
@@ -91,6 +93,9 @@ typedef void (*permute_fn)(int M, int K, const float *A, float *out);
 typedef void (*gelu_fn)(long n, float *x);
 typedef void (*layer_norm_fn)(int M, int K, const float *x, const float *weight, const float *bias, float eps,
                               float *out);
+struct packed8_s;
+typedef void (*packed8_fn)(const struct packed8_s *p, int j, int nb, int m0, int mb);
+typedef void (*quantize8_fn)(int M, int K, int G, const float *A, int8_t *ia, int ldi, float *sa, float *asum);
 
 /* One instruction set's quantized product: the kernel and the 4-bit de-interleaving of A it expects, chosen
  * together so a product never mixes two sets. */
@@ -99,6 +104,9 @@ typedef struct {
     permute_fn permute;
     gelu_fn gelu;
     layer_norm_fn layer_norm;
+    packed8_fn packed8; /* one block of 16 columns of the int8-activation product (quantized_matmul_packed8) */
+    quantize8_fn quantize8; /* its rows of activations to int8 */
+    int packed8_fast;   /* whether packed8 is the VNNI one (else portable C: correct, not faster) */
 } quant_kernel_t;
 
 /* The kernels once per vector width (core/cpu/_cpu_kernels_simd.h), each compiled for its instruction set: the
@@ -127,6 +135,8 @@ typedef struct {
 #pragma GCC pop_options
 #endif
 
+#include "_cpu_kernels_int8.h"
+
 #define LANES 4 /* SSE2 or NEON */
 #define MAX_MB 4
 #define SUFFIX _base
@@ -138,10 +148,19 @@ typedef struct {
 static _Atomic(columns_fn) skinny_columns = skinny_columns_base;
 static _Atomic(attention_rows_fn) attention_rows = attention_rows_base;
 static _Atomic(const char *) instruction_set = "baseline";
-static const quant_kernel_t quant_base = {quant_columns_base, quant_permute_base, gelu_inplace_base, layer_norm_rows_base};
+static const quant_kernel_t quant_base = {quant_columns_base, quant_permute_base, gelu_inplace_base,
+                                          layer_norm_rows_base, packed8_block_portable,
+                                          quantize_rows_int8, 0};
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-static const quant_kernel_t quant_avx512 = {quant_columns_avx512, quant_permute_avx512, gelu_inplace_avx512, layer_norm_rows_avx512};
-static const quant_kernel_t quant_avx2 = {quant_columns_avx2, quant_permute_avx2, gelu_inplace_avx2, layer_norm_rows_avx2};
+static const quant_kernel_t quant_avx512 = {quant_columns_avx512, quant_permute_avx512, gelu_inplace_avx512,
+                                            layer_norm_rows_avx512, packed8_block_portable,
+                                            quantize_rows_int8, 0};
+static const quant_kernel_t quant_avx512_vnni = {quant_columns_avx512, quant_permute_avx512, gelu_inplace_avx512,
+                                                 layer_norm_rows_avx512, packed8_block_vnni,
+                                                 quantize_rows_int8_avx512, 1};
+static const quant_kernel_t quant_avx2 = {quant_columns_avx2, quant_permute_avx2, gelu_inplace_avx2,
+                                          layer_norm_rows_avx2, packed8_block_portable,
+                                          quantize_rows_int8, 0};
 #endif
 static _Atomic(const quant_kernel_t *) quant_kernel = &quant_base;
 static atomic_flag pool_busy = ATOMIC_FLAG_INIT; /* held by the one parallel job in flight (and kernel_select) */
@@ -157,7 +176,7 @@ static int select_kernels(const char *name) {
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if ((any || !strcmp(name, "avx512")) && avx512) {
         skinny_columns = skinny_columns_avx512; attention_rows = attention_rows_avx512; instruction_set = "avx512";
-        quant_kernel = &quant_avx512;
+        quant_kernel = __builtin_cpu_supports("avx512vnni") ? &quant_avx512_vnni : &quant_avx512;
         return 0;
     }
     if ((any || !strcmp(name, "avx2")) && avx2) {
@@ -338,7 +357,6 @@ int cross_attention(int B, int H, int S, int D, float scale, const float *q, con
 
 /* ------------------------------------------------------------------------------------------------ quantized */
 
-#define QUANT_MAX_MATRICES 8 /* q, k and v; the 4 (or 8) heads of logits */
 #define QUANT_GRAIN 16       /* columns per block a thread takes: a multiple of every kernel's 1, 2 or 4 at a time */
 
 typedef struct {
@@ -405,6 +423,62 @@ void gelu_inplace(long n, float *x) { atomic_load(&quant_kernel)->gelu(n, x); }
 void layer_norm_rows(int M, int K, const float *x, const float *weight, const float *bias, float eps, float *out) {
     atomic_load(&quant_kernel)->layer_norm(M, K, x, weight, bias, eps, out);
 }
+
+/* ------------------------------------------------------------------------------------ int8 activations */
+
+static void packed8_part(const void *args, int part, int parts) {
+    const packed8_t *p = args;
+    int blocks = p->ldc / PACK_COLUMNS;
+    int b0 = (int)((long)blocks * part / parts), b1 = (int)((long)blocks * (part + 1) / parts);
+    packed8_fn block = p->kernel->packed8;
+    for (int b = b0, j = 0; b < b1; b++) {
+        while (b * PACK_COLUMNS >= p->first[j + 1]) j++;
+        int nb = b - p->first[j] / PACK_COLUMNS;
+        for (int m0 = 0; m0 < p->M; m0 += PACK_MAX_MB)
+            block(p, j, nb, m0, p->M - m0 < PACK_MAX_MB ? p->M - m0 : PACK_MAX_MB);
+    }
+}
+
+/* C = A · [W_0; W_1; …]ᵀ for 8-bit weights in the packed layout of _cpu_kernels_int8.h (core.cpu.quantized makes
+ * it from MLX's: W_j (N_j / 16, K / 4, 16, 4) uint8, S_j and B_j (N_j / 16, K / group, 16) float32), with A's rows
+ * quantized to int8 per group of `group` values (scale max|a| / 127). Outputs side by side in C (M, ΣN_j), as
+ * quantized_matmul. For M <= SKINNY_MAX_ROWS; every N_j a multiple of 16, `group` a multiple of 4 dividing K.
+ * Returns 0, -1 for arguments it does not take (computing nothing), -2 when memory ran out. */
+int quantized_matmul_packed8(int M, int K, int group, int count, const int *N, const float *A,
+                             const void *const *W, const float *const *S, const float *const *B, float *C) {
+    if (M < 1 || M > SKINNY_MAX_ROWS || K < 1 || group < 4 || group % 4 || K % group || count < 1 ||
+        count > QUANT_MAX_MATRICES)
+        return -1;
+    packed8_t p = {atomic_load(&quant_kernel), M, K, group, count, 0, K, {0}, NULL, NULL, NULL,
+                   (const uint8_t *const *)W, S, B, C};
+    for (int j = 0; j < count; j++) {
+        if (N[j] < 1 || N[j] % PACK_COLUMNS) return -1;
+        p.first[j + 1] = p.first[j] + N[j];
+    }
+    p.ldc = p.first[count];
+    int groups = K / group;
+    /* kept between calls (per calling thread): ~150 calls a step */
+    static __thread void *scratch;
+    static __thread size_t scratch_size;
+    size_t need = (size_t)M * p.ldi + 2 * sizeof(float) * (size_t)M * groups;
+    if (need > scratch_size) {
+        void *grown = realloc(scratch, need);
+        if (!grown) return -2;
+        scratch = grown, scratch_size = need;
+    }
+    float *sa = scratch, *asum = sa + (size_t)M * groups;
+    int8_t *ia = (int8_t *)(asum + (size_t)M * groups);
+    p.kernel->quantize8(M, K, group, A, ia, p.ldi, sa, asum);
+    p.ia = ia, p.sa = sa, p.asum = asum;
+    atomic_fetch_add_explicit(&count_quantized, 1, memory_order_relaxed);
+    int parts = n_threads > 1 && (long)p.ldc * K >= THREAD_MIN_FLOATS * 4 ? n_threads : 1;
+    run_parallel(packed8_part, &p, parts);
+    return 0;
+}
+
+/* Whether quantized_matmul_packed8 runs the VNNI kernel with the kernels in use (else portable C, slower than
+ * quantized_matmul: core.cpu.quantized then keeps MLX's layout). */
+int packed8_fast(void) { return atomic_load(&quant_kernel)->packed8_fast; }
 
 /* ------------------------------------------------------------------------------------------------ entry */
 

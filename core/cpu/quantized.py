@@ -7,6 +7,14 @@ core/cpu/_cpu_kernels.c streams the packed weights once, dequantises them in reg
 on the kernels' threads. Its result is the same as MLX's to float32 rounding (tests/test_quantized_kernel.py).
 Every call crosses from Python (evaluates its input, ~20 µs), so projections of one input go in one call
 (:func:`project`: q, k and v; the heads of logits).
+
+8-bit layers on a CPU with VNNI take a second kernel, ``quantized_matmul_packed8``: the activations are rounded to
+int8 per row and group of inputs, and ``vpdpbusd`` multiplies 4 inputs by 16 weights at once (3.5× the float kernel
+at 8 rows). It reads the weights in blocks of 16 outputs, so on first use a layer's own ``weight``, ``scales`` and
+``biases`` are rearranged into that order, in place of MLX's (:func:`pack8`; same shapes and bytes, no second copy
+of the decoder): from then on every product of the layer runs in the kernels, the long ones 16 rows at a time, and
+:meth:`FewRowQuantizedLinear.mlx_layout` gives MLX's arrays back (for saving). Set :data:`int8_activations` to False
+before the first step to keep float activations (MLX's exact product).
 """
 
 from __future__ import annotations
@@ -23,13 +31,54 @@ from .cache import host_float32
 
 MAX_ROWS = 16  # SKINNY_MAX_ROWS of the kernels
 MAX_MATRICES = 8  # QUANT_MAX_MATRICES
+PACK_COLUMNS = 16  # output columns per block of the int8-activation layout (_cpu_kernels_int8.h)
+
+
+int8_activations = True  # 8-bit layers take the int8-activation kernel where it is the fast one (VNNI)
+
+
+def pack8(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MLX's 8-bit layout (``weight`` (N, K / 4) uint32, ``scales`` and ``biases`` (N, K / group)) rearranged for
+    ``quantized_matmul_packed8``, keeping each array's shape and dtype: per block of 16 outputs, the 4-byte word of
+    each output for every 4 inputs, then the next 4 inputs; the scales and biases of a block's group side by side.
+    N must be a multiple of 16."""
+    return tuple(_blocks(a, forward=True) for a in (weight, scales, biases))
+
+
+def unpack8(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`pack8` undone: MLX's layout again."""
+    return tuple(_blocks(a, forward=False) for a in (weight, scales, biases))
+
+
+def _blocks(a: np.ndarray, forward: bool) -> np.ndarray:
+    """Within each block of 16 rows, rows and columns swapped (a (16, C) block stored as (C, 16)), or back."""
+    rows, columns = a.shape
+    blocked = a.reshape(rows // PACK_COLUMNS, PACK_COLUMNS, columns) if forward else \
+        a.reshape(rows // PACK_COLUMNS, columns, PACK_COLUMNS)
+    return np.ascontiguousarray(blocked.transpose(0, 2, 1)).reshape(rows, columns)
+
+
+def packable(layer: nn.QuantizedLinear) -> bool:
+    """Whether this layer's products take the int8-activation kernel: 8-bit, outputs in whole blocks, and a CPU
+    with VNNI (elsewhere the float kernel is the faster one), unless :data:`int8_activations` is off."""
+    return (int8_activations and layer.bits == 8 and layer.weight.shape[0] % PACK_COLUMNS == 0
+            and layer.group_size % 4 == 0 and bool(blas.cpu_kernels.packed8_fast()))
 
 
 class _Host:
-    """A layer's packed weights, scales and biases as NumPy views (no copy) and their addresses, for the kernel;
-    rebuilt when the layer's weight array is replaced (``load_weights``)."""
+    """A layer's weights, scales and biases for the kernel, and their addresses: NumPy views of the layer's own MLX
+    arrays (no copy). For the int8-activation kernel (``packed``) the layer's arrays are first replaced by their
+    :func:`pack8` order (one layer's worth of memory in flight). Rebuilt when the layer's weight array is replaced
+    (``load_weights``)."""
 
-    def __init__(self, layer: nn.QuantizedLinear):
+    def __init__(self, layer: FewRowQuantizedLinear, packed_already: bool):
+        self.packed = packed_already or packable(layer)
+        if self.packed and not packed_already:
+            arrays = pack8(*(np.asarray(a) for a in (layer.weight, layer.scales, layer.biases)))
+            layer.weight, layer.scales, layer.biases = (mx.array(a) for a in arrays)
+            del arrays
+            mx.eval(layer.weight, layer.scales, layer.biases)
+            mx.clear_cache()  # MLX's arrays just dropped: give their memory back rather than keep it cached
         self.weight = layer.weight
         self.arrays = [np.ascontiguousarray(np.asarray(a)) for a in (layer.weight, layer.scales, layer.biases)]
         self.addresses = [a.ctypes.data for a in self.arrays]
@@ -38,18 +87,34 @@ class _Host:
 
 class FewRowQuantizedLinear(nn.QuantizedLinear):
     """``nn.QuantizedLinear`` (affine, no bias) whose few-row products run in the C kernels; MLX's
-    ``quantized_matmul`` for anything else (the prefill, float16 scales, more than 16 rows)."""
+    ``quantized_matmul`` for anything else (the prefill, float16 scales, more than 16 rows), except for layers
+    rearranged for the int8-activation kernel, whose every product runs there."""
 
     def _host(self) -> _Host | None:
-        if (blas.cpu_kernels is None or self.mode != "affine" or "bias" in self or self.scales.dtype != mx.float32
-                or self.group_size % 32 or mx.default_device() != mx.cpu):
-            return None
         host = self.__dict__.get("_host_arrays")
+        packed = self.packed
+        if not packed and (blas.cpu_kernels is None or self.mode != "affine" or "bias" in self
+                           or self.scales.dtype != mx.float32 or self.group_size % 32 or mx.default_device() != mx.cpu):
+            return None
         if host is None or host.weight is not self.weight:
             mx.eval(self.weight, self.scales, self.biases)
-            host = _Host(self)
+            host = _Host(self, packed)
             object.__setattr__(self, "_host_arrays", host)  # a plain attribute: not a parameter
         return host
+
+    @property
+    def packed(self) -> bool:
+        """Whether the layer's arrays are in :func:`pack8`'s order (not MLX's) now."""
+        host = self.__dict__.get("_host_arrays")
+        return host is not None and host.packed and host.weight is self.weight
+
+    def mlx_layout(self) -> dict[str, mx.array]:
+        """``weight``, ``scales`` and ``biases`` in MLX's layout (what a checkpoint holds), whatever the kernels
+        made of them."""
+        arrays = (self.weight, self.scales, self.biases)
+        if self.packed:
+            arrays = tuple(mx.array(a) for a in unpack8(*(np.asarray(a) for a in arrays)))
+        return dict(zip(("weight", "scales", "biases"), arrays, strict=True))
 
     def __call__(self, x: mx.array) -> mx.array:
         return project(x, [self])[0]
@@ -57,17 +122,25 @@ class FewRowQuantizedLinear(nn.QuantizedLinear):
 
 def project(x: mx.array, layers: Sequence[nn.Module]) -> list[mx.array]:
     """``[layer(x) for layer in layers]``, in one kernel call when every layer is a :class:`FewRowQuantizedLinear`
-    of the same kind and ``x`` has few rows."""
+    of the same kind and ``x`` has few rows (many rows: 16 at a time for the int8-activation kernel's layers)."""
     rows, inner = x.size // x.shape[-1], x.shape[-1]
     hosts = [layer._host() if isinstance(layer, FewRowQuantizedLinear) else None for layer in layers]
     first = layers[0]
-    if (rows > MAX_ROWS or len(layers) > MAX_MATRICES or any(h is None for h in hosts)
-            or any(layer.bits != first.bits or layer.group_size != first.group_size for layer in layers)):
-        return [nn.QuantizedLinear.__call__(layer, x) if isinstance(layer, FewRowQuantizedLinear) else layer(x)
-                for layer in layers]
+    if len(layers) > 1 and (len(layers) > MAX_MATRICES or any(h is None for h in hosts)
+                            or any(layer.bits != first.bits or layer.group_size != first.group_size for layer in layers)
+                            or len({h.packed for h in hosts}) != 1):
+        return [project(x, [layer])[0] for layer in layers]
+    if hosts[0] is None:  # not the kernels' (or not on a CPU run): MLX's own product
+        return [nn.QuantizedLinear.__call__(first, x) if isinstance(first, FewRowQuantizedLinear) else first(x)]
+    if rows > MAX_ROWS and not hosts[0].packed:
+        return [nn.QuantizedLinear.__call__(layer, x) for layer in layers]
     (a,) = host_float32(x.reshape(rows, inner))
     widths = [h.outputs for h in hosts]
-    y = mx.array(project_host(a, layers, hosts))
+    product = Product(layers, hosts)
+    if rows <= MAX_ROWS:
+        y = mx.array(product(a))
+    else:
+        y = mx.array(np.concatenate([product(a[start:start + MAX_ROWS]) for start in range(0, rows, MAX_ROWS)]))
     lead = x.shape[:-1]
     if len(layers) == 1:
         return [y.reshape(*lead, widths[0])]
@@ -76,13 +149,6 @@ def project(x: mx.array, layers: Sequence[nn.Module]) -> list[mx.array]:
         parts.append(y[:, start:start + width].reshape(*lead, width))
         start += width
     return parts
-
-
-def project_host(a: np.ndarray, layers: Sequence[FewRowQuantizedLinear], hosts: Sequence[_Host] | None = None
-                 ) -> np.ndarray:
-    """``a`` ``(rows, K)`` C-contiguous float32 times every layer's weights, side by side in one ``(rows, ΣN)``
-    array, in one kernel call (rows <= 16; layers of one kind whose ``_host()`` is not None)."""
-    return Product(layers, hosts)(a)
 
 
 class Product:
@@ -94,6 +160,9 @@ class Product:
         count, first = len(layers), layers[0]
         widths = [h.outputs for h in self.hosts]
         self.width = sum(widths)
+        self.packed = self.hosts[0].packed
+        if any(h.packed != self.packed for h in self.hosts):
+            raise ValueError("layers of one product must all be packed for the int8-activation kernel, or none")
         pointers = ctypes.c_void_p * count
         self.args = (first.bits, first.group_size, count, (ctypes.c_int * count)(*widths),
                      pointers(*(h.addresses[0] for h in self.hosts)), pointers(*(h.addresses[1] for h in self.hosts)),
@@ -102,8 +171,12 @@ class Product:
     def __call__(self, a: np.ndarray) -> np.ndarray:
         out = np.empty((a.shape[0], self.width), dtype=np.float32)
         bits, group, count, widths, weights, scales, biases = self.args
-        status = blas.cpu_kernels.quantized_matmul(a.shape[0], a.shape[1], bits, group, count, widths, a.ctypes.data,
-                                                   weights, scales, biases, out.ctypes.data)
+        if self.packed:
+            status = blas.cpu_kernels.quantized_matmul_packed8(a.shape[0], a.shape[1], group, count, widths,
+                                                               a.ctypes.data, weights, scales, biases, out.ctypes.data)
+        else:
+            status = blas.cpu_kernels.quantized_matmul(a.shape[0], a.shape[1], bits, group, count, widths,
+                                                       a.ctypes.data, weights, scales, biases, out.ctypes.data)
         if status:
             blas.check(status, "quantized_matmul")
         return out
