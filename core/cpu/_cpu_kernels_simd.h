@@ -191,6 +191,7 @@ FN(attend)(int D, int L, float scale, const float *q, const float *k, const floa
     float best = -__builtin_inff();
     for (int t = 0; t < L; t++) {
         const float *kt = k + (size_t)t * D;
+        for (int d = 0; d < D; d += 16) __builtin_prefetch(kt + ATTENTION_PREFETCH * D + d);
         vf acc = {0};
         for (int c = 0; c < DV; c++) acc += qv[c] * *(const vf *)(kt + LANES * c);
         float x = FN(hsum)(acc);
@@ -217,6 +218,7 @@ FN(attend)(int D, int L, float scale, const float *q, const float *k, const floa
     for (int c = 0; c < DV; c++) o[c] = (vf){0};
     for (int t = 0; t < L; t++) {
         const float *vt = v + (size_t)t * D;
+        for (int d = 0; d < D; d += 16) __builtin_prefetch(vt + ATTENTION_PREFETCH * D + d);
         float w = scores[t];
         for (int c = 0; c < DV; c++) o[c] += w * *(const vf *)(vt + LANES * c);
         for (int d = tail_start; d < D; d++) tail[d - tail_start] += w * vt[d];

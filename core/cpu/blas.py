@@ -159,7 +159,7 @@ def _load_cpu_kernels(fallback: ctypes.CDLL | None) -> str | None:
     kernel.kernel_counters.argtypes, kernel.kernel_counters.restype = [ctypes.POINTER(ctypes.c_ulonglong)], None
     kernel.kernel_take_error.restype = ctypes.c_int
     cpu_kernels = kernel
-    isa = kernel.kernel_instruction_set().decode()
+    isa = kernel.kernel_instruction_set().decode() + (" VNNI" if kernel.packed8_fast() else "")
     return f"skinny kernel ({threads} threads, up to {kernel.skinny_max_rows()} rows, {isa}) + "
 
 
