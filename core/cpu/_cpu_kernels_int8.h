@@ -17,7 +17,6 @@
 #define PACK_PREFETCH 8192 /* bytes ahead in the weights: streaming 450 MB, 8 rows took 32 ms in one thread
                             without it, 16 ms with (the hardware prefetcher alone lags at this pace) */
 #define PACK_MAX_MB 8 /* rows per pass: 8 integer and 8 float accumulators of 16 lanes */
-#define PACK_ROW_PAD 64 /* bytes between ia's rows: rows 4 KB apart share L1 sets (K = 4096 measured 3x slower) */
 
 typedef struct packed8_s {
     const quant_kernel_t *kernel;

@@ -178,5 +178,5 @@ class Product:
             status = blas.cpu_kernels.quantized_matmul(a.shape[0], a.shape[1], bits, group, count, widths,
                                                        a.ctypes.data, weights, scales, biases, out.ctypes.data)
         if status:
-            blas.check(status, "quantized_matmul")
+            blas.check(status, "quantized_matmul_packed8" if self.packed else "quantized_matmul")
         return out
