@@ -126,12 +126,14 @@ def host_attention(dtype: mx.Dtype, head_dim: int) -> bool:
 
 
 def make_caches(layers: int, batch: int, heads: int, head_dim: int, length: int, dtype: mx.Dtype,
-                host: bool) -> list[SelfAttentionCache]:
-    """One self-attention cache per layer for ``length`` positions (``host``: the CPU kernels')."""
+                host: bool, quantized: bool = False) -> list[SelfAttentionCache]:
+    """One self-attention cache per layer for ``length`` positions (``host``: the CPU kernels'; for a
+    ``quantized`` decoder those keep float16 keys and values, half the bytes the attention reads)."""
     if host:
-        from .cpu.cache import HostKVCache
+        from .cpu import cache
 
-        return [HostKVCache(batch, heads, head_dim, length) for _ in range(layers)]
+        half = quantized and cache.half_when_quantized
+        return [cache.HostKVCache(batch, heads, head_dim, length, half=half) for _ in range(layers)]
     return [KVCache(batch, heads, head_dim, length, dtype) for _ in range(layers)]
 
 

@@ -168,6 +168,11 @@ class MusicgenDecoder(nn.Module):
     def head_dim(self) -> int:
         return self.config.hidden_size // self.config.num_attention_heads
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the layers' projections are quantized (:func:`core.quantize.quantize_layers`)."""
+        return isinstance(self.layers[0].fc1, nn.QuantizedLinear)
+
     def host_attention(self) -> bool:
         """Whether this run's backend attends in host memory (the CPU kernels) for this decoder."""
         return backend.host_attention(self.layer_norm.weight.dtype, self.head_dim)
@@ -177,7 +182,7 @@ class MusicgenDecoder(nn.Module):
         host-memory caches of the CPU kernels on or off)."""
         host = self.host_attention() if host is None else host
         return backend.make_caches(len(self.layers), batch, self.config.num_attention_heads, self.head_dim, length,
-                                   self.layer_norm.weight.dtype, host)
+                                   self.layer_norm.weight.dtype, host, self.quantized)
 
     def make_cross(self, keys_values: list[tuple[mx.array, mx.array]], mask: mx.array | None,
                    host: bool | None = None) -> list[CrossAttention]:

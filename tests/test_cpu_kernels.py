@@ -236,6 +236,39 @@ def test_decode_attention_matches_numpy(kernel, isa, threads, n_threads):
         np.testing.assert_allclose(out.reshape(B * H, D), expected, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_decode_attention_f16_matches_numpy(kernel, isa, threads, n_threads):
+    """The float16-cache attention: this step's key and value are written rounded as NumPy rounds them, and the
+    output is the attention over the float16 values (computed in float64), on every instruction set (its vector
+    conversions, and the portable one), head sizes off the vector width included."""
+    threads(n_threads)
+    rng = np.random.default_rng(15)
+    for B, H, D, capacity, L in [(2, 16, 64, 260, 1), (2, 16, 64, 260, 125), (8, 16, 64, 260, 260), (1, 2, 16, 9, 7),
+                                 (3, 4, 24, 40, 33), (2, 1, 7, 5000, 4500), (1, 3, 256, 20, 20)]:
+        keys = rng.standard_normal((B, H, capacity, D)).astype(np.float16)
+        values = rng.standard_normal((B, H, capacity, D)).astype(np.float16)
+        q, k_new, v_new = (rng.standard_normal((B, H, D), dtype=np.float32) * 3 for _ in range(3))
+        k_new[0, 0, 0], v_new[0, 0, -1] = 1 + 2 ** -11, 65520.0  # a tie (to even: 1.0) and past the range (inf)
+        before = keys.copy()
+        out = np.full((B, H, D), np.nan, np.float32)
+        assert kernel.decode_attention_f16(B * H, L, D, D ** -0.5, q.ctypes.data, k_new.ctypes.data,
+                                           v_new.ctypes.data, keys.ctypes.data, values.ctypes.data, capacity,
+                                           out.ctypes.data) == 0
+        with np.errstate(over="ignore"):  # NumPy warns where a value rounds to infinity
+            np.testing.assert_array_equal(keys[:, :, L - 1], k_new.astype(np.float16))
+            np.testing.assert_array_equal(values[:, :, L - 1], v_new.astype(np.float16))
+        assert keys[0, 0, L - 1, 0] == 1.0 and np.isinf(values[0, 0, L - 1, -1])
+        np.testing.assert_array_equal(np.delete(keys, L - 1, axis=2), np.delete(before, L - 1, axis=2))
+        values[0, 0, L - 1, -1] = 0.0  # the infinite value only checked the rounding: attend over finite ones
+        v_new[0, 0, -1] = 0.0
+        assert kernel.decode_attention_f16(B * H, L, D, D ** -0.5, q.ctypes.data, k_new.ctypes.data,
+                                           v_new.ctypes.data, keys.ctypes.data, values.ctypes.data, capacity,
+                                           out.ctypes.data) == 0
+        expected = attention_reference(q.reshape(B * H, D), keys[:, :, :L].reshape(B * H, L, D),
+                                       values[:, :, :L].reshape(B * H, L, D), D ** -0.5)
+        np.testing.assert_allclose(out.reshape(B * H, D), expected, rtol=2e-5, atol=2e-5)
+
+
 def test_cross_attention_masks_keys(kernel, isa, threads):
     threads(2)
     rng = np.random.default_rng(6)
@@ -263,6 +296,8 @@ def test_attention_refuses_what_it_cannot_do(kernel):
     assert kernel.decode_attention(1, 5, 300, 1.0, *[x.ctypes.data] * 5, 4, x.ctypes.data) == -1  # head too big
     assert kernel.decode_attention(1, 5, 16, 1.0, *[x.ctypes.data] * 5, 4, x.ctypes.data) == -1  # past the cache
     assert kernel.cross_attention(1, 1, 4, 300, 1.0, *[x.ctypes.data] * 3, None, x.ctypes.data) == -1
+    assert kernel.decode_attention_f16(1, 5, 300, 1.0, *[x.ctypes.data] * 5, 4, x.ctypes.data) == -1
+    assert kernel.decode_attention_f16(1, 5, 16, 1.0, *[x.ctypes.data] * 5, 4, x.ctypes.data) == -1
 
 
 def test_exp_of_the_softmax_is_accurate(kernel, isa):

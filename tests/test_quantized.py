@@ -22,6 +22,7 @@ import torch
 
 from core import GenerationRequest, MusicGen
 from core.cpu import blas, quantized
+from core.cpu import cache as cpu_cache
 from tests import tiny_models
 
 PROMPTS = ["warm synthwave with a driving bassline", "jazz"]
@@ -117,9 +118,11 @@ def test_4_bit_error_is_stated(checkpoint):
 def test_the_kernel_step_agrees_with_mlx_quantized_layers(checkpoint, bits, monkeypatch):
     """The CPU kernels' host-memory step, MLX's ``nn.QuantizedLinear`` (what Metal runs) over MLX's caches, and
     the whole sequence in one call: the same quantized model, the same logits to float rounding (with float
-    activations: rounding them to int8 turns float rounding into a step of the int8 grid, tested below)."""
+    activations and float32 caches: rounding activations to int8 or keys and values to float16 turns float
+    rounding into a step of their grid, tested below)."""
     _, folder, codes, _, _, _ = checkpoint
     monkeypatch.setattr(quantized, "int8_activations", False)
+    monkeypatch.setattr(cpu_cache, "half_when_quantized", False)
     model = MusicGen.from_pretrained(folder, quantize=bits)
     kernel = stepped_logits(model, codes)
     plain = stepped_logits(model, codes, host=False)
@@ -128,6 +131,25 @@ def test_the_kernel_step_agrees_with_mlx_quantized_layers(checkpoint, bits, monk
     scale = np.abs(kernel).max()
     np.testing.assert_allclose(plain, kernel, rtol=0, atol=2e-5 * scale)
     np.testing.assert_allclose(whole, kernel, rtol=0, atol=2e-5 * scale)
+
+
+def test_a_quantized_decoder_attends_float16_caches(checkpoint, monkeypatch):
+    """On the CPU kernels a quantized decoder's self-attention caches hold float16 (half the bytes the attention
+    reads), a float32 decoder's stay float32; rounding keys and values to float16 moves the logits by far less than
+    the quantization does."""
+    name, folder, codes, torch_fp32, _, _ = checkpoint
+    monkeypatch.setattr(quantized, "int8_activations", False)
+    assert all(c.keys.dtype == np.float32 for c in MusicGen.from_pretrained(folder).decoder.make_cache(2, 8))
+    model = MusicGen.from_pretrained(folder, quantize=8)
+    caches = model.decoder.make_cache(2, 8)
+    assert all(c.keys.dtype == np.float16 and c.values.dtype == np.float16 for c in caches)
+    half = stepped_logits(model, codes)
+    monkeypatch.setattr(cpu_cache, "half_when_quantized", False)
+    assert model.decoder.make_cache(2, 8)[0].keys.dtype == np.float32
+    full = stepped_logits(model, codes)
+    error, quantization = relative_rms(half, full), relative_rms(full, torch_fp32)
+    print(f"\n{name}: float16 caches move the 8-bit logits by {error:.3%} (8-bit vs fp32: {quantization:.3%})")
+    assert 0 < error < quantization / 5
 
 
 def test_int8_activations_agree_across_paths_and_save_as_mlx_layout(checkpoint, tmp_path):

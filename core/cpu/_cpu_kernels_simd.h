@@ -180,22 +180,60 @@ static inline vf FN(exp_negative)(vf x) {
     return (vf)((vi)(p * two_n) & ~under);
 }
 
-/* softmax(q kᵀ · scale) v over positions 0 .. L-1 of one (row, head) where `mask` (if any) is nonzero; D a
- * constant in the hot instance. `scores` holds L rounded up to LANES floats. */
+/* LANES float16 values (IEEE half) as floats: one vcvtph2ps where the instruction set has it (a generic vector
+ * conversion is done element by element), else _Float16's own conversion. */
+static inline __attribute__((always_inline)) vf FN(load_half)(const uint16_t *p) {
+#if LANES == 16 && defined(__AVX512F__)
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif LANES == 8 && defined(__F16C__)
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    vf v;
+    for (int i = 0; i < LANES; i++) v[i] = (float)((const _Float16 *)p)[i];
+    return v;
+#endif
+}
+
+/* n floats rounded to the nearest float16 */
+static inline void FN(store_half)(int n, const float *x, uint16_t *p) {
+    int i = 0;
+#if LANES == 16 && defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(p + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#elif LANES == 8 && defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(p + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) ((_Float16 *)p)[i] = (_Float16)x[i];
+}
+
+/* LANES keys or values from float32 (half 0) or float16 (half 1) memory, `index` elements in */
+static inline __attribute__((always_inline)) vf FN(load_kv)(const void *base, size_t index, int half) {
+    return half ? FN(load_half)((const uint16_t *)base + index) : *(const vf *)((const float *)base + index);
+}
+
+static inline __attribute__((always_inline)) float FN(kv_at)(const void *base, size_t index, int half) {
+    return half ? (float)((const _Float16 *)base)[index] : ((const float *)base)[index];
+}
+
+/* softmax(q kᵀ · scale) v over positions 0 .. L-1 of one (row, head) where `mask` (if any) is nonzero; k and v
+ * float32 or (half) float16; D and half constants in the hot instances. `scores` holds L rounded up to LANES
+ * floats. */
 static inline __attribute__((always_inline)) void
-FN(attend)(int D, int L, float scale, const float *q, const float *k, const float *v, const uint8_t *mask,
+FN(attend)(int D, int L, float scale, const float *q, const void *k, const void *v, int half, const uint8_t *mask,
            float *scores, float *out) {
     const int DV = D / LANES, tail_start = DV * LANES;
+    const int bytes = half ? 2 : 4;
     vf qv[ATTENTION_MAX_HEAD / LANES];
     for (int c = 0; c < DV; c++) qv[c] = *(const vf *)(q + LANES * c) * scale;
     float best = -__builtin_inff();
     for (int t = 0; t < L; t++) {
-        const float *kt = k + (size_t)t * D;
-        for (int d = 0; d < D; d += 16) __builtin_prefetch(kt + ATTENTION_PREFETCH * D + d);
+        const size_t kt = (size_t)t * D;
+        for (int d = 0; d < D * bytes; d += 64) __builtin_prefetch((const char *)k + (kt + ATTENTION_PREFETCH * D) * bytes + d);
         vf acc = {0};
-        for (int c = 0; c < DV; c++) acc += qv[c] * *(const vf *)(kt + LANES * c);
+        for (int c = 0; c < DV; c++) acc += qv[c] * FN(load_kv)(k, kt + LANES * c, half);
         float x = FN(hsum)(acc);
-        for (int d = tail_start; d < D; d++) x += q[d] * scale * kt[d];
+        for (int d = tail_start; d < D; d++) x += q[d] * scale * FN(kv_at)(k, kt + d, half);
         if (mask && !mask[t]) x = -__builtin_inff();
         scores[t] = x;
         best = x > best ? x : best;
@@ -217,11 +255,11 @@ FN(attend)(int D, int L, float scale, const float *q, const float *k, const floa
     float tail[LANES] = {0};
     for (int c = 0; c < DV; c++) o[c] = (vf){0};
     for (int t = 0; t < L; t++) {
-        const float *vt = v + (size_t)t * D;
-        for (int d = 0; d < D; d += 16) __builtin_prefetch(vt + ATTENTION_PREFETCH * D + d);
+        const size_t vt = (size_t)t * D;
+        for (int d = 0; d < D * bytes; d += 64) __builtin_prefetch((const char *)v + (vt + ATTENTION_PREFETCH * D) * bytes + d);
         float w = scores[t];
-        for (int c = 0; c < DV; c++) o[c] += w * *(const vf *)(vt + LANES * c);
-        for (int d = tail_start; d < D; d++) tail[d - tail_start] += w * vt[d];
+        for (int c = 0; c < DV; c++) o[c] += w * FN(load_kv)(v, vt + LANES * c, half);
+        for (int d = tail_start; d < D; d++) tail[d - tail_start] += w * FN(kv_at)(v, vt + d, half);
     }
     for (int c = 0; c < DV; c++) *(vf *)(out + LANES * c) = o[c] * inv;
     for (int d = tail_start; d < D; d++) out[d] = tail[d - tail_start] * inv;
@@ -229,19 +267,24 @@ FN(attend)(int D, int L, float scale, const float *q, const float *k, const floa
 
 /* (row, head) pairs [first, last) of a decode_attention or cross_attention call. */
 static void FN(attention_rows)(const attention_t *a, int first, int last, float *scores) {
+    const size_t bytes = a->half ? 2 : 4, last_position = (size_t)(a->L - 1) * a->D;
     for (int bh = first; bh < last; bh++) {
-        size_t row = (size_t)bh * a->D;
-        float *k = a->k_cache + (size_t)bh * a->capacity * a->D, *v = a->v_cache + (size_t)bh * a->capacity * a->D;
+        size_t row = (size_t)bh * a->D, offset = (size_t)bh * a->capacity * a->D;
+        char *k = (char *)a->k_cache + offset * bytes, *v = (char *)a->v_cache + offset * bytes;
         const uint8_t *mask = a->mask ? a->mask + (size_t)(bh / a->heads) * a->capacity : NULL;
-        if (a->k_new)
-            for (int d = 0; d < a->D; d++) {
-                k[(size_t)(a->L - 1) * a->D + d] = a->k_new[row + d];
-                v[(size_t)(a->L - 1) * a->D + d] = a->v_new[row + d];
-            }
-        if (a->D == 64)
-            FN(attend)(64, a->L, a->scale, a->q + row, k, v, mask, scores, a->out + row);
+        if (a->k_new && a->half) {
+            FN(store_half)(a->D, a->k_new + row, (uint16_t *)k + last_position);
+            FN(store_half)(a->D, a->v_new + row, (uint16_t *)v + last_position);
+        } else if (a->k_new) {
+            memcpy((float *)k + last_position, a->k_new + row, sizeof(float) * a->D);
+            memcpy((float *)v + last_position, a->v_new + row, sizeof(float) * a->D);
+        }
+        if (a->D == 64 && a->half)
+            FN(attend)(64, a->L, a->scale, a->q + row, k, v, 1, mask, scores, a->out + row);
+        else if (a->D == 64)
+            FN(attend)(64, a->L, a->scale, a->q + row, k, v, 0, mask, scores, a->out + row);
         else
-            FN(attend)(a->D, a->L, a->scale, a->q + row, k, v, mask, scores, a->out + row);
+            FN(attend)(a->D, a->L, a->scale, a->q + row, k, v, a->half, mask, scores, a->out + row);
     }
 }
 

@@ -56,13 +56,14 @@ active_blas = "not chosen yet"
 active_library: str | None = None  # "openblas", "blis", a library's file name, or None for the reference BLAS
 cpu_kernels: ctypes.CDLL | None = None  # the loaded CPU kernels (see few_row_product, core.cpu.cache.HostKVCache)
 
-KERNEL_ABI = 4  # must equal KERNEL_ABI in _cpu_kernels.c: a stale build is refused
+KERNEL_ABI = 5  # must equal KERNEL_ABI in _cpu_kernels.c: a stale build is refused
 
 # cblas_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), pointers as addresses
 SGEMM_ARGTYPES = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                        ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
-# decode_attention(BH, L, D, scale, q, k_new, v_new, k_cache, v_cache, capacity, out)
+# decode_attention(BH, L, D, scale, q, k_new, v_new, k_cache, v_cache, capacity, out); decode_attention_f16 the same
+# with float16 caches
 ATTENTION_ARGTYPES = [ctypes.c_int] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_void_p]
 # cross_attention(B, H, S, D, scale, q, k, v, mask, out)
 CROSS_ATTENTION_ARGTYPES = [ctypes.c_int] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 5
@@ -145,6 +146,7 @@ def _load_cpu_kernels(fallback: ctypes.CDLL | None) -> str | None:
     threads = int(threads) if threads.isdigit() and int(threads) > 0 else max(1, _cpu_count() - 1)
     kernel.skinny_set_threads(threads)
     kernel.decode_attention.argtypes, kernel.decode_attention.restype = ATTENTION_ARGTYPES, ctypes.c_int
+    kernel.decode_attention_f16.argtypes, kernel.decode_attention_f16.restype = ATTENTION_ARGTYPES, ctypes.c_int
     kernel.cross_attention.argtypes, kernel.cross_attention.restype = CROSS_ATTENTION_ARGTYPES, ctypes.c_int
     kernel.quantized_matmul.argtypes, kernel.quantized_matmul.restype = QUANTIZED_ARGTYPES, ctypes.c_int
     kernel.quantized_matmul_packed8.argtypes = PACKED8_ARGTYPES

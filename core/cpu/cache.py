@@ -14,6 +14,11 @@ from ..cache import CrossKV, attention, split_heads
 from . import blas
 
 
+# A quantized decoder's host caches hold float16 keys and values (see HostKVCache); False keeps them float32, so
+# the kernels' step and MLX's caches compute the same sums (tests compare the paths exactly that way).
+half_when_quantized = True
+
+
 def kernels_can_attend(dtype: mx.Dtype, head_dim: int) -> bool:
     """Whether generation with this dtype and head size can attend in the C kernels (loaded, float32)."""
     return blas.cpu_kernels is not None and dtype == mx.float32 and head_dim <= 256
@@ -26,42 +31,51 @@ def host_float32(*arrays: mx.array) -> list[np.ndarray]:
     return [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
 
 
-def lazy_float32(shape: tuple[int, ...]) -> np.ndarray:
+def lazy_zeros(shape: tuple[int, ...], dtype: type[np.floating] = np.float32) -> np.ndarray:
     """Memory for a host KV cache: mapped lazily in small pages, so each page costs its first write only.
 
     NumPy asks for huge pages for large arrays; where the kernel compacts memory for those on the first write
     (``defrag=madvise``), the first step of a fresh 8-row cache took 0.3-0.6 s instead of 0.09 s.
     """
     count = math.prod(shape)
-    memory = mmap.mmap(-1, max(4 * count, 1))
+    memory = mmap.mmap(-1, max(np.dtype(dtype).itemsize * count, 1))
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         memory.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(memory, dtype=np.float32, count=count).reshape(shape)
+    return np.frombuffer(memory, dtype=dtype, count=count).reshape(shape)
 
 
 class HostKVCache:
-    """A float32 KV cache in NumPy memory whose one-position steps the C kernel attends.
+    """A KV cache in NumPy memory whose one-position steps the C kernel attends.
 
     MLX's CPU attention is one ``cblas_sgemm`` per row and head and a scalar ``exp``: at 8 rows and 250 positions
     ~50 ms of a ~135 ms musicgen-small step. The kernel reads each row's keys and values once, on the product
     threads. A step evaluates its query, key and value (one ``mx.eval`` per layer) and hands their buffers over;
     longer inputs (the prefill) attend in MLX and are copied in.
+
+    ``half`` keeps the keys and values as float16 (rounded to nearest when written; scores and sums stay float32):
+    the attention of many rows reads the cache at the memory's speed, so half the bytes take about half the time
+    (8 rows of a 5 s musicgen-small clip: 1.40 -> 0.7 s). :func:`core.backend.make_caches` asks for it only for
+    a quantized decoder, whose products round more than that already; float32 decoders keep exact caches.
     """
 
-    def __init__(self, batch: int, heads: int, head_dim: int, length: int):
+    def __init__(self, batch: int, heads: int, head_dim: int, length: int, half: bool = False):
         shape = (batch, heads, length, head_dim)
-        self.keys, self.values = lazy_float32(shape), lazy_float32(shape)
+        dtype = np.float16 if half else np.float32
+        self.keys, self.values = lazy_zeros(shape, dtype), lazy_zeros(shape, dtype)
+        self.half = half
         self.offset = 0
 
     def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Write ``(B, H, T, D)`` at the current offset; return everything written so far, as MLX arrays."""
+        """Write ``(B, H, T, D)`` at the current offset; return everything written so far, as float32 MLX arrays
+        (as the cache holds them: rounded to float16 where ``half``)."""
         end = self.offset + keys.shape[2]
         self.keys[:, :, self.offset:end] = np.asarray(keys.astype(mx.float32))
         self.values[:, :, self.offset:end] = np.asarray(values.astype(mx.float32))
         self.offset = end
-        if end == keys.shape[2]:
+        if end == keys.shape[2] and not self.half:
             return keys, values
-        return mx.array(self.keys[:, :, :end]), mx.array(self.values[:, :, :end])
+        return (mx.array(self.keys[:, :, :end].astype(np.float32)),
+                mx.array(self.values[:, :, :end].astype(np.float32)))
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float,
                mask: mx.array | str | None) -> mx.array:
@@ -78,9 +92,10 @@ class HostKVCache:
             raise ValueError(f"the KV cache holds {capacity} positions")
         out = np.empty_like(q)
         self.offset += 1
-        blas.check(blas.cpu_kernels.decode_attention(
-            B * heads, self.offset, head_dim, scale, q.ctypes.data, k.ctypes.data, v.ctypes.data,
-            self.keys.ctypes.data, self.values.ctypes.data, capacity, out.ctypes.data), "decode_attention")
+        kernel = blas.cpu_kernels.decode_attention_f16 if self.half else blas.cpu_kernels.decode_attention
+        blas.check(kernel(B * heads, self.offset, head_dim, scale, q.ctypes.data, k.ctypes.data, v.ctypes.data,
+                          self.keys.ctypes.data, self.values.ctypes.data, capacity, out.ctypes.data),
+                   "decode_attention_f16" if self.half else "decode_attention")
         return out
 
     def select(self, rows: mx.array) -> None:
