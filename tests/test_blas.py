@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from core.cpu.blas import LIBRARIES
+from core.cpu.blas import LIBRARIES, cpu_flags, openblas_core_type
 
 PROBE = """
 import json, numpy as np
@@ -29,12 +29,14 @@ q, k = rng.standard_normal((3, 4, 1, 16)).astype(np.float32), rng.standard_norma
 out["attention"] = np.array(mx.fast.scaled_dot_product_attention(mx.array(q), mx.array(k), mx.array(k),
                                                                   scale=0.25)).tolist()
 from core.cpu.linear import FewRowLinear as Linear
-print(json.dumps({{"blas": core.cpu.blas.active_blas, "transposed_rows": Linear.transposed_rows, "products": out}}))
+import os
+print(json.dumps({{"blas": core.cpu.blas.active_blas, "transposed_rows": Linear.transposed_rows, "products": out,
+                  "coretype": os.environ.get("OPENBLAS_CORETYPE")}}))
 """
 
 
-def run_probe(choice: str, first: str = "", skinny: str = "on") -> dict:
-    env = dict(os.environ, MUSICGEN_BLAS=choice, MUSICGEN_SKINNY_GEMM=skinny)
+def run_probe(choice: str, first: str = "", skinny: str = "on", **environ: str) -> dict:
+    env = dict(os.environ, MUSICGEN_BLAS=choice, MUSICGEN_SKINNY_GEMM=skinny, **environ)
     out = subprocess.run([sys.executable, "-c", PROBE.format(first=first)], env=env, capture_output=True,
                          text=True, check=True, timeout=120)
     return json.loads(out.stdout)
@@ -76,3 +78,32 @@ def test_auto_prefers_openblas_and_reports_late_import():
     assert kernel.startswith("skinny kernel (") and library.startswith("openblas ("), (kernel, library)
     late = run_probe("auto", first="import mlx.core")
     assert "too late" in late["blas"]
+
+
+def test_openblas_core_type_follows_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: x\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512cd "
+                       "avx512bw avx512dq avx512vl\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    flags = cpu_flags(str(cpuinfo))
+    assert {"avx2", "avx512vl"} <= flags and "flags" not in flags
+    assert openblas_core_type(flags, "x86_64") == "SkylakeX"
+    assert openblas_core_type(flags - {"avx512bw"}, "x86_64") == "Haswell"  # AVX-512 without its integer half
+    assert openblas_core_type({"sse2", "avx", "avx2"}, "x86_64") is None  # no FMA: OpenBLAS decides
+    assert openblas_core_type(flags, "aarch64") is None
+    assert cpu_flags(str(tmp_path / "missing")) == set()
+
+
+def test_openblas_takes_kernels_for_this_cpu():
+    """Debian's OpenBLAS falls back to SSE3 kernels on CPUs newer than it: the preload names the kernels from the
+    CPU's flags while OpenBLAS loads (and only then: the variable is gone after), and a user's choice stands."""
+    if not installed("openblas"):
+        pytest.fail("openblas is not installed: .ci/run installs it (apt-get install libopenblas0-pthread)")
+    expected = openblas_core_type(cpu_flags(), os.uname().machine)
+    result = run_probe("openblas")
+    assert result["coretype"] is None
+    if expected is not None:
+        assert result["blas"].endswith(f", {expected} kernels)"), result["blas"]
+    else:
+        assert result["blas"].endswith(" kernels)"), result["blas"]
+    chosen = run_probe("openblas", OPENBLAS_CORETYPE="Prescott")
+    assert chosen["blas"].endswith(", Prescott kernels)") and chosen["coretype"] == "Prescott", chosen["blas"]

@@ -14,6 +14,12 @@ imported makes those calls resolve to them. Two layers are loaded:
 - an optimised **BLAS** for everything else (T5, EnCodec, prefill): OpenBLAS (Debian ``libopenblas0-pthread``),
   else BLIS (``libblis4-pthread``). OpenBLAS decoded EnCodec fastest there (671 ms for 5 s, BLIS 939 ms).
 
+OpenBLAS picks its kernels by the CPU's model, and a release older than the CPU falls back to generic ones: Debian
+12's 0.3.21 runs its SSE3 ("Prescott") kernels on a Sapphire Rapids VM, where EnCodec decoding 4 rows took 2.77 s
+against 1.49 s with its AVX-512 ("SkylakeX") kernels. So unless ``OPENBLAS_CORETYPE`` is set, it is set while
+the library loads, from the instruction sets the CPU reports (:func:`openblas_core_type`); the backend line names
+the kernels OpenBLAS took.
+
 ``MUSICGEN_BLAS`` chooses the BLAS: ``auto`` (default), ``openblas``, ``blis``, ``reference`` (opt out of both
 layers), or a library path. ``MUSICGEN_SKINNY_GEMM=off`` keeps the BLAS alone (and MLX's attention).
 ``MUSICGEN_GEMM_THREADS`` sets the kernels' threads (default: the cores this process may run on less one, at least
@@ -165,6 +171,30 @@ def _load_cpu_kernels(fallback: ctypes.CDLL | None) -> str | None:
     return f"skinny kernel ({threads} threads, up to {kernel.skinny_max_rows()} rows, {isa}) + "
 
 
+# OpenBLAS's kernels for x86-64 instruction sets, widest first: every listed flag must be in /proc/cpuinfo
+OPENBLAS_CORES = (("SkylakeX", {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}),
+                  ("Haswell", {"avx2", "fma"}))
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The instruction-set flags the kernel reports for the first CPU (empty where there is no such file)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as file:
+            for line in file:
+                if line.startswith(("flags", "Features")):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def openblas_core_type(flags: set[str], machine: str) -> str | None:
+    """The ``OPENBLAS_CORETYPE`` for an x86-64 CPU with these flags (None: leave OpenBLAS its own choice)."""
+    if machine not in ("x86_64", "AMD64"):
+        return None
+    return next((core for core, needs in OPENBLAS_CORES if needs <= flags), None)
+
+
 def preload_blas() -> str:
     """Load the fast kernels globally, before MLX; return a short description of what MLX will use.
 
@@ -192,14 +222,26 @@ def preload_blas() -> str:
     # Which library is loaded globally first decides whose cblas_sgemm MLX binds to: the skinny kernel must come
     # before the BLAS. So the BLAS is opened privately to find it, the kernel globally, then the BLAS globally
     # (for the other symbols MLX needs from it).
+    core = None if "OPENBLAS_CORETYPE" in os.environ else openblas_core_type(cpu_flags(), os.uname().machine)
     for name, path in candidates:
-        private = _load(path, ctypes.RTLD_LOCAL) if os.path.exists(path) else None
+        if not os.path.exists(path):
+            continue
+        if core is not None:  # read by OpenBLAS as it loads, and only then: other libraries (NumPy's) choose alone
+            os.environ["OPENBLAS_CORETYPE"] = core
+        try:
+            private = _load(path, ctypes.RTLD_LOCAL)
+        finally:
+            if core is not None:
+                del os.environ["OPENBLAS_CORETYPE"]
         if private is None:
             continue
         kernel = _load_cpu_kernels(private)
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # already open: this only makes its symbols global
-        threads = f", {os.environ['BLIS_NUM_THREADS']} threads" if name == "blis" else ""
-        active_blas, active_library = f"{kernel or ''}{name} ({path}{threads})", name
+        details = f", {os.environ['BLIS_NUM_THREADS']} threads" if name == "blis" else ""
+        if name == "openblas":
+            private.openblas_get_corename.restype = ctypes.c_char_p
+            details = f", {private.openblas_get_corename().decode(errors='replace')} kernels"
+        active_blas, active_library = f"{kernel or ''}{name} ({path}{details})", name
         return active_blas
     kernel = _load_cpu_kernels(None)
     active_blas = f"{kernel or ''}reference BLAS (no faster BLAS found for MUSICGEN_BLAS={choice}: {HINT})"
