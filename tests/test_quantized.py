@@ -152,24 +152,25 @@ def test_a_quantized_decoder_attends_float16_caches(checkpoint, monkeypatch):
     assert 0 < error < quantization / 5
 
 
-def test_int8_activations_agree_across_paths_and_save_as_mlx_layout(checkpoint, tmp_path):
-    """With VNNI the 8-bit layers are rearranged for the int8-activation kernel on first use, and then every path
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int8_activations_agree_across_paths_and_save_as_mlx_layout(checkpoint, tmp_path, bits):
+    """With VNNI the quantized layers are rearranged for the int8-activation kernel on first use, and then every path
     runs it: the host step, the layers over MLX's caches, the whole sequence (16 rows at a time). Those agree to well
     under the quantization error (an input's float rounding can move an activation by one step of the int8 grid),
     and the model saves MLX's layout, the same bytes as before the first step."""
     name, folder, codes, torch_fp32, _, _ = checkpoint
-    model = MusicGen.from_pretrained(folder, quantize=8)
+    model = MusicGen.from_pretrained(folder, quantize=bits)
     model.save_quantized(tmp_path / "before")
     before = blas.kernel_counters()["quantized"]
     kernel = stepped_logits(model, codes)
     assert blas.kernel_counters()["quantized"] > before
     fc1 = model.decoder.layers[0].fc1
-    assert fc1.packed == bool(blas.cpu_kernels.packed8_fast())
+    assert fc1.packed == bool(blas.cpu_kernels.packed_fast())
     plain = stepped_logits(model, codes, host=False)
     cross_kv, cross_mask = model._encode_text(PROMPTS, guided=False)
     whole = np.array(model.decoder(mx.array(codes), model.decoder.make_cross(cross_kv, cross_mask, host=False)))
-    print(f"\n{name}: int8 activations ({fc1.packed}): host step vs MLX caches {relative_rms(plain, kernel):.3%}, "
-          f"vs the whole sequence {relative_rms(whole, kernel):.3%}; vs fp32 {relative_rms(kernel, torch_fp32):.3%}")
+    print(f"\n{name}, {bits} bits: int8 activations ({fc1.packed}): host step vs MLX caches "
+          f"{relative_rms(plain, kernel):.3%}, vs the whole sequence {relative_rms(whole, kernel):.3%}; vs fp32 {relative_rms(kernel, torch_fp32):.3%}")
     assert relative_rms(plain, kernel) < 0.01 and relative_rms(whole, kernel) < 0.01
     model.save_quantized(tmp_path / "after")
     saved = [mx.load(str(tmp_path / side / "model.safetensors")) for side in ("before", "after")]
@@ -260,7 +261,7 @@ def test_melody_decoder_with_int8_activations(tmp_path):
             assert blas.kernel_counters()["quantized"] > before
         finally:
             quantized.int8_activations = True
-        assert model.decoder.layers[0].fc1.packed == (int8 and bool(blas.cpu_kernels.packed8_fast()))
+        assert model.decoder.layers[0].fc1.packed == (int8 and bool(blas.cpu_kernels.packed_fast()))
     for clip in clips:
         assert clip.tokens.shape == clips[0].tokens.shape and clip.samples.shape[0] == model.samples_for(0.5)
         assert np.isfinite(clip.samples).all() and np.abs(clip.samples).max() > 0

@@ -1,7 +1,8 @@
 """The CPU kernels' quantized products (``quantized_matmul`` in core/cpu/_cpu_kernels.c) against NumPy products of
 the weights MLX's ``mx.quantize`` packs, dequantised here from the packed bits (rows 1..16, 4 and 8 bits, odd
 shapes, several matrices in one call, every instruction set the CPU has); the int8-activation product
-(``quantized_matmul_packed8``, VNNI or portable C) against the same product of activations rounded in NumPy; and the
+(``quantized_matmul_packed``, 8 and 4 bits, VNNI or portable C) against the same product of activations rounded in
+NumPy; and the
 exact GELU against ``math.erf``."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from core.cpu import blas
-from core.cpu.quantized import pack8, unpack8
+from core.cpu.quantized import pack, unpack
 from tests import test_cpu_kernels
 
 # the kernel, each instruction set the CPU has, and the kernel's threads: the fixtures of the float32 kernels' tests
@@ -151,24 +152,25 @@ def test_layer_norm_rows(kernel, isa):
         np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
 
 
-# ------------------------------------------------------------------ 8-bit weights times int8 activations (VNNI)
+# ------------------------------------------------------------- 8- and 4-bit weights times int8 activations (VNNI)
 
 
-def run_packed(kernel, a: np.ndarray, mats: list, group: int) -> tuple[int, np.ndarray]:
-    """``quantized_matmul_packed8`` on MLX-layout matrices, rearranged here by :func:`pack8`."""
-    packed = [pack8(*m) for m in mats]
+def run_packed(kernel, a: np.ndarray, mats: list, group: int, bits: int = 8) -> tuple[int, np.ndarray]:
+    """``quantized_matmul_packed`` on MLX-layout matrices, rearranged here by :func:`pack`."""
+    packed = [pack(*m) for m in mats]
     count = len(mats)
     widths = [m[0].shape[0] for m in mats]
     out = np.full((a.shape[0], sum(widths)), np.nan, dtype=np.float32)
     pointers = ctypes.c_void_p * count
-    status = kernel.quantized_matmul_packed8(a.shape[0], a.shape[1], group, count, (ctypes.c_int * count)(*widths),
-                                             a.ctypes.data, pointers(*(m[0].ctypes.data for m in packed)),
-                                             pointers(*(m[1].ctypes.data for m in packed)),
-                                             pointers(*(m[2].ctypes.data for m in packed)), out.ctypes.data)
+    status = kernel.quantized_matmul_packed(a.shape[0], a.shape[1], bits, group, count,
+                                            (ctypes.c_int * count)(*widths), a.ctypes.data,
+                                            pointers(*(m[0].ctypes.data for m in packed)),
+                                            pointers(*(m[1].ctypes.data for m in packed)),
+                                            pointers(*(m[2].ctypes.data for m in packed)), out.ctypes.data)
     return status, out
 
 
-def reference_int8(a: np.ndarray, mats: list, group: int) -> np.ndarray:
+def reference_int8(a: np.ndarray, mats: list, group: int, bits: int = 8) -> np.ndarray:
     """The int8-activation product computed independently: each row's groups rounded to int8 (scale max|a| / 127,
     float32 arithmetic, ties to even), then the exact product of those values with the dequantised weights."""
     rows, K = a.shape
@@ -178,67 +180,72 @@ def reference_int8(a: np.ndarray, mats: list, group: int) -> np.ndarray:
     q = np.rint((g * inv).astype(np.float32))
     assert np.abs(q).max() <= 127
     rounded = (q * (amax.astype(np.float64) / 127)).reshape(rows, K)
-    return np.concatenate([rounded @ dequantize(*m, 8, group).T for m in mats], axis=1)
+    return np.concatenate([rounded @ dequantize(*m, bits, group).T for m in mats], axis=1)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("shape", [(64, 64, 64), (96, 192, 64), (128, 256, 32), (48, 256, 128), (16, 1024, 64)])
-def test_int8_activation_products_match_numpy_for_every_row_count(kernel, isa, shape):
+def test_int8_activation_products_match_numpy_for_every_row_count(kernel, isa, shape, bits):
     """VNNI where the CPU has it (AVX-512 with VNNI), portable C with the other instruction sets."""
     N, K, group = shape
-    rng = np.random.default_rng(N + K + group)
-    mats = [quantized(rng, N, K, 8, group)]
+    rng = np.random.default_rng(N + K + group + bits)
+    mats = [quantized(rng, N, K, bits, group)]
     for rows in range(1, 17):
         a = rng.standard_normal((rows, K)).astype(np.float32)
         a[0, :group] *= 0  # an all-zero group
-        status, out = run_packed(kernel, a, mats, group)
+        status, out = run_packed(kernel, a, mats, group, bits)
         assert status == 0
-        expected = reference_int8(a, mats, group)
+        expected = reference_int8(a, mats, group, bits)
         np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6 * np.abs(expected).max() * math.sqrt(K),
-                                   err_msg=f"{isa}, {rows} rows, {shape}")
+                                   err_msg=f"{isa}, {bits} bits, {rows} rows, {shape}")
 
 
-def test_int8_activation_products_side_by_side_on_threads(kernel, threads):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int8_activation_products_side_by_side_on_threads(kernel, threads, bits):
     rng = np.random.default_rng(11)
     K, group = 256, 64
-    mats = [quantized(rng, n, K, 8, group) for n in (192, 16, 336, 64)]
+    mats = [quantized(rng, n, K, bits, group) for n in (192, 16, 336, 64)]
     a = rng.standard_normal((16, K)).astype(np.float32)
     results = []
     for count in (1, 2):
         threads(count)
-        status, out = run_packed(kernel, a, mats, group)
+        status, out = run_packed(kernel, a, mats, group, bits)
         assert status == 0
-        np.testing.assert_allclose(out, reference_int8(a, mats, group), rtol=0, atol=1e-4 * np.abs(out).max())
+        np.testing.assert_allclose(out, reference_int8(a, mats, group, bits), rtol=0, atol=1e-4 * np.abs(out).max())
         results.append(out)
     np.testing.assert_array_equal(results[0], results[1])
     for rows in (1, 3, 9):
-        _, alone = run_packed(kernel, np.ascontiguousarray(a[:rows]), mats, group)
+        _, alone = run_packed(kernel, np.ascontiguousarray(a[:rows]), mats, group, bits)
         np.testing.assert_array_equal(alone, results[0][:rows])
 
 
-def test_int8_activation_error_against_the_float_product(kernel):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int8_activation_error_against_the_float_product(kernel, bits):
     """What rounding the activations costs, on a 1024-wide matrix: well under a percent of the product."""
     rng = np.random.default_rng(3)
-    mats = [quantized(rng, 1024, 1024, 8, 64)]
+    mats = [quantized(rng, 1024, 1024, bits, 64)]
     a = rng.standard_normal((8, 1024)).astype(np.float32)
-    _, out = run_packed(kernel, a, mats, 64)
-    exact = reference(a, mats, 8, 64)
+    _, out = run_packed(kernel, a, mats, 64, bits)
+    exact = reference(a, mats, bits, 64)
     error = np.sqrt(np.mean((out - exact) ** 2) / np.mean(exact ** 2))
     assert 1e-4 < error < 1e-2, error
 
 
 @pytest.mark.parametrize("args", [dict(rows=17), dict(rows=0), dict(N=24), dict(group=6), dict(group=0),
-                                  dict(K=96), dict(count=9), dict(count=0)])
+                                  dict(K=96), dict(count=9), dict(count=0), dict(bits=2), dict(bits=16),
+                                  dict(bits=4, group=4), dict(bits=4, group=12)])
 def test_int8_activation_product_refuses_what_it_does_not_take(kernel, args):
-    rows, K, N, group, count = (args.get(k, d) for k, d in (("rows", 2), ("K", 64), ("N", 16), ("group", 64),
-                                                            ("count", 1)))
+    rows, K, N, group, count, bits = (args.get(k, d) for k, d in (("rows", 2), ("K", 64), ("N", 16), ("group", 64),
+                                                                  ("count", 1), ("bits", 8)))
     a = np.ones((max(rows, 1), K), np.float32)
     out = np.zeros((max(rows, 1), 16), np.float32)
     dummy = np.zeros(4096, np.float32)
     n = max(count, 1)
     pointers = ctypes.c_void_p * n
-    status = kernel.quantized_matmul_packed8(rows, K, group, count, (ctypes.c_int * n)(*[N] * n), a.ctypes.data,
-                                             pointers(*[dummy.ctypes.data] * n), pointers(*[dummy.ctypes.data] * n),
-                                             pointers(*[dummy.ctypes.data] * n), out.ctypes.data)
+    status = kernel.quantized_matmul_packed(rows, K, bits, group, count, (ctypes.c_int * n)(*[N] * n),
+                                            a.ctypes.data, pointers(*[dummy.ctypes.data] * n),
+                                            pointers(*[dummy.ctypes.data] * n), pointers(*[dummy.ctypes.data] * n),
+                                            out.ctypes.data)
     assert status == -1
     assert not out.any()
 
@@ -247,17 +254,18 @@ def test_vnni_is_used_where_the_cpu_has_it(kernel):
     with open("/proc/cpuinfo") as f:
         flags = next(line for line in f if line.startswith("flags")).split()
     kernel.kernel_select(None)
-    assert kernel.packed8_fast() == ("avx512_vnni" in flags and "avx512bw" in flags)
+    assert kernel.packed_fast() == ("avx512_vnni" in flags and "avx512bw" in flags)
     kernel.kernel_select(b"avx2")
-    assert kernel.packed8_fast() == 0  # the portable kernel: correct, not faster than the float one
+    assert kernel.packed_fast() == 0  # the portable kernel: correct, not faster than the float one
     kernel.kernel_select(None)
 
 
-def test_pack8_keeps_shapes_and_undoes_exactly():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_pack_keeps_shapes_and_undoes_exactly(bits):
     rng = np.random.default_rng(4)
-    mats = quantized(rng, 48, 192, 8, 64)
-    packed = pack8(*mats)
+    mats = quantized(rng, 48, 192, bits, 64)
+    packed = pack(*mats)
     assert [p.shape for p in packed] == [m.shape for m in mats] and [p.dtype for p in packed] == [m.dtype for m in mats]
     assert not np.array_equal(packed[0], mats[0])
-    for back, original in zip(unpack8(*packed), mats, strict=True):
+    for back, original in zip(unpack(*packed), mats, strict=True):
         np.testing.assert_array_equal(back, original)

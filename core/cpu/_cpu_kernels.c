@@ -55,7 +55,7 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 #define SPIN_NS 2000000            /* a worker spins this long for the next product before it sleeps */
 
 /* What Python checks at load (core/cpu/blas.py KERNEL_ABI): bump it whenever a signature or meaning changes. */
-#define KERNEL_ABI 5
+#define KERNEL_ABI 6
 
 static sgemm_fn fallback;
 static int n_threads = 1;
@@ -96,8 +96,8 @@ typedef void (*permute_fn)(int M, int K, const float *A, float *out);
 typedef void (*gelu_fn)(long n, float *x);
 typedef void (*layer_norm_fn)(int M, int K, const float *x, const float *weight, const float *bias, float eps,
                               float *out);
-struct packed8_s;
-typedef void (*packed8_fn)(const struct packed8_s *p, int j, int nb, int m0, int mb);
+struct packed_s;
+typedef void (*packed_fn)(const struct packed_s *p, int j, int nb, int m0, int mb);
 typedef void (*quantize8_fn)(int M, int K, int G, const float *A, int8_t *ia, int ldi, float *sa, float *asum);
 
 /* One instruction set's quantized product: the kernel and the 4-bit de-interleaving of A it expects, chosen
@@ -107,9 +107,9 @@ typedef struct {
     permute_fn permute;
     gelu_fn gelu;
     layer_norm_fn layer_norm;
-    packed8_fn packed8; /* one block of 16 columns of the int8-activation product (quantized_matmul_packed8) */
-    quantize8_fn quantize8; /* its rows of activations to int8 */
-    int packed8_fast;   /* whether packed8 is the VNNI one (else portable C: correct, not faster) */
+    packed_fn packed;        /* one block of 16 columns of the int8-activation product (quantized_matmul_packed) */
+    quantize8_fn quantize8;  /* its rows of activations to int8 */
+    int packed_fast;         /* whether packed is the VNNI one (else portable C: correct, not faster) */
 } quant_kernel_t;
 
 /* The kernels once per vector width (core/cpu/_cpu_kernels_simd.h), each compiled for its instruction set: the
@@ -152,17 +152,17 @@ static _Atomic(columns_fn) skinny_columns = skinny_columns_base;
 static _Atomic(attention_rows_fn) attention_rows = attention_rows_base;
 static _Atomic(const char *) instruction_set = "baseline";
 static const quant_kernel_t quant_base = {quant_columns_base, quant_permute_base, gelu_inplace_base,
-                                          layer_norm_rows_base, packed8_block_portable,
+                                          layer_norm_rows_base, packed_block_portable,
                                           quantize_rows_int8, 0};
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 static const quant_kernel_t quant_avx512 = {quant_columns_avx512, quant_permute_avx512, gelu_inplace_avx512,
-                                            layer_norm_rows_avx512, packed8_block_portable,
+                                            layer_norm_rows_avx512, packed_block_portable,
                                             quantize_rows_int8, 0};
 static const quant_kernel_t quant_avx512_vnni = {quant_columns_avx512, quant_permute_avx512, gelu_inplace_avx512,
-                                                 layer_norm_rows_avx512, packed8_block_vnni,
+                                                 layer_norm_rows_avx512, packed_block_vnni,
                                                  quantize_rows_int8_avx512, 1};
 static const quant_kernel_t quant_avx2 = {quant_columns_avx2, quant_permute_avx2, gelu_inplace_avx2,
-                                          layer_norm_rows_avx2, packed8_block_portable,
+                                          layer_norm_rows_avx2, packed_block_portable,
                                           quantize_rows_int8, 0};
 #endif
 static _Atomic(const quant_kernel_t *) quant_kernel = &quant_base;
@@ -439,11 +439,11 @@ void layer_norm_rows(int M, int K, const float *x, const float *weight, const fl
 
 /* ------------------------------------------------------------------------------------ int8 activations */
 
-static void packed8_part(const void *args, int part, int parts) {
-    const packed8_t *p = args;
+static void packed_part(const void *args, int part, int parts) {
+    const packed_t *p = args;
     int blocks = p->ldc / PACK_COLUMNS;
     int b0 = (int)((long)blocks * part / parts), b1 = (int)((long)blocks * (part + 1) / parts);
-    packed8_fn block = p->kernel->packed8;
+    packed_fn block = p->kernel->packed;
     for (int b = b0, j = 0; b < b1; b++) {
         while (b * PACK_COLUMNS >= p->first[j + 1]) j++;
         int nb = b - p->first[j] / PACK_COLUMNS;
@@ -452,18 +452,18 @@ static void packed8_part(const void *args, int part, int parts) {
     }
 }
 
-/* C = A · [W_0; W_1; …]ᵀ for 8-bit weights in the packed layout of _cpu_kernels_int8.h (core.cpu.quantized makes
- * it from MLX's: W_j (N_j / 16, K / 4, 16, 4) uint8, S_j and B_j (N_j / 16, K / group, 16) float32), with A's rows
- * quantized to int8 per group of `group` values (scale max|a| / 127). Outputs side by side in C (M, ΣN_j), as
- * quantized_matmul. For M <= SKINNY_MAX_ROWS; every N_j a multiple of 16, `group` a multiple of 4 dividing K.
- * Returns 0, -1 for arguments it does not take (computing nothing), -2 when memory ran out. */
-int quantized_matmul_packed8(int M, int K, int group, int count, const int *N, const float *A,
-                             const void *const *W, const float *const *S, const float *const *B, float *C) {
-    if (M < 1 || M > SKINNY_MAX_ROWS || K < 1 || group < 4 || group % 4 || K % group || count < 1 ||
-        count > QUANT_MAX_MATRICES)
+/* C = A · [W_0; W_1; …]ᵀ for 8- or 4-bit weights in the packed layout of _cpu_kernels_int8.h (core.cpu.quantized
+ * makes it from MLX's: W_j (N_j / 16, K · bits / 32, 16) uint32 words, S_j and B_j (N_j / 16, K / group, 16)
+ * float32), with A's rows quantized to int8 per group of `group` values (scale max|a| / 127). Outputs side by side
+ * in C (M, ΣN_j), as quantized_matmul. For M <= SKINNY_MAX_ROWS; every N_j a multiple of 16, `group` a multiple of
+ * 32 / bits dividing K. Returns 0, -1 for arguments it does not take (computing nothing), -2 when memory ran out. */
+int quantized_matmul_packed(int M, int K, int bits, int group, int count, const int *N, const float *A,
+                            const void *const *W, const float *const *S, const float *const *B, float *C) {
+    if (M < 1 || M > SKINNY_MAX_ROWS || K < 1 || (bits != 8 && bits != 4) || group < 32 / bits ||
+        group % (32 / bits) || K % group || count < 1 || count > QUANT_MAX_MATRICES)
         return -1;
-    packed8_t p = {atomic_load(&quant_kernel), M, K, group, count, 0, K, {0}, NULL, NULL, NULL,
-                   (const uint8_t *const *)W, S, B, C};
+    packed_t p = {atomic_load(&quant_kernel), M, K, bits, group, count, 0, K, {0}, NULL, NULL, NULL,
+                  (const uint8_t *const *)W, S, B, C};
     for (int j = 0; j < count; j++) {
         if (N[j] < 1 || N[j] % PACK_COLUMNS) return -1;
         p.first[j + 1] = p.first[j] + N[j];
@@ -482,16 +482,23 @@ int quantized_matmul_packed8(int M, int K, int group, int count, const int *N, c
     float *sa = scratch, *asum = sa + (size_t)M * groups;
     int8_t *ia = (int8_t *)(asum + (size_t)M * groups);
     p.kernel->quantize8(M, K, group, A, ia, p.ldi, sa, asum);
+    if (bits == 4) /* each 8 inputs as their even ones, then their odd ones: a word's low nibbles, then its high */
+        for (int m = 0; m < M; m++)
+            for (int k = 0; k < K; k += 8) {
+                int8_t *x = ia + (size_t)m * p.ldi + k, even[4] = {x[0], x[2], x[4], x[6]};
+                int8_t odd[4] = {x[1], x[3], x[5], x[7]};
+                memcpy(x, even, 4), memcpy(x + 4, odd, 4);
+            }
     p.ia = ia, p.sa = sa, p.asum = asum;
     atomic_fetch_add_explicit(&count_quantized, 1, memory_order_relaxed);
     int parts = n_threads > 1 && (long)p.ldc * K >= THREAD_MIN_FLOATS * 4 ? n_threads : 1;
-    run_parallel(packed8_part, &p, parts);
+    run_parallel(packed_part, &p, parts);
     return 0;
 }
 
-/* Whether quantized_matmul_packed8 runs the VNNI kernel with the kernels in use (else portable C, slower than
+/* Whether quantized_matmul_packed runs the VNNI kernel with the kernels in use (else portable C, slower than
  * quantized_matmul: core.cpu.quantized then keeps MLX's layout). */
-int packed8_fast(void) { return atomic_load(&quant_kernel)->packed8_fast; }
+int packed_fast(void) { return atomic_load(&quant_kernel)->packed_fast; }
 
 /* ------------------------------------------------------------------------------------------------ entry */
 

@@ -1,33 +1,35 @@
-/* 8-bit weights times int8 activations (included once by _cpu_kernels.c).
+/* 8- and 4-bit weights times int8 activations (included once by _cpu_kernels.c).
  *
- * The packed layout (core.cpu.quantized.pack8 makes it from MLX's): per block of 16 output columns, for every 4
- * consecutive inputs, 64 bytes: the 4 weight bytes of each of the 16 columns; scales and biases per block and group
- * as 16 floats. A decoder step's few rows are quantized per row and group of inputs to int8 (scale max|a| / 127),
- * and 4 inputs of one row meet 16 columns in one vpdpbusd (64 multiply-adds, unsigned weights times signed
- * activations). The integer sums of a group are scaled once, and the bias term needs only the rows' float sums:
+ * The packed layout (core.cpu.quantized.pack makes it from MLX's): per block of 16 output columns, for every 32-bit
+ * word of inputs (4 inputs at 8 bits, 8 at 4 bits), 64 bytes: that word of each of the 16 columns; scales and
+ * biases per block and group as 16 floats. A decoder step's few rows are quantized per row and group of inputs to
+ * int8 (scale max|a| / 127), and 4 inputs of one row meet 16 columns in one vpdpbusd (64 multiply-adds, unsigned
+ * weights times signed activations). At 4 bits a word's low nibbles are its even inputs and its high nibbles its
+ * odd ones, so each word is two vpdpbusd, on the activations reordered to match (evens, then odds, per 8). The
+ * integer sums of a group are scaled once, and the bias term needs only the rows' float sums:
  *
  *     C[m, n] = sum over groups g of  sa[m, g] (scale[n, g] sum_k ia[m, k] q[n, k]  +  bias[n, g] sum_k ia[m, k])
  *
  * that is, the exact product of the rounded activations sa[m, g] ia[m, k] with the dequantised weights. At 8 rows
  * the float kernel (quantized_matmul) spends a float multiply-add per weight and row; this one a quarter of an
- * instruction. The layout keeps MLX's shapes and bytes (a (16, K / 4) block of uint32 words stored transposed), so
- * a layer's arrays are rearranged in place of MLX's, not copied. */
+ * instruction. The layout keeps MLX's shapes and bytes (a (16, K · bits / 32) block of uint32 words stored
+ * transposed), so a layer's arrays are rearranged in place of MLX's, not copied. */
 
 #define PACK_COLUMNS 16
 #define PACK_PREFETCH 8192 /* bytes ahead in the weights: streaming 450 MB, 8 rows took 32 ms in one thread
                             without it, 16 ms with (the hardware prefetcher alone lags at this pace) */
 #define PACK_MAX_MB 8 /* rows per pass: 8 integer and 8 float accumulators of 16 lanes */
 
-typedef struct packed8_s {
+typedef struct packed_s {
     const quant_kernel_t *kernel;
-    int M, K, G, count, ldc, ldi;      /* ldi: the stride of ia's rows */
+    int M, K, bits, G, count, ldc, ldi; /* ldi: the stride of ia's rows */
     int first[QUANT_MAX_MATRICES + 1]; /* matrix j has output columns first[j] .. first[j + 1] - 1 */
     const int8_t *ia;                  /* (M, K) in rows of ldi: A quantized */
     const float *sa, *asum;            /* (M, K / G): its scales, and the sums of its groups (times sa) */
     const uint8_t *const *W;
     const float *const *S, *const *B;
     float *C;
-} packed8_t;
+} packed_t;
 
 /* ia, sa and asum of A (M, K), per row and group of G; rounded to nearest. asum is the sum of the rounded values
  * (times sa), not of A's: the bias term must see the activations the integer sums saw, or the rounding errors of a
@@ -60,9 +62,9 @@ static void quantize_rows_int8(int M, int K, int G, const float *restrict A, int
 }
 
 /* The same arithmetic in plain C, for CPUs without VNNI (and for the tests, which compare the two). */
-static void packed8_block_portable(const packed8_t *p, int j, int nb, int m0, int mb) {
-    const int K = p->K, G = p->G, groups = K / G;
-    const uint8_t *w = p->W[j] + (size_t)nb * K * PACK_COLUMNS;
+static void packed_block_portable(const packed_t *p, int j, int nb, int m0, int mb) {
+    const int K = p->K, G = p->G, groups = K / G, per_word = 32 / p->bits;
+    const uint8_t *w = p->W[j] + (size_t)nb * K * p->bits / 8 * PACK_COLUMNS;
     const float *s = p->S[j] + (size_t)nb * groups * PACK_COLUMNS, *b = p->B[j] + (size_t)nb * groups * PACK_COLUMNS;
     for (int m = m0; m < m0 + mb; m++) {
         float acc[PACK_COLUMNS] = {0};
@@ -70,10 +72,15 @@ static void packed8_block_portable(const packed8_t *p, int j, int nb, int m0, in
         const int8_t *ia = p->ia + (size_t)m * p->ldi;
         for (int g = 0; g < groups; g++) {
             int32_t isum[PACK_COLUMNS] = {0};
-            for (int t = g * G / 4; t < (g + 1) * G / 4; t++)
-                for (int c = 0; c < PACK_COLUMNS; c++)
+            for (int t = g * G / per_word; t < (g + 1) * G / per_word; t++)
+                for (int c = 0; c < PACK_COLUMNS; c++) {
+                    const uint8_t *word = w + ((size_t)t * PACK_COLUMNS + c) * 4;
                     for (int i = 0; i < 4; i++)
-                        isum[c] += (int32_t)w[((size_t)t * PACK_COLUMNS + c) * 4 + i] * ia[4 * t + i];
+                        if (p->bits == 8)
+                            isum[c] += (int32_t)word[i] * ia[4 * t + i];
+                        else
+                            isum[c] += (int32_t)(word[i] & 15) * ia[8 * t + i] + (int32_t)(word[i] >> 4) * ia[8 * t + 4 + i];
+                }
             float scale = p->sa[(size_t)m * groups + g], sum = p->asum[(size_t)m * groups + g];
             for (int c = 0; c < PACK_COLUMNS; c++)
                 acc[c] += (float)isum[c] * (s[g * PACK_COLUMNS + c] * scale) + b[g * PACK_COLUMNS + c] * sum;
@@ -85,28 +92,41 @@ static void packed8_block_portable(const packed8_t *p, int j, int nb, int m0, in
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
-/* MB rows (a constant in every instance) of one block of 16 columns: each 64-byte vector of weights meets every
- * row's 4 inputs (one int32 broadcast) in a vpdpbusd; a group's integer sums are scaled into float accumulators. */
+/* MB rows and BITS (constants in every instance) of one block of 16 columns: each 64-byte vector of weights meets
+ * every row's 4 inputs (one int32 broadcast) in a vpdpbusd, at 4 bits its low and its high nibbles in one each; a
+ * group's integer sums are scaled into float accumulators. */
 VNNI_TARGET static inline __attribute__((always_inline)) void
-packed8_rows_vnni(const packed8_t *p, int j, int nb, int m0, const int MB) {
-    const int K = p->K, G = p->G, groups = K / G;
-    const uint8_t *w = p->W[j] + (size_t)nb * K * PACK_COLUMNS;
+packed_rows_vnni(const packed_t *p, int j, int nb, int m0, const int MB, const int BITS) {
+    const int K = p->K, G = p->G, groups = K / G, per_word = 32 / BITS;
+    const uint8_t *w = p->W[j] + (size_t)nb * K * BITS / 8 * PACK_COLUMNS;
     const float *s = p->S[j] + (size_t)nb * groups * PACK_COLUMNS, *b = p->B[j] + (size_t)nb * groups * PACK_COLUMNS;
     const int8_t *ia = p->ia + (size_t)m0 * p->ldi;
     const float *sa = p->sa + (size_t)m0 * groups, *asum = p->asum + (size_t)m0 * groups;
     float *out = p->C + (size_t)m0 * p->ldc + p->first[j] + (size_t)nb * PACK_COLUMNS;
+    const __m512i nibble = _mm512_set1_epi8(15);
     __m512 acc[PACK_MAX_MB];
     for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps();
     for (int g = 0; g < groups; g++) {
         __m512i isum[PACK_MAX_MB];
         for (int m = 0; m < MB; m++) isum[m] = _mm512_setzero_si512();
-        for (int t = g * G / 4; t < (g + 1) * G / 4; t++) {
+        for (int t = g * G / per_word; t < (g + 1) * G / per_word; t++) {
             __m512i wv = _mm512_loadu_si512((const void *)(w + (size_t)t * 64));
             _mm_prefetch((const char *)(w + (size_t)t * 64 + PACK_PREFETCH), _MM_HINT_T0);
-            for (int m = 0; m < MB; m++) {
-                int32_t four;
-                memcpy(&four, ia + (size_t)m * p->ldi + 4 * t, 4);
-                isum[m] = _mm512_dpbusd_epi32(isum[m], wv, _mm512_set1_epi32(four));
+            if (BITS == 8) {
+                for (int m = 0; m < MB; m++) {
+                    int32_t four;
+                    memcpy(&four, ia + (size_t)m * p->ldi + 4 * t, 4);
+                    isum[m] = _mm512_dpbusd_epi32(isum[m], wv, _mm512_set1_epi32(four));
+                }
+            } else {
+                __m512i low = _mm512_and_si512(wv, nibble), high = _mm512_and_si512(_mm512_srli_epi16(wv, 4), nibble);
+                for (int m = 0; m < MB; m++) {
+                    int32_t even, odd;
+                    memcpy(&even, ia + (size_t)m * p->ldi + 8 * t, 4);
+                    memcpy(&odd, ia + (size_t)m * p->ldi + 8 * t + 4, 4);
+                    isum[m] = _mm512_dpbusd_epi32(isum[m], low, _mm512_set1_epi32(even));
+                    isum[m] = _mm512_dpbusd_epi32(isum[m], high, _mm512_set1_epi32(odd));
+                }
             }
         }
         __m512 sv = _mm512_loadu_ps(s + g * PACK_COLUMNS), bv = _mm512_loadu_ps(b + g * PACK_COLUMNS);
@@ -150,17 +170,25 @@ VNNI_TARGET static void quantize_rows_int8_avx512(int M, int K, int G, const flo
         }
 }
 
-VNNI_TARGET static void packed8_block_vnni(const packed8_t *p, int j, int nb, int m0, int mb) {
-    switch (mb) {
-    case 1: packed8_rows_vnni(p, j, nb, m0, 1); break;
-    case 2: packed8_rows_vnni(p, j, nb, m0, 2); break;
-    case 3: packed8_rows_vnni(p, j, nb, m0, 3); break;
-    case 4: packed8_rows_vnni(p, j, nb, m0, 4); break;
-    case 5: packed8_rows_vnni(p, j, nb, m0, 5); break;
-    case 6: packed8_rows_vnni(p, j, nb, m0, 6); break;
-    case 7: packed8_rows_vnni(p, j, nb, m0, 7); break;
-    default: packed8_rows_vnni(p, j, nb, m0, 8); break;
+#define PACKED_ROWS(BITS)                                          \
+    switch (mb) {                                                  \
+    case 1: packed_rows_vnni(p, j, nb, m0, 1, BITS); break;        \
+    case 2: packed_rows_vnni(p, j, nb, m0, 2, BITS); break;        \
+    case 3: packed_rows_vnni(p, j, nb, m0, 3, BITS); break;        \
+    case 4: packed_rows_vnni(p, j, nb, m0, 4, BITS); break;        \
+    case 5: packed_rows_vnni(p, j, nb, m0, 5, BITS); break;        \
+    case 6: packed_rows_vnni(p, j, nb, m0, 6, BITS); break;        \
+    case 7: packed_rows_vnni(p, j, nb, m0, 7, BITS); break;        \
+    default: packed_rows_vnni(p, j, nb, m0, 8, BITS); break;       \
+    }
+
+VNNI_TARGET static void packed_block_vnni(const packed_t *p, int j, int nb, int m0, int mb) {
+    if (p->bits == 8) {
+        PACKED_ROWS(8)
+    } else {
+        PACKED_ROWS(4)
     }
 }
+#undef PACKED_ROWS
 #undef VNNI_TARGET
 #endif

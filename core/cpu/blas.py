@@ -62,7 +62,7 @@ active_blas = "not chosen yet"
 active_library: str | None = None  # "openblas", "blis", a library's file name, or None for the reference BLAS
 cpu_kernels: ctypes.CDLL | None = None  # the loaded CPU kernels (see few_row_product, core.cpu.cache.HostKVCache)
 
-KERNEL_ABI = 5  # must equal KERNEL_ABI in _cpu_kernels.c: a stale build is refused
+KERNEL_ABI = 6  # must equal KERNEL_ABI in _cpu_kernels.c: a stale build is refused
 
 # cblas_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), pointers as addresses
 SGEMM_ARGTYPES = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
@@ -75,8 +75,8 @@ ATTENTION_ARGTYPES = [ctypes.c_int] * 3 + [ctypes.c_float] + [ctypes.c_void_p] *
 CROSS_ATTENTION_ARGTYPES = [ctypes.c_int] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 5
 # quantized_matmul(M, K, bits, group, count, N[count], A, W_packed[count], scales[count], biases[count], C)
 QUANTIZED_ARGTYPES = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 6
-# quantized_matmul_packed8(M, K, group, count, N[count], A, W[count], scales[count], biases[count], C)
-PACKED8_ARGTYPES = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 6
+# quantized_matmul_packed(M, K, bits, group, count, N[count], A, W[count], scales[count], biases[count], C)
+PACKED_ARGTYPES = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 6
 
 
 def _cpu_count() -> int:
@@ -155,9 +155,9 @@ def _load_cpu_kernels(fallback: ctypes.CDLL | None) -> str | None:
     kernel.decode_attention_f16.argtypes, kernel.decode_attention_f16.restype = ATTENTION_ARGTYPES, ctypes.c_int
     kernel.cross_attention.argtypes, kernel.cross_attention.restype = CROSS_ATTENTION_ARGTYPES, ctypes.c_int
     kernel.quantized_matmul.argtypes, kernel.quantized_matmul.restype = QUANTIZED_ARGTYPES, ctypes.c_int
-    kernel.quantized_matmul_packed8.argtypes = PACKED8_ARGTYPES
-    kernel.quantized_matmul_packed8.restype = ctypes.c_int
-    kernel.packed8_fast.restype = ctypes.c_int
+    kernel.quantized_matmul_packed.argtypes = PACKED_ARGTYPES
+    kernel.quantized_matmul_packed.restype = ctypes.c_int
+    kernel.packed_fast.restype = ctypes.c_int
     kernel.gelu_inplace.argtypes, kernel.gelu_inplace.restype = [ctypes.c_long, ctypes.c_void_p], None
     kernel.layer_norm_rows.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_float,
                                                                                               ctypes.c_void_p]
@@ -167,7 +167,7 @@ def _load_cpu_kernels(fallback: ctypes.CDLL | None) -> str | None:
     kernel.kernel_counters.argtypes, kernel.kernel_counters.restype = [ctypes.POINTER(ctypes.c_ulonglong)], None
     kernel.kernel_take_error.restype = ctypes.c_int
     cpu_kernels = kernel
-    isa = kernel.kernel_instruction_set().decode() + (" VNNI" if kernel.packed8_fast() else "")
+    isa = kernel.kernel_instruction_set().decode() + (" VNNI" if kernel.packed_fast() else "")
     return f"skinny kernel ({threads} threads, up to {kernel.skinny_max_rows()} rows, {isa}) + "
 
 

@@ -8,10 +8,11 @@ on the kernels' threads. Its result is the same as MLX's to float32 rounding (te
 Every call crosses from Python (evaluates its input, ~20 µs), so projections of one input go in one call
 (:func:`project`: q, k and v; the heads of logits).
 
-8-bit layers on a CPU with VNNI take a second kernel, ``quantized_matmul_packed8``: the activations are rounded to
-int8 per row and group of inputs, and ``vpdpbusd`` multiplies 4 inputs by 16 weights at once (3.5× the float kernel
-at 8 rows). It reads the weights in blocks of 16 outputs, so on first use a layer's own ``weight``, ``scales`` and
-``biases`` are rearranged into that order, in place of MLX's (:func:`pack8`; same shapes and bytes, no second copy
+On a CPU with VNNI, 8- and 4-bit layers take a second kernel, ``quantized_matmul_packed``: the activations are
+rounded to int8 per row and group of inputs, and ``vpdpbusd`` multiplies 4 inputs by 16 weights at once (8 bits:
+3.5× the float kernel at 8 rows; 4 bits: two per word, its low and high nibbles, with no float dequantisation). It
+reads the weights in blocks of 16 outputs, so on first use a layer's own ``weight``, ``scales`` and
+``biases`` are rearranged into that order, in place of MLX's (:func:`pack`; same shapes and bytes, no second copy
 of the decoder): from then on every product of the layer runs in the kernels, the long ones 16 rows at a time, and
 :meth:`FewRowQuantizedLinear.mlx_layout` gives MLX's arrays back (for saving). Set :data:`int8_activations` to False
 before the first step to keep float activations (MLX's exact product).
@@ -34,19 +35,19 @@ MAX_MATRICES = 8  # QUANT_MAX_MATRICES
 PACK_COLUMNS = 16  # output columns per block of the int8-activation layout (_cpu_kernels_int8.h)
 
 
-int8_activations = True  # 8-bit layers take the int8-activation kernel where it is the fast one (VNNI)
+int8_activations = True  # quantized layers take the int8-activation kernel where it is the fast one (VNNI)
 
 
-def pack8(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MLX's 8-bit layout (``weight`` (N, K / 4) uint32, ``scales`` and ``biases`` (N, K / group)) rearranged for
-    ``quantized_matmul_packed8``, keeping each array's shape and dtype: per block of 16 outputs, the 4-byte word of
-    each output for every 4 inputs, then the next 4 inputs; the scales and biases of a block's group side by side.
-    N must be a multiple of 16."""
+def pack(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MLX's 8- or 4-bit layout (``weight`` (N, K · bits / 32) uint32, ``scales`` and ``biases`` (N, K / group))
+    rearranged for ``quantized_matmul_packed``, keeping each array's shape and dtype: per block of 16 outputs, the
+    32-bit word of each output for the first 4 (or 8) inputs, then the next word; the scales and biases of a block's
+    group side by side. N must be a multiple of 16."""
     return tuple(_blocks(a, forward=True) for a in (weight, scales, biases))
 
 
-def unpack8(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`pack8` undone: MLX's layout again."""
+def unpack(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`pack` undone: MLX's layout again."""
     return tuple(_blocks(a, forward=False) for a in (weight, scales, biases))
 
 
@@ -59,22 +60,22 @@ def _blocks(a: np.ndarray, forward: bool) -> np.ndarray:
 
 
 def packable(layer: nn.QuantizedLinear) -> bool:
-    """Whether this layer's products take the int8-activation kernel: 8-bit, outputs in whole blocks, and a CPU
-    with VNNI (elsewhere the float kernel is the faster one), unless :data:`int8_activations` is off."""
-    return (int8_activations and layer.bits == 8 and layer.weight.shape[0] % PACK_COLUMNS == 0
-            and layer.group_size % 4 == 0 and bool(blas.cpu_kernels.packed8_fast()))
+    """Whether this layer's products take the int8-activation kernel: 8 or 4 bits, outputs in whole blocks, and a
+    CPU with VNNI (elsewhere the float kernel is the faster one), unless :data:`int8_activations` is off."""
+    return (int8_activations and layer.bits in (8, 4) and layer.weight.shape[0] % PACK_COLUMNS == 0
+            and layer.group_size % (32 // layer.bits) == 0 and bool(blas.cpu_kernels.packed_fast()))
 
 
 class _Host:
     """A layer's weights, scales and biases for the kernel, and their addresses: NumPy views of the layer's own MLX
     arrays (no copy). For the int8-activation kernel (``packed``) the layer's arrays are first replaced by their
-    :func:`pack8` order (one layer's worth of memory in flight). Rebuilt when the layer's weight array is replaced
+    :func:`pack` order (one layer's worth of memory in flight). Rebuilt when the layer's weight array is replaced
     (``load_weights``)."""
 
     def __init__(self, layer: FewRowQuantizedLinear, packed_already: bool):
         self.packed = packed_already or packable(layer)
         if self.packed and not packed_already:
-            arrays = pack8(*(np.asarray(a) for a in (layer.weight, layer.scales, layer.biases)))
+            arrays = pack(*(np.asarray(a) for a in (layer.weight, layer.scales, layer.biases)))
             layer.weight, layer.scales, layer.biases = (mx.array(a) for a in arrays)
             del arrays
             mx.eval(layer.weight, layer.scales, layer.biases)
@@ -104,7 +105,7 @@ class FewRowQuantizedLinear(nn.QuantizedLinear):
 
     @property
     def packed(self) -> bool:
-        """Whether the layer's arrays are in :func:`pack8`'s order (not MLX's) now."""
+        """Whether the layer's arrays are in :func:`pack`'s order (not MLX's) now."""
         host = self.__dict__.get("_host_arrays")
         return host is not None and host.packed and host.weight is self.weight
 
@@ -113,7 +114,7 @@ class FewRowQuantizedLinear(nn.QuantizedLinear):
         made of them."""
         arrays = (self.weight, self.scales, self.biases)
         if self.packed:
-            arrays = tuple(mx.array(a) for a in unpack8(*(np.asarray(a) for a in arrays)))
+            arrays = tuple(mx.array(a) for a in unpack(*(np.asarray(a) for a in arrays)))
         return dict(zip(("weight", "scales", "biases"), arrays, strict=True))
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -172,11 +173,11 @@ class Product:
         out = np.empty((a.shape[0], self.width), dtype=np.float32)
         bits, group, count, widths, weights, scales, biases = self.args
         if self.packed:
-            status = blas.cpu_kernels.quantized_matmul_packed8(a.shape[0], a.shape[1], group, count, widths,
-                                                               a.ctypes.data, weights, scales, biases, out.ctypes.data)
+            status = blas.cpu_kernels.quantized_matmul_packed(a.shape[0], a.shape[1], bits, group, count, widths,
+                                                              a.ctypes.data, weights, scales, biases, out.ctypes.data)
         else:
             status = blas.cpu_kernels.quantized_matmul(a.shape[0], a.shape[1], bits, group, count, widths,
                                                        a.ctypes.data, weights, scales, biases, out.ctypes.data)
         if status:
-            blas.check(status, "quantized_matmul_packed8" if self.packed else "quantized_matmul")
+            blas.check(status, "quantized_matmul_packed" if self.packed else "quantized_matmul")
         return out
