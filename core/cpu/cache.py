@@ -13,7 +13,6 @@ import numpy as np
 from ..cache import CrossKV, attention, split_heads
 from . import blas
 
-
 # A quantized decoder's host caches hold float16 keys and values (see HostKVCache); False keeps them float32, so
 # the kernels' step and MLX's caches compute the same sums (tests compare the paths exactly that way).
 half_when_quantized = True
