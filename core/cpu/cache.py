@@ -53,7 +53,7 @@ class HostKVCache:
 
     ``half`` keeps the keys and values as float16 (rounded to nearest when written; scores and sums stay float32):
     the attention of many rows reads the cache at the memory's speed, so fewer bytes take less time (8 rows of a
-    5 s musicgen-small clip, during generation: 1.83 -> 1.24 s; int8 caches were measured no faster again).
+    5 s musicgen-small clip, during generation: 1.83 -> 1.24 s; int8 caches, also tried, were no faster).
     :func:`core.backend.make_caches` asks for it only for a quantized decoder, whose products round more than that
     already; float32 decoders keep exact caches.
     """
