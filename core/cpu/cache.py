@@ -74,8 +74,8 @@ class HostKVCache:
         self.offset = end
         if end == keys.shape[2] and not self.half:
             return keys, values
-        return (mx.array(self.keys[:, :, :end].astype(np.float32)),
-                mx.array(self.values[:, :, :end].astype(np.float32)))
+        return (mx.array(self.keys[:, :, :end].astype(np.float32, copy=False)),
+                mx.array(self.values[:, :, :end].astype(np.float32, copy=False)))
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float,
                mask: mx.array | str | None) -> mx.array:
