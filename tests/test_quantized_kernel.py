@@ -1,7 +1,7 @@
 """The CPU kernels' quantized products (``quantized_matmul`` in core/cpu/_cpu_kernels.c) against NumPy products of
 the weights MLX's ``mx.quantize`` packs, dequantised here from the packed bits (rows 1..16, 4 and 8 bits, odd
 shapes, several matrices in one call, every instruction set the CPU has); the int8-activation product
-(``quantized_matmul_packed``, 8 and 4 bits, VNNI or portable C) against the same product of activations rounded in
+(``quantized_matmul_packed``, 8 and 4 bits, VNNI, AVX2 or portable C) against the same product of activations rounded in
 NumPy; and the
 exact GELU against ``math.erf``."""
 
@@ -186,7 +186,8 @@ def reference_int8(a: np.ndarray, mats: list, group: int, bits: int = 8) -> np.n
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("shape", [(64, 64, 64), (96, 192, 64), (128, 256, 32), (48, 256, 128), (16, 1024, 64)])
 def test_int8_activation_products_match_numpy_for_every_row_count(kernel, isa, shape, bits):
-    """VNNI where the CPU has it (AVX-512 with VNNI), portable C with the other instruction sets."""
+    """VNNI where the CPU has it (AVX-512 with VNNI), vpmaddubsw on nibbles with AVX2 (and AVX-512 without VNNI),
+    portable C with the baseline set."""
     N, K, group = shape
     rng = np.random.default_rng(N + K + group + bits)
     mats = [quantized(rng, N, K, bits, group)]
@@ -198,6 +199,23 @@ def test_int8_activation_products_match_numpy_for_every_row_count(kernel, isa, s
         expected = reference_int8(a, mats, group, bits)
         np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6 * np.abs(expected).max() * math.sqrt(K),
                                    err_msg=f"{isa}, {bits} bits, {rows} rows, {shape}")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_int8_activation_products_at_the_largest_weights_and_activations(kernel, isa, bits, sign):
+    """Every weight at its top code and every activation at ±127 in one group of 256: the largest integer sums any
+    kernel sees (where an int16 partial sum would overflow if it were kept too long)."""
+    N, K, group = 32, 512, 256
+    packed = np.full((N, K * bits // 32), 0xFFFFFFFF, dtype=np.uint32)
+    scales = np.full((N, K // group), 0.5, dtype=np.float32)
+    biases = np.zeros((N, K // group), dtype=np.float32)
+    mats = [(packed, scales, biases)]
+    a = np.full((8, K), 2.0 * sign, dtype=np.float32)
+    status, out = run_packed(kernel, a, mats, group, bits)
+    assert status == 0
+    np.testing.assert_allclose(out, np.full_like(out, sign * K * 2.0 * ((1 << bits) - 1) * 0.5), rtol=1e-6,
+                               err_msg=f"{isa}, {bits} bits")
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -250,13 +268,20 @@ def test_int8_activation_product_refuses_what_it_does_not_take(kernel, args):
     assert not out.any()
 
 
-def test_vnni_is_used_where_the_cpu_has_it(kernel):
+def test_the_int8_activation_kernel_is_used_where_the_cpu_has_one(kernel):
+    """VNNI on AVX-512 CPUs that have it, vpmaddubsw on nibbles on any other AVX2 (or AVX-512) CPU; only the
+    baseline set falls back to the portable C, which is not faster than the float kernel."""
     with open("/proc/cpuinfo") as f:
         flags = next(line for line in f if line.startswith("flags")).split()
+    vnni = "avx512_vnni" in flags and "avx512bw" in flags
     kernel.kernel_select(None)
-    assert kernel.packed_fast() == ("avx512_vnni" in flags and "avx512bw" in flags)
-    kernel.kernel_select(b"avx2")
-    assert kernel.packed_fast() == 0  # the portable kernel: correct, not faster than the float one
+    assert kernel.packed_fast() == (2 if vnni else 1 if "avx2" in flags and "fma" in flags else 0)
+    if kernel.kernel_select(b"avx512") == 0:
+        assert kernel.packed_fast() == (2 if vnni else 1)
+    if kernel.kernel_select(b"avx2") == 0:
+        assert kernel.packed_fast() == 1
+    kernel.kernel_select(b"baseline")
+    assert kernel.packed_fast() == 0
     kernel.kernel_select(None)
 
 

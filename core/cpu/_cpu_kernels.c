@@ -54,7 +54,7 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 #define SPIN_NS 2000000            /* a worker spins this long for the next product before it sleeps */
 
 /* What Python checks at load (core/cpu/blas.py KERNEL_ABI): bump it whenever a signature or meaning changes. */
-#define KERNEL_ABI 6
+#define KERNEL_ABI 7
 
 static sgemm_fn fallback;
 static int n_threads = 1;
@@ -108,7 +108,7 @@ typedef struct {
     layer_norm_fn layer_norm;
     packed_fn packed;        /* one block of 16 columns of the int8-activation product (quantized_matmul_packed) */
     quantize8_fn quantize8;  /* its rows of activations to int8 */
-    int packed_fast;         /* whether packed is the VNNI one (else portable C: correct, not faster) */
+    int packed_fast;         /* 2: packed is the VNNI one, 1: the AVX2 one, 0: portable C (correct, not faster) */
 } quant_kernel_t;
 
 /* The kernels once per vector width (core/cpu/_cpu_kernels_simd.h), each compiled for its instruction set: the
@@ -155,14 +155,14 @@ static const quant_kernel_t quant_base = {quant_columns_base, quant_permute_base
                                           quantize_rows_int8, 0};
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 static const quant_kernel_t quant_avx512 = {quant_columns_avx512, quant_permute_avx512, gelu_inplace_avx512,
-                                            layer_norm_rows_avx512, packed_block_portable,
-                                            quantize_rows_int8, 0};
+                                            layer_norm_rows_avx512, packed_block_avx2,
+                                            quantize_rows_int8_avx2, 1};
 static const quant_kernel_t quant_avx512_vnni = {quant_columns_avx512, quant_permute_avx512, gelu_inplace_avx512,
                                                  layer_norm_rows_avx512, packed_block_vnni,
-                                                 quantize_rows_int8_avx512, 1};
+                                                 quantize_rows_int8_avx512, 2};
 static const quant_kernel_t quant_avx2 = {quant_columns_avx2, quant_permute_avx2, gelu_inplace_avx2,
-                                          layer_norm_rows_avx2, packed_block_portable,
-                                          quantize_rows_int8, 0};
+                                          layer_norm_rows_avx2, packed_block_avx2,
+                                          quantize_rows_int8_avx2, 1};
 #endif
 static _Atomic(const quant_kernel_t *) quant_kernel = &quant_base;
 static atomic_flag pool_busy = ATOMIC_FLAG_INIT; /* held by the one parallel job in flight (and kernel_select) */
@@ -495,8 +495,8 @@ int quantized_matmul_packed(int M, int K, int bits, int group, int count, const 
     return 0;
 }
 
-/* Whether quantized_matmul_packed runs the VNNI kernel with the kernels in use (else portable C, slower than
- * quantized_matmul: core.cpu.quantized then keeps MLX's layout). */
+/* Which kernel quantized_matmul_packed runs with the kernels in use: 2 VNNI, 1 AVX2 (vpmaddubsw on nibbles), 0
+ * portable C (slower than quantized_matmul: core.cpu.quantized then keeps MLX's layout). */
 int packed_fast(void) { return atomic_load(&quant_kernel)->packed_fast; }
 
 /* ------------------------------------------------------------------------------------------------ entry */

@@ -191,4 +191,132 @@ VNNI_TARGET static void packed_block_vnni(const packed_t *p, int j, int nb, int 
 }
 #undef PACKED_ROWS
 #undef VNNI_TARGET
+
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+#ifndef AVX2_ROWS_8
+#define AVX2_ROWS_8 3
+#endif
+#ifndef AVX2_ROWS_4
+#define AVX2_ROWS_4 4
+#endif
+#define AVX2_MAX_MB (AVX2_ROWS_8 > AVX2_ROWS_4 ? AVX2_ROWS_8 : AVX2_ROWS_4)
+
+/* AVX2 has no vpdpbusd. Its vpmaddubsw multiplies unsigned by signed bytes and sums pairs into saturating int16,
+ * which a full 8-bit weight would overflow (255 · 127 · 2 > 32767), so weights go in as nibbles (15 · 127 · 2 =
+ * 3810 a pair): at 8 bits a byte's low and high nibbles meet the same input, the high sum counted 16 times; at 4
+ * bits they meet the even and the odd inputs, as in the VNNI kernel. int16 sums stay exact for 8 words (4 at 4
+ * bits, two products a word) and are then widened by vpmaddwd, so the integer sums are exactly VNNI's. One half of
+ * a block (8 columns) at a time; MB and BITS are constants in every instance. */
+AVX2_TARGET static inline __attribute__((always_inline)) void
+packed_rows_avx2(const packed_t *p, int j, int nb, int m0, const int MB, const int BITS) {
+    const int K = p->K, G = p->G, groups = K / G, words = G * BITS / 32, chunk = BITS == 8 ? 8 : 4;
+    const uint8_t *w = p->W[j] + (size_t)nb * K * BITS / 8 * PACK_COLUMNS;
+    const float *s = p->S[j] + (size_t)nb * groups * PACK_COLUMNS, *b = p->B[j] + (size_t)nb * groups * PACK_COLUMNS;
+    const int8_t *ia = p->ia + (size_t)m0 * p->ldi;
+    const float *sa = p->sa + (size_t)m0 * groups, *asum = p->asum + (size_t)m0 * groups;
+    float *out = p->C + (size_t)m0 * p->ldc + p->first[j] + (size_t)nb * PACK_COLUMNS;
+    const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+    for (int half = 0; half < 2; half++) {
+        const uint8_t *wh = w + 32 * half;
+        __m256 acc[AVX2_MAX_MB];
+        for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
+        for (int g = 0; g < groups; g++) {
+            __m256i isum[AVX2_MAX_MB];
+            for (int m = 0; m < MB; m++) isum[m] = _mm256_setzero_si256();
+            for (int t0 = g * words; t0 < (g + 1) * words; t0 += chunk) {
+                const int t1 = t0 + chunk < (g + 1) * words ? t0 + chunk : (g + 1) * words;
+                __m256i lo16[AVX2_MAX_MB], hi16[AVX2_MAX_MB];
+                for (int m = 0; m < MB; m++) lo16[m] = hi16[m] = _mm256_setzero_si256();
+                for (int t = t0; t < t1; t++) {
+                    __m256i wv = _mm256_loadu_si256((const __m256i *)(wh + (size_t)t * 64));
+                    if (half == 0) _mm_prefetch((const char *)(w + (size_t)t * 64 + PACK_PREFETCH), _MM_HINT_T0);
+                    __m256i low = _mm256_and_si256(wv, nibble), high = _mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble);
+                    for (int m = 0; m < MB; m++) {
+                        int32_t first, second;
+                        if (BITS == 8) {
+                            memcpy(&first, ia + (size_t)m * p->ldi + 4 * t, 4);
+                            __m256i a = _mm256_set1_epi32(first);
+                            lo16[m] = _mm256_add_epi16(lo16[m], _mm256_maddubs_epi16(low, a));
+                            hi16[m] = _mm256_add_epi16(hi16[m], _mm256_maddubs_epi16(high, a));
+                        } else {
+                            memcpy(&first, ia + (size_t)m * p->ldi + 8 * t, 4);
+                            memcpy(&second, ia + (size_t)m * p->ldi + 8 * t + 4, 4);
+                            lo16[m] = _mm256_add_epi16(lo16[m], _mm256_maddubs_epi16(low, _mm256_set1_epi32(first)));
+                            lo16[m] = _mm256_add_epi16(lo16[m], _mm256_maddubs_epi16(high, _mm256_set1_epi32(second)));
+                        }
+                    }
+                }
+                for (int m = 0; m < MB; m++) {
+                    isum[m] = _mm256_add_epi32(isum[m], _mm256_madd_epi16(lo16[m], ones));
+                    if (BITS == 8) isum[m] = _mm256_add_epi32(isum[m], _mm256_madd_epi16(hi16[m], sixteen));
+                }
+            }
+            __m256 sv = _mm256_loadu_ps(s + g * PACK_COLUMNS + 8 * half), bv = _mm256_loadu_ps(b + g * PACK_COLUMNS + 8 * half);
+            for (int m = 0; m < MB; m++) {
+                __m256 scale = _mm256_mul_ps(sv, _mm256_set1_ps(sa[(size_t)m * groups + g]));
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), scale, acc[m]);
+                acc[m] = _mm256_fmadd_ps(bv, _mm256_set1_ps(asum[(size_t)m * groups + g]), acc[m]);
+            }
+        }
+        for (int m = 0; m < MB; m++) _mm256_storeu_ps(out + (size_t)m * p->ldc + 8 * half, acc[m]);
+    }
+}
+
+#define PACKED_ROWS_AVX2(BITS, MAX)                                      \
+    for (int m = m0; m < m0 + mb; m += MAX) {                            \
+        const int rows = m0 + mb - m < MAX ? m0 + mb - m : MAX;          \
+        switch (rows) {                                                  \
+        case 1: packed_rows_avx2(p, j, nb, m, 1, BITS); break;           \
+        case 2: packed_rows_avx2(p, j, nb, m, 2, BITS); break;           \
+        case 3: packed_rows_avx2(p, j, nb, m, 3, BITS); break;           \
+        default: packed_rows_avx2(p, j, nb, m, MAX, BITS); break;        \
+        }                                                                \
+    }
+
+/* A block's rows in passes of AVX2_ROWS_8 or AVX2_ROWS_4: the block's weights (16 to 64 kB) are read again from
+ * the caches. */
+AVX2_TARGET static void packed_block_avx2(const packed_t *p, int j, int nb, int m0, int mb) {
+    if (p->bits == 8) {
+        PACKED_ROWS_AVX2(8, AVX2_ROWS_8)
+    } else {
+        PACKED_ROWS_AVX2(4, AVX2_ROWS_4)
+    }
+}
+#undef PACKED_ROWS_AVX2
+
+/* quantize_rows_int8 in AVX2 (the same results), for G a multiple of 8. */
+AVX2_TARGET static void quantize_rows_int8_avx2(int M, int K, int G, const float *restrict A, int8_t *restrict ia,
+                                                int ldi, float *restrict sa, float *restrict asum) {
+    if (G % 8) {
+        quantize_rows_int8(M, K, G, A, ia, ldi, sa, asum);
+        return;
+    }
+    const int groups = K / G;
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < groups; g++) {
+            const float *a = A + (size_t)m * K + (size_t)g * G;
+            __m256 top = _mm256_setzero_ps();
+            for (int k = 0; k < G; k += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(sign, _mm256_loadu_ps(a + k)));
+            __m128 t4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+            t4 = _mm_max_ps(t4, _mm_movehl_ps(t4, t4));
+            t4 = _mm_max_ss(t4, _mm_shuffle_ps(t4, t4, 1));
+            const float amax = _mm_cvtss_f32(t4);
+            const __m256 inv = _mm256_set1_ps(amax > 0 ? 127.f / amax : 0.f);
+            __m256i sum = _mm256_setzero_si256();
+            int8_t *o = ia + (size_t)m * ldi + (size_t)g * G;
+            for (int k = 0; k < G; k += 8) {
+                __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(a + k), inv)); /* nearest even */
+                sum = _mm256_add_epi32(sum, q);
+                __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+                _mm_storel_epi64((__m128i *)(o + k), _mm_packs_epi16(q16, q16));
+            }
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+            sa[(size_t)m * groups + g] = amax / 127.f;
+            asum[(size_t)m * groups + g] = (float)_mm_cvtsi128_si32(s4) * (amax / 127.f);
+        }
+}
+#undef AVX2_TARGET
 #endif

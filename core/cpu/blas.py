@@ -62,7 +62,7 @@ active_blas = "not chosen yet"
 active_library: str | None = None  # "openblas", "blis", a library's file name, or None for the reference BLAS
 cpu_kernels: ctypes.CDLL | None = None  # the loaded CPU kernels (see few_row_product, core.cpu.cache.HostKVCache)
 
-KERNEL_ABI = 6  # must equal KERNEL_ABI in _cpu_kernels.c: a stale build is refused
+KERNEL_ABI = 7  # must equal KERNEL_ABI in _cpu_kernels.c: a stale build is refused
 
 # cblas_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), pointers as addresses
 SGEMM_ARGTYPES = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
@@ -167,7 +167,7 @@ def _load_cpu_kernels(fallback: ctypes.CDLL | None) -> str | None:
     kernel.kernel_counters.argtypes, kernel.kernel_counters.restype = [ctypes.POINTER(ctypes.c_ulonglong)], None
     kernel.kernel_take_error.restype = ctypes.c_int
     cpu_kernels = kernel
-    isa = kernel.kernel_instruction_set().decode() + (" VNNI" if kernel.packed_fast() else "")
+    isa = kernel.kernel_instruction_set().decode() + {2: " VNNI", 1: " int8"}.get(kernel.packed_fast(), "")
     return f"skinny kernel ({threads} threads, up to {kernel.skinny_max_rows()} rows, {isa}) + "
 
 
