@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.cpu import blas
 from core.cpu.encodec_numpy import elu_numpy, lstm_recurrence_numpy, numpy_blas_threads
 from core.encodec import (
     LSTM,
@@ -27,7 +28,12 @@ def codec(request, tmp_path_factory):
     return model, hf
 
 
-def test_elu_numpy_matches_plain_and_torch():
+@pytest.mark.parametrize("kernels", [True, False], ids=["C kernels", "NumPy"])
+def test_elu_numpy_matches_plain_and_torch(kernels, monkeypatch):
+    if not kernels:
+        monkeypatch.setattr(blas, "cpu_kernels", None)
+    elif blas.cpu_kernels is None:
+        pytest.fail("the C kernels are not loaded: build them (python setup.py build_ext --inplace)")
     x = np.concatenate([np.linspace(-100, 8, 20001), np.random.default_rng(0).standard_normal(5000) * 1e-3,
                         [0.0, -0.0, -1e-30, 1e-30]]).astype(np.float32)
     expected = torch.nn.functional.elu(torch.tensor(x, dtype=torch.float64)).numpy()

@@ -140,6 +140,23 @@ def test_gelu_is_the_exact_one(kernel, isa):
     np.testing.assert_allclose(y, expected, rtol=2e-6, atol=1e-6)
 
 
+def test_elu_is_expm1_below_zero(kernel, isa, threads):
+    """The ELU of EnCodec within a few float32 ulp of ``expm1`` (relatively, near 0 too), on one thread and on
+    two (a long array is split between them), with NaN and the infinities as torch gives them."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([np.linspace(-100, 8, 20001), rng.standard_normal(5000) * 1e-3, -np.logspace(-30, 1, 3001),
+                        [0.0, -0.0, -0.5, -0.4999999, -0.5000001, 1e-30, -np.inf, np.inf, np.nan]]).astype(np.float32)
+    x = np.concatenate([x, rng.standard_normal(300_000).astype(np.float32) * 4])
+    x64 = x.astype(np.float64)
+    expected = np.where(x64 > 0, x64, np.expm1(np.minimum(x64, 0)))
+    for count in (1, 2):
+        threads(count)
+        y = x.copy()
+        kernel.elu_inplace(y.size, y.ctypes.data)
+        np.testing.assert_allclose(y, expected, rtol=6e-7, atol=0, err_msg=f"{isa}, {count} thread(s)")
+        assert np.isnan(y[np.isnan(x)]).all()
+
+
 def test_layer_norm_rows(kernel, isa):
     rng = np.random.default_rng(2)
     for rows, width in ((1, 64), (3, 1024), (16, 100)):

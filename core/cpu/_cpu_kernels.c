@@ -54,7 +54,7 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 #define SPIN_NS 2000000            /* a worker spins this long for the next product before it sleeps */
 
 /* What Python checks at load (core/cpu/blas.py KERNEL_ABI): bump it whenever a signature or meaning changes. */
-#define KERNEL_ABI 7
+#define KERNEL_ABI 8
 
 static sgemm_fn fallback;
 static int n_threads = 1;
@@ -92,7 +92,7 @@ typedef void (*attention_rows_fn)(const attention_t *a, int first, int last, flo
 typedef void (*quant_fn)(int bits, int G, int M, int K, const float *A, const uint8_t *W, const float *S,
                          const float *Bi, float *C, int ldc, int n0, int n1);
 typedef void (*permute_fn)(int M, int K, const float *A, float *out);
-typedef void (*gelu_fn)(long n, float *x);
+typedef void (*gelu_fn)(long n, float *x); /* also the ELU's */
 typedef void (*layer_norm_fn)(int M, int K, const float *x, const float *weight, const float *bias, float eps,
                               float *out);
 struct packed_s;
@@ -105,6 +105,7 @@ typedef struct {
     quant_fn columns;
     permute_fn permute;
     gelu_fn gelu;
+    gelu_fn elu;
     layer_norm_fn layer_norm;
     packed_fn packed;        /* one block of 16 columns of the int8-activation product (quantized_matmul_packed) */
     quantize8_fn quantize8;  /* its rows of activations to int8 */
@@ -151,17 +152,17 @@ static _Atomic(columns_fn) skinny_columns = skinny_columns_base;
 static _Atomic(attention_rows_fn) attention_rows = attention_rows_base;
 static _Atomic(const char *) instruction_set = "baseline";
 static const quant_kernel_t quant_base = {quant_columns_base, quant_permute_base, gelu_inplace_base,
-                                          layer_norm_rows_base, packed_block_portable,
+                                          elu_inplace_base, layer_norm_rows_base, packed_block_portable,
                                           quantize_rows_int8, 0};
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 static const quant_kernel_t quant_avx512 = {quant_columns_avx512, quant_permute_avx512, gelu_inplace_avx512,
-                                            layer_norm_rows_avx512, packed_block_avx2,
+                                            elu_inplace_avx512, layer_norm_rows_avx512, packed_block_avx2,
                                             quantize_rows_int8_avx2, 1};
 static const quant_kernel_t quant_avx512_vnni = {quant_columns_avx512, quant_permute_avx512, gelu_inplace_avx512,
-                                                 layer_norm_rows_avx512, packed_block_vnni,
+                                                 elu_inplace_avx512, layer_norm_rows_avx512, packed_block_vnni,
                                                  quantize_rows_int8_avx512, 2};
 static const quant_kernel_t quant_avx2 = {quant_columns_avx2, quant_permute_avx2, gelu_inplace_avx2,
-                                          layer_norm_rows_avx2, packed_block_avx2,
+                                          elu_inplace_avx2, layer_norm_rows_avx2, packed_block_avx2,
                                           quantize_rows_int8_avx2, 1};
 #endif
 static _Atomic(const quant_kernel_t *) quant_kernel = &quant_base;
@@ -430,6 +431,18 @@ int quantized_matmul(int M, int K, int bits, int group, int count, const int *N,
 
 /* The exact (erf) GELU of n floats in place, for the host-memory decoder step. */
 void gelu_inplace(long n, float *x) { atomic_load(&quant_kernel)->gelu(n, x); }
+
+static void elu_part(const void *args, int part, int parts) {
+    const struct { long n; float *x; } *e = args;
+    long first = e->n * part / parts / 64 * 64, last = part + 1 == parts ? e->n : e->n * (part + 1) / parts / 64 * 64;
+    atomic_load(&quant_kernel)->elu(last - first, e->x + first);
+}
+
+/* The ELU (alpha 1) of n floats in place, for EnCodec's decoder, on the kernels' threads. */
+void elu_inplace(long n, float *x) {
+    struct { long n; float *x; } e = {n, x};
+    run_parallel(elu_part, &e, n_threads > 1 && n >= THREAD_MIN_FLOATS * 16 ? n_threads : 1);
+}
 
 /* Layer norm of M rows of K floats into out (which may be x), for the host-memory decoder step. */
 void layer_norm_rows(int M, int K, const float *x, const float *weight, const float *bias, float eps, float *out) {

@@ -62,7 +62,7 @@ active_blas = "not chosen yet"
 active_library: str | None = None  # "openblas", "blis", a library's file name, or None for the reference BLAS
 cpu_kernels: ctypes.CDLL | None = None  # the loaded CPU kernels (see few_row_product, core.cpu.cache.HostKVCache)
 
-KERNEL_ABI = 7  # must equal KERNEL_ABI in _cpu_kernels.c: a stale build is refused
+KERNEL_ABI = 8  # must equal KERNEL_ABI in _cpu_kernels.c: a stale build is refused
 
 # cblas_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), pointers as addresses
 SGEMM_ARGTYPES = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
@@ -159,6 +159,7 @@ def _load_cpu_kernels(fallback: ctypes.CDLL | None) -> str | None:
     kernel.quantized_matmul_packed.restype = ctypes.c_int
     kernel.packed_fast.restype = ctypes.c_int
     kernel.gelu_inplace.argtypes, kernel.gelu_inplace.restype = [ctypes.c_long, ctypes.c_void_p], None
+    kernel.elu_inplace.argtypes, kernel.elu_inplace.restype = [ctypes.c_long, ctypes.c_void_p], None
     kernel.layer_norm_rows.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_float,
                                                                                               ctypes.c_void_p]
     kernel.layer_norm_rows.restype = None

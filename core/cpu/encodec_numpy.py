@@ -19,12 +19,16 @@ log = logging.getLogger(__name__)
 
 
 def elu_numpy(x: mx.array) -> mx.array:
-    """``torch.nn.ELU()`` (alpha 1) computed by NumPy: evaluates ``x``.
+    """``torch.nn.ELU()`` (alpha 1) computed on the host: evaluates ``x``.
 
-    MLX's CPU ``expm1`` is a scalar loop (~40x slower than an add) and ``where`` ~15x; NumPy's ``expm1`` is
-    vectorised, so on the CPU this is ~6x faster than :func:`elu_plain` even with the copy back (and ~2x faster
-    than a polynomial ``exp`` written in vectorised MLX ops, which needs ~24 passes over the data).
+    MLX's CPU ``expm1`` is a scalar loop (~40x slower than an add) and ``where`` ~15x. With the C kernels loaded
+    (:func:`core.preload_backend`) one vectorised pass on their threads (``elu_inplace``, within a few float32 ulp of
+    ``expm1``); else NumPy, whose ``expm1`` is vectorised only on AVX-512 CPUs (a libm call per value elsewhere).
     """
+    if blas.cpu_kernels is not None and x.dtype == mx.float32:
+        out = np.array(x, dtype=np.float32, order="C")
+        blas.cpu_kernels.elu_inplace(out.size, out.ctypes.data)
+        return mx.array(out)
     a = np.asarray(x)
     out = np.minimum(a, 0.0)
     np.expm1(out, out=out)
