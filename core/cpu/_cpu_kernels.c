@@ -92,7 +92,7 @@ typedef void (*attention_rows_fn)(const attention_t *a, int first, int last, flo
 typedef void (*quant_fn)(int bits, int G, int M, int K, const float *A, const uint8_t *W, const float *S,
                          const float *Bi, float *C, int ldc, int n0, int n1);
 typedef void (*permute_fn)(int M, int K, const float *A, float *out);
-typedef void (*gelu_fn)(long n, float *x); /* also the ELU's */
+typedef void (*inplace_fn)(long n, float *x);
 typedef void (*layer_norm_fn)(int M, int K, const float *x, const float *weight, const float *bias, float eps,
                               float *out);
 struct packed_s;
@@ -104,8 +104,8 @@ typedef void (*quantize8_fn)(int M, int K, int G, const float *A, int8_t *ia, in
 typedef struct {
     quant_fn columns;
     permute_fn permute;
-    gelu_fn gelu;
-    gelu_fn elu;
+    inplace_fn gelu;
+    inplace_fn elu;
     layer_norm_fn layer_norm;
     packed_fn packed;        /* one block of 16 columns of the int8-activation product (quantized_matmul_packed) */
     quantize8_fn quantize8;  /* its rows of activations to int8 */

@@ -193,13 +193,11 @@ VNNI_TARGET static void packed_block_vnni(const packed_t *p, int j, int nb, int 
 #undef VNNI_TARGET
 
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
-#ifndef AVX2_ROWS_8
+/* Rows per pass, each with its int16, int32 and float accumulators in the 16 registers: at 8 bits two int16 sums a
+ * row, so 3 (with 4, two of them went to the stack: 8 rows took 1.25x as long on Zen 3), at 4 bits one, so 4. */
 #define AVX2_ROWS_8 3
-#endif
-#ifndef AVX2_ROWS_4
 #define AVX2_ROWS_4 4
-#endif
-#define AVX2_MAX_MB (AVX2_ROWS_8 > AVX2_ROWS_4 ? AVX2_ROWS_8 : AVX2_ROWS_4)
+#define AVX2_MAX_MB 4
 
 /* AVX2 has no vpdpbusd. Its vpmaddubsw multiplies unsigned by signed bytes and sums pairs into saturating int16,
  * which a full 8-bit weight would overflow (255 · 127 · 2 > 32767), so weights go in as nibbles (15 · 127 · 2 =
