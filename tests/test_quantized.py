@@ -155,9 +155,9 @@ def test_a_quantized_decoder_attends_float16_caches(checkpoint, monkeypatch):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_int8_activations_agree_across_paths_and_save_as_mlx_layout(checkpoint, tmp_path, bits):
     """Where the CPU has an int8-activation kernel (AVX2, VNNI) the quantized layers are rearranged for it on first
-    use, and then every path runs it: the host step, the layers over MLX's caches, the whole sequence (16 rows at a time). Those agree to well
-    under the quantization error (an input's float rounding can move an activation by one step of the int8 grid),
-    and the model saves MLX's layout, the same bytes as before the first step."""
+    use, and then every path runs it: the host step, the layers over MLX's caches, the whole sequence (16 rows at a
+    time). Those agree to well under the quantization error (an input's float rounding can move an activation by one
+    step of the int8 grid), and the model saves MLX's layout, the same bytes as before the first step."""
     name, folder, codes, torch_fp32, _, _ = checkpoint
     model = MusicGen.from_pretrained(folder, quantize=bits)
     model.save_quantized(tmp_path / "before")

@@ -1,9 +1,8 @@
 """The CPU kernels' quantized products (``quantized_matmul`` in core/cpu/_cpu_kernels.c) against NumPy products of
 the weights MLX's ``mx.quantize`` packs, dequantised here from the packed bits (rows 1..16, 4 and 8 bits, odd
 shapes, several matrices in one call, every instruction set the CPU has); the int8-activation product
-(``quantized_matmul_packed``, 8 and 4 bits, VNNI, AVX2 or portable C) against the same product of activations rounded in
-NumPy; and the
-exact GELU against ``math.erf``."""
+(``quantized_matmul_packed``, 8 and 4 bits, VNNI, AVX2 or portable C) against the same product of activations
+rounded in NumPy; the exact GELU against ``math.erf``; EnCodec's ELU against ``expm1``."""
 
 from __future__ import annotations
 

@@ -432,15 +432,20 @@ int quantized_matmul(int M, int K, int bits, int group, int count, const int *N,
 /* The exact (erf) GELU of n floats in place, for the host-memory decoder step. */
 void gelu_inplace(long n, float *x) { atomic_load(&quant_kernel)->gelu(n, x); }
 
+typedef struct {
+    long n;
+    float *x;
+} elu_t;
+
 static void elu_part(const void *args, int part, int parts) {
-    const struct { long n; float *x; } *e = args;
+    const elu_t *e = args;
     long first = e->n * part / parts / 64 * 64, last = part + 1 == parts ? e->n : e->n * (part + 1) / parts / 64 * 64;
     atomic_load(&quant_kernel)->elu(last - first, e->x + first);
 }
 
 /* The ELU (alpha 1) of n floats in place, for EnCodec's decoder, on the kernels' threads. */
 void elu_inplace(long n, float *x) {
-    struct { long n; float *x; } e = {n, x};
+    elu_t e = {n, x};
     run_parallel(elu_part, &e, n_threads > 1 && n >= THREAD_MIN_FLOATS * 16 ? n_threads : 1);
 }
 
